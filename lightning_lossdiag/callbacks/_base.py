@@ -1,0 +1,113 @@
+"""Shared plumbing of the callbacks: the flush schedule, one-transfer host reads, and writing to loggers.
+
+These are the only places a callback moves numbers to the host. Every function documents when it may be called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_lossdiag.diagnosis.record import record_for
+
+
+class FlushSchedule:
+    """Decides which optimizer steps are flush steps.
+
+    A flush happens after optimizer step ``s`` (``trainer.global_step == s`` in ``on_train_batch_end``) when
+    ``s % every_n_steps == 0``. ``every_n_steps=None`` takes the Trainer's ``log_every_n_steps``.
+
+    Example:
+        >>> sched = FlushSchedule(every_n_steps=5)
+        >>> [s for s in range(1, 16) if sched.is_flush(s, trainer=None)]
+        [5, 10, 15]
+    """
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"`every_n_steps` must be a positive integer or None, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self._last_flushed = -1
+
+    def interval(self, trainer: Any) -> int:
+        """Steps between flushes: the explicit value, else the Trainer's ``log_every_n_steps`` (at least 1)."""
+        if self.every_n_steps is not None:
+            return self.every_n_steps
+        return max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
+
+    def is_flush(self, global_step: int, trainer: Any) -> bool:
+        """True when ``global_step`` (optimizer steps done) is a flush step not yet flushed."""
+        return global_step > 0 and global_step % self.interval(trainer) == 0 and global_step != self._last_flushed
+
+    def mark(self, global_step: int) -> None:
+        """Remember that ``global_step`` was flushed (a step is flushed once, even with gradient accumulation)."""
+        self._last_flushed = global_step
+
+    def next_step_flushes(self, trainer: Any) -> bool:
+        """True when the optimizer step about to run will be a flush step (used to arm forward hooks)."""
+        return (int(trainer.global_step) + 1) % self.interval(trainer) == 0
+
+
+def to_host(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
+    """Move a mapping of scalar tensors to host floats in ONE transfer. Flush/epoch-end only (one host sync).
+
+    Example:
+        >>> to_host({"a": torch.tensor(1.5), "b": torch.tensor([2])})
+        {'a': 1.5, 'b': 2.0}
+    """
+    if not values:
+        return {}
+    keys = list(values)
+    tensors = []
+    device = None
+    for k in keys:
+        v = values[k]
+        if isinstance(v, Tensor):
+            device = device or v.device
+    for k in keys:
+        v = values[k]
+        t = v.detach().reshape(-1)[:1].to(torch.float64) if isinstance(v, Tensor) else torch.tensor([float(v)])
+        tensors.append(t.to(device) if device is not None else t)
+    host = torch.cat(tensors).cpu().tolist()  # the one host read of a flush
+    return dict(zip(keys, (float(x) for x in host)))
+
+
+def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Write host floats to every logger at ``step`` (default ``trainer.global_step``) and to the run record.
+
+    Non-finite values are written as they are (TensorBoard shows them); the record keeps them for the rules.
+    """
+    if not metrics:
+        return
+    step = int(trainer.global_step) if step is None else int(step)
+    clean = {k: float(v) for k, v in metrics.items()}
+    record_for(trainer).add_scalars(step, clean)
+    if getattr(trainer, "is_global_zero", True):
+        for logger in getattr(trainer, "loggers", []) or []:
+            logger.log_metrics(clean, step=step)
+
+
+def warn_no_logger_once(trainer: Any, owner: str) -> bool:
+    """Warn once per Trainer that there is no logger (numbers still reach the diagnosis). Returns True if none."""
+    if getattr(trainer, "loggers", None):
+        return False
+    if not getattr(trainer, "_lossdiag_warned_no_logger", False):
+        rank_zero_warn(
+            f"{owner}: the Trainer has no logger, so nothing is written to TensorBoard or CSV; "
+            "the diagnosis is still computed and printed. Pass `logger=TensorBoardLogger(...)` to see the charts."
+        )
+        trainer._lossdiag_warned_no_logger = True  # our own attribute on the Trainer, not a Lightning one
+    return True
+
+
+def is_finite_number(x: float) -> bool:
+    """``math.isfinite`` that accepts anything float() accepts (host values only)."""
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,1 @@
+"""TensorBoard writing: histograms, figures, PR curves, text and the custom-scalars layout."""
