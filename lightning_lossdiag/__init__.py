@@ -62,5 +62,5 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lightning_lossdiag.diagnosis.findings import Finding
-    from lightning_lossdiag.diagnosis.record import RunRecord
+    from lightning_lossdiag.diagnosis.findings import Finding as Finding
+    from lightning_lossdiag.diagnosis.record import RunRecord as RunRecord

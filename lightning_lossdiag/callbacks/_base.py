@@ -74,7 +74,7 @@ def to_host(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
         t = v.detach().reshape(-1)[:1].to(torch.float64) if isinstance(v, Tensor) else torch.tensor([float(v)])
         tensors.append(t.to(device) if device is not None else t)
     host = torch.cat(tensors).cpu().tolist()  # the one host read of a flush
-    return dict(zip(keys, (float(x) for x in host)))
+    return dict(zip(keys, (float(x) for x in host), strict=True))
 
 
 def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
