@@ -51,10 +51,16 @@ _THIS_FILE = os.path.abspath(__file__)
 
 
 def _is_cpu_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``t.to("cpu")`` always counts; ``t.to(torch.device("cpu"))`` counts only for a tensor not already on the CPU.
+
+    (Code that moves state to "the model's device" passes a ``torch.device``; on a CPU machine that device is the
+    CPU and the move is not a read.)
+    """
+    src_on_cpu = isinstance(args[0], Tensor) and args[0].device.type == "cpu"
     for a in list(args[1:]) + [kwargs.get("device")]:
         if isinstance(a, str) and a.startswith("cpu"):
             return True
-        if isinstance(a, torch.device) and a.type == "cpu":
+        if isinstance(a, torch.device) and a.type == "cpu" and not src_on_cpu:
             return True
     return False
 

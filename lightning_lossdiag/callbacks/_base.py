@@ -63,16 +63,13 @@ def to_host(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
     if not values:
         return {}
     keys = list(values)
-    tensors = []
-    device = None
-    for k in keys:
-        v = values[k]
-        if isinstance(v, Tensor):
-            device = device or v.device
-    for k in keys:
-        v = values[k]
-        t = v.detach().reshape(-1)[:1].to(torch.float64) if isinstance(v, Tensor) else torch.tensor([float(v)])
-        tensors.append(t.to(device) if device is not None else t)
+    device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
+    tensors = [
+        v.detach().reshape(-1)[:1].to(device=device, dtype=torch.float64)
+        if isinstance(v, Tensor)
+        else torch.full((1,), float(v), dtype=torch.float64, device=device)
+        for v in values.values()
+    ]
     host = torch.cat(tensors).cpu().tolist()  # the one host read of a flush
     return dict(zip(keys, (float(x) for x in host), strict=True))
 
