@@ -1,0 +1,231 @@
+"""Pure tensor helpers of the activation monitor: which modules are activations, their bounds, per-call statistics.
+
+Everything here runs on the tensor's device and never reads a value on the host, so it can run inside a forward
+hook. A forward pass may call one module several times (a shared activation); :func:`call_stats` measures one call
+and :func:`merge_stats` pools calls, so the statistics of a step cover every call of that step's forward pass.
+
+Formulas, over the ``n`` values ``x`` of one activation output (all calls pooled):
+
+* ``mean = sum(x) / n``; ``std = sqrt(sum((x - mean)^2) / n)`` (population std, merged exactly across calls);
+* ``zero_frac = #(x == 0) / n``;
+* ``saturated_frac = #(x <= lo + tol * (hi - lo) or x >= hi - tol * (hi - lo)) / n`` for an activation bounded to
+  ``[lo, hi]``;
+* ``dead_frac`` = share of units (slices along ``unit_dim``) whose values are all zero on the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: Activation-function modules (softmax-like normalisations are not activations here: their outputs are shares).
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,  # includes nn.ReLU6
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Softplus,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
+    nn.Softshrink,
+    nn.Hardshrink,
+    nn.Threshold,
+    nn.GLU,
+)
+
+
+def is_activation(module: nn.Module) -> bool:
+    """True for activation-function modules (``nn.ReLU``, ``nn.Sigmoid``, ``nn.GELU``, ...).
+
+    Example:
+        >>> is_activation(nn.ReLU()), is_activation(nn.Linear(2, 2)), is_activation(nn.Softmax(dim=1))
+        (True, False, False)
+    """
+    return isinstance(module, ACTIVATION_TYPES)
+
+
+def activation_bounds(module: nn.Module) -> tuple[float, float] | None:
+    """The output range ``(lo, hi)`` of a bounded activation, or None for unbounded ones and other modules.
+
+    Bounded: ``Sigmoid`` and ``Hardsigmoid`` ``[0, 1]``, ``Tanh`` and ``Softsign`` ``[-1, 1]``, ``Hardtanh``
+    ``[min_val, max_val]`` (so ``ReLU6`` is ``[0, 6]``).
+
+    Example:
+        >>> activation_bounds(nn.ReLU6()), activation_bounds(nn.Tanh()), activation_bounds(nn.ReLU())
+        ((0.0, 6.0), (-1.0, 1.0), None)
+    """
+    if isinstance(module, nn.Hardtanh):
+        return float(module.min_val), float(module.max_val)
+    if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)):
+        return 0.0, 1.0
+    if isinstance(module, (nn.Tanh, nn.Softsign)):
+        return -1.0, 1.0
+    return None
+
+
+def first_tensor(output: Any) -> Tensor | None:
+    """The activation tensor of a module output: the output itself, or the first floating tensor of a tuple/list.
+
+    Example:
+        >>> first_tensor((torch.ones(2), torch.zeros(1))).tolist(), first_tensor("text")
+        ([1.0, 1.0], None)
+    """
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _unit_axis(ndim: int, unit_dim: int) -> int:
+    return unit_dim if -ndim <= unit_dim < ndim else ndim - 1
+
+
+@torch.no_grad()
+def call_stats(x: Tensor, unit_dim: int, bounds: tuple[float, float] | None, tol: float) -> dict[str, Tensor]:
+    """Statistics of one call's output ``x`` (device tensors, no host read).
+
+    Keys: ``n``, ``mean``, ``m2`` (sum of squared deviations), ``zeros``, ``saturated`` (present when ``bounds``
+    is given), ``alive`` (bool per unit: some non-zero value; units run along ``unit_dim``, or the last dim when the
+    tensor has no such dim; a 0-d or 1-d tensor is one unit).
+
+    Example:
+        >>> s = call_stats(torch.tensor([[0.0, 1.0], [0.0, 3.0]]), unit_dim=1, bounds=None, tol=0.01)
+        >>> s["mean"].item(), s["zeros"].item(), s["alive"].tolist()
+        (1.0, 2.0, [False, True])
+    """
+    x = x.detach().float()
+    n = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
+    mean = x.mean().double()
+    m2 = (x - mean.float()).square().sum().double()
+    nonzero = x.ne(0)
+    out = {"n": n, "mean": mean, "m2": m2, "zeros": n - nonzero.sum().double()}
+    if bounds is not None:
+        lo, hi = bounds
+        margin = tol * (hi - lo)
+        out["saturated"] = ((x <= lo + margin) | (x >= hi - margin)).sum().double()
+    if x.ndim <= 1:
+        out["alive"] = nonzero.reshape(1, -1).any(dim=1)
+    else:
+        axis = _unit_axis(x.ndim, unit_dim)
+        out["alive"] = nonzero.movedim(axis, 0).reshape(x.shape[axis], -1).any(dim=1)
+    return out
+
+
+@torch.no_grad()
+def merge_stats(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Pool two calls' statistics exactly (Chan's parallel mean/variance); a unit is alive if alive in either call.
+
+    When the calls have different numbers of units the newer call's ``alive`` is kept.
+
+    Example:
+        >>> x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0, 0.0], [5.0, 0.0]])
+        >>> m = merge_stats(call_stats(x, 1, None, 0.01), call_stats(y, 1, None, 0.01))
+        >>> finish_stats(m)["mean"].item() == torch.cat([x, y]).mean().item()
+        True
+    """
+    n = a["n"] + b["n"]
+    delta = b["mean"] - a["mean"]
+    out = {
+        "n": n,
+        "mean": a["mean"] + delta * b["n"] / n,
+        "m2": a["m2"] + b["m2"] + delta.square() * a["n"] * b["n"] / n,
+        "zeros": a["zeros"] + b["zeros"],
+    }
+    if "saturated" in a and "saturated" in b:
+        out["saturated"] = a["saturated"] + b["saturated"]
+    same_units = a["alive"].shape == b["alive"].shape  # shapes are host metadata, not a value read
+    out["alive"] = a["alive"] | b["alive"] if same_units else b["alive"]
+    return out
+
+
+@torch.no_grad()
+def finish_stats(acc: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Final per-layer scalars (device tensors): ``mean``, ``std``, ``zero_frac``, ``dead_frac``, ``saturated_frac``.
+
+    ``saturated_frac`` is present only when the pooled statistics have a ``saturated`` count (bounded activations).
+
+    Example:
+        >>> f = finish_stats(call_stats(torch.tensor([[0.0, 2.0]]), 1, None, 0.01))
+        >>> f["std"].item(), f["zero_frac"].item(), f["dead_frac"].item()
+        (1.0, 0.5, 0.5)
+    """
+    n = acc["n"].clamp_min(1)
+    out = {
+        "mean": acc["mean"],
+        "std": (acc["m2"] / n).clamp_min(0).sqrt(),
+        "zero_frac": acc["zeros"] / n,
+        "dead_frac": 1.0 - acc["alive"].double().mean(),
+    }
+    if "saturated" in acc:
+        out["saturated_frac"] = acc["saturated"] / n
+    return out
+
+
+@torch.no_grad()
+def histogram(x: Tensor, bins: int) -> Tensor:
+    """Fixed-bin histogram of the finite values of ``x`` over their observed ``[min, max]``, on the device.
+
+    Returns one float64 vector ``[min, max, num, sum, sum_squares, count_0, ..., count_{bins-1}]`` (what
+    ``SummaryWriter.add_histogram_raw`` needs). Bin ``i`` covers ``[min + i * w, min + (i + 1) * w)`` with
+    ``w = (max - min) / bins``; the maximum falls in the last bin. All values fall in bin 0 when ``min == max``.
+    Same bins as ``torch.histc(x, bins, min, max)``, but the range stays on the device (``histc`` needs it on the
+    host), so no host read happens. With no finite value, ``min > max`` (``inf``, ``-inf``).
+
+    Example:
+        >>> h = histogram(torch.tensor([0.0, 0.5, 1.0, 1.0]), bins=2)
+        >>> h[:3].tolist(), h[5:].tolist()
+        ([0.0, 1.0, 4.0], [1.0, 3.0])
+    """
+    x = x.detach().float().reshape(-1)
+    finite = torch.isfinite(x)
+    lo = torch.where(finite, x, torch.inf).amin() if x.numel() else x.new_tensor(torch.inf)
+    hi = torch.where(finite, x, -torch.inf).amax() if x.numel() else x.new_tensor(-torch.inf)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    pos = torch.nan_to_num((x - lo) / span * bins, nan=0.0, posinf=0.0, neginf=0.0)
+    idx = pos.floor().clamp(0, bins - 1).long()
+    weight = finite.double()
+    counts = torch.zeros(bins, dtype=torch.float64, device=x.device).scatter_add_(0, idx, weight)
+    xs = torch.where(finite, x, torch.zeros_like(x)).double()
+    head = torch.stack([lo.double(), hi.double(), weight.sum(), xs.sum(), xs.square().sum()])
+    return torch.cat([head, counts])
+
+
+def bucket_limits(lo: float, hi: float, bins: int) -> list[float]:
+    """Right edges of the ``bins`` equal bins over ``[lo, hi]`` (host floats; a zero range gets width 1).
+
+    Example:
+        >>> bucket_limits(0.0, 1.0, 4)
+        [0.25, 0.5, 0.75, 1.0]
+    """
+    span = hi - lo if hi > lo else 1.0
+    return [lo + span * (i + 1) / bins for i in range(bins)]
+
+
+__all__ = [
+    "ACTIVATION_TYPES",
+    "activation_bounds",
+    "bucket_limits",
+    "call_stats",
+    "finish_stats",
+    "first_tensor",
+    "histogram",
+    "is_activation",
+]

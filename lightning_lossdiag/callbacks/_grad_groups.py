@@ -1,0 +1,150 @@
+"""Layer groups: map parameters and submodules to short, TensorBoard-safe group names (pure helpers, no Lightning).
+
+A group is the module path of a parameter (or submodule) cut to its first ``depth`` components: with ``depth=1``
+``encoder.0.weight`` belongs to ``encoder``, with ``depth=2`` to ``encoder.0``. Parameters held directly by the
+root module belong to ``root``. Groups keep the order in which the model defines them; when there are more than
+``max_groups``, the first ``max_groups - 1`` keep their names and the rest are merged into ``other``. Names are
+made safe for TensorBoard tags (only letters, digits, ``_``, ``-``, ``.`` and ``/``).
+
+Shared by the gradient monitor (parameter groups) and the activation monitor (module groups).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+ROOT_GROUP = "root"
+OTHER_GROUP = "other"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+def safe_tag(name: str) -> str:
+    """Make ``name`` safe inside a TensorBoard tag (unsafe characters become ``_``).
+
+    Example:
+        >>> safe_tag("blocks.0:attn weight")
+        'blocks.0_attn_weight'
+    """
+    return _UNSAFE.sub("_", name) or "_"
+
+
+def _check(depth: int, max_groups: int) -> None:
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"`depth` must be an integer >= 1, got {depth!r}")
+    if not isinstance(max_groups, int) or isinstance(max_groups, bool) or max_groups < 1:
+        raise ValueError(f"`max_groups` must be an integer >= 1, got {max_groups!r}")
+
+
+def group_of(module_path: str, depth: int) -> str:
+    """The group of a module path (``""`` is the root module) cut to ``depth`` components, made tag-safe.
+
+    Example:
+        >>> group_of("encoder.0.linear", 2), group_of("", 1)
+        ('encoder.0', 'root')
+    """
+    if not module_path:
+        return ROOT_GROUP
+    return safe_tag(".".join(module_path.split(".")[:depth]))
+
+
+def cap_groups(groups: list[str], max_groups: int) -> dict[str, str]:
+    """Map each distinct group (in order) to its final name: the first ``max_groups - 1`` stay, the rest -> ``other``.
+
+    Nothing is merged when there are at most ``max_groups`` groups.
+
+    Example:
+        >>> cap_groups(["a", "b", "c", "d"], 3)
+        {'a': 'a', 'b': 'b', 'c': 'other', 'd': 'other'}
+    """
+    distinct = list(dict.fromkeys(groups))
+    if len(distinct) <= max_groups:
+        return {g: g for g in distinct}
+    keep = set(distinct[: max_groups - 1])
+    return {g: (g if g in keep else OTHER_GROUP) for g in distinct}
+
+
+def group_parameters(module: nn.Module, depth: int = 1, max_groups: int = 32) -> dict[str, list[str]]:
+    """Group the parameters of ``module`` by module path cut to ``depth``: ``group -> [parameter names]``.
+
+    Shared parameters are listed once (under their first name); frozen parameters are included.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)))
+        >>> group_parameters(net, depth=1, max_groups=8)
+        {'0': ['0.weight', '0.bias'], '2': ['2.0.weight', '2.0.bias', '2.1.weight', '2.1.bias']}
+        >>> list(group_parameters(net, depth=2, max_groups=2))
+        ['0', 'other']
+    """
+    _check(depth, max_groups)
+    names = [name for name, _ in module.named_parameters()]
+    raw = [group_of(name.rpartition(".")[0], depth) for name in names]
+    final = cap_groups(raw, max_groups)
+    out: dict[str, list[str]] = {}
+    for name, g in zip(names, raw, strict=True):
+        out.setdefault(final[g], []).append(name)
+    return out
+
+
+def group_modules(module: nn.Module, depth: int = 1, max_groups: int = 32) -> dict[str, list[nn.Module]]:
+    """Group the submodules of ``module`` at path length ``depth``: ``group -> [modules]``.
+
+    The modules of a group are the submodules whose path has exactly ``depth`` components, plus leaves with shorter
+    paths (a ``ReLU`` at depth 1 when ``depth=2``). Parameter-free modules (activations) are included, so this is what
+    forward hooks should be put on. Group names agree with :func:`group_parameters` for modules that hold parameters;
+    the ``other`` group lists every merged module. The root module itself is never listed.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Sequential(nn.Linear(3, 3), nn.Tanh()))
+        >>> {k: [type(m).__name__ for m in v] for k, v in group_modules(net, depth=1).items()}
+        {'0': ['Linear'], '1': ['ReLU'], '2': ['Sequential']}
+        >>> {k: [type(m).__name__ for m in v] for k, v in group_modules(net, depth=2, max_groups=3).items()}
+        {'0': ['Linear'], '1': ['ReLU'], 'other': ['Linear', 'Tanh']}
+    """
+    _check(depth, max_groups)
+    picked: list[tuple[str, nn.Module]] = []
+    for path, sub in module.named_modules():
+        if not path:
+            continue
+        n = len(path.split("."))
+        if n == depth or (n < depth and not any(True for _ in sub.children())):
+            picked.append((path, sub))
+    raw = [group_of(path, depth) for path, _ in picked]
+    final = cap_groups(raw, max_groups)
+    out: dict[str, list[nn.Module]] = {}
+    for (_, sub), g in zip(picked, raw, strict=True):
+        out.setdefault(final[g], []).append(sub)
+    return out
+
+
+def host_floats(parts: Sequence[Tensor]) -> list[float]:
+    """Concatenate tensors (any shapes) on their device and move them to the host in ONE transfer (flush only).
+
+    Float64 where the device has it (not on MPS), so integer counters and steps stay exact.
+
+    Example:
+        >>> host_floats([torch.tensor(1.5), torch.tensor([2, 3]), torch.tensor([True])])
+        [1.5, 2.0, 3.0, 1.0]
+    """
+    if not parts:
+        return []
+    device = parts[0].device
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    flat = [p.detach().reshape(-1).to(dtype) for p in parts]
+    flat = [f if f.device == device else f.to(device) for f in flat]  # model-parallel only: device-to-device copy
+    return [float(x) for x in torch.cat(flat).cpu().tolist()]  # flush: the one host transfer
+
+
+__all__ = [
+    "OTHER_GROUP",
+    "ROOT_GROUP",
+    "cap_groups",
+    "group_modules",
+    "group_of",
+    "group_parameters",
+    "host_floats",
+    "safe_tag",
+]

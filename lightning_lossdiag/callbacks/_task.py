@@ -1,0 +1,240 @@
+"""Which task a step solves (regression, binary, multiclass, multilabel), what the predictions are, and rows.
+
+Pure functions over tensors, shared by ``ErrorDistributionMonitor`` and ``MetricCurves``. The criterion decides when
+it is known (:func:`lightning_lossdiag.losses.describe_loss`); otherwise shapes and dtypes do, with one host read of
+a few numbers on the FIRST batch only (0/1 targets? predictions in ``[0, 1]``? rows summing to 1?).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+Task = Literal["regression", "binary", "multiclass", "multilabel"]
+Inputs = Literal["logits", "probabilities", "log_probabilities", "values"]
+TASKS: tuple[str, ...] = get_args(Task)
+INPUTS: tuple[str, ...] = get_args(Inputs)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What one stage's predictions are.
+
+    Attributes:
+        task: ``"regression"``, ``"binary"``, ``"multiclass"`` or ``"multilabel"``.
+        inputs: what ``preds`` hold: ``"logits"``, ``"probabilities"``, ``"log_probabilities"`` or ``"values"``.
+        num_classes: classes (multiclass, 2 for binary), labels (multilabel), ``None`` for regression.
+    """
+
+    task: Task
+    inputs: Inputs
+    num_classes: int | None = None
+
+
+def _describe(criterion: nn.Module | None) -> tuple[str | None, str | None]:
+    """``(task, inputs)`` from the loss registry's traits, ``(None, None)`` when the criterion is not known."""
+    if criterion is None:
+        return None, None
+    try:
+        from lightning_lossdiag.losses import describe_loss
+    except ImportError:  # the registry is optional for this module
+        return None, None
+    try:
+        traits = describe_loss(criterion)
+    except (TypeError, ValueError, KeyError, LookupError):
+        return None, None
+    task = getattr(traits, "task", None)
+    inputs = getattr(traits, "inputs", None)
+    return (task if task in TASKS else None), (inputs if inputs in INPUTS else None)
+
+
+def _refine_binary(task: str, preds: Tensor) -> str:
+    """Sigmoid losses serve both binary and multilabel; ``(N, L)`` predictions with ``L > 1`` are multilabel."""
+    if task in ("binary", "multilabel"):
+        return "multilabel" if preds.ndim == 2 and preds.shape[1] > 1 else "binary"
+    return task
+
+
+def _first_batch_facts(preds: Tensor, target: Tensor) -> dict[str, float]:
+    """A few numbers of the first batch in ONE host read (one-time; never on later batches)."""
+    p = preds.detach().float()
+    t = target.detach().float()
+    binary_target = ((t == 0) | (t == 1)).all().float()
+    facts = [p.min(), p.max(), binary_target]
+    if p.ndim >= 2 and p.shape[1] > 1:
+        facts.append((p.sum(1) - 1).abs().max())
+        facts.append((p.exp().sum(1) - 1).abs().max())
+    else:
+        facts += [torch.tensor(float("inf"), device=p.device)] * 2
+    host = torch.stack([f.reshape(()) for f in facts]).tolist()  # one-time host read (first batch)
+    return dict(zip(["min", "max", "binary_target", "row_sum_err", "exp_row_sum_err"], host, strict=True))
+
+
+def _infer_from_shapes(preds: Tensor, target: Tensor, facts: dict[str, float]) -> str:
+    if not preds.is_floating_point():
+        return "regression"
+    if not target.is_floating_point() and target.dtype != torch.bool and preds.ndim == target.ndim + 1:
+        return "multiclass"
+    if preds.shape == target.shape and facts["binary_target"] == 1.0:
+        return _refine_binary("binary", preds)
+    return "regression"
+
+
+def _infer_inputs(task: str, facts: dict[str, float]) -> str:
+    if task == "regression":
+        return "values"
+    low, high = facts["min"], facts["max"]
+    if task == "multiclass":
+        if low >= 0.0 and high <= 1.0 and facts["row_sum_err"] < 1e-3:
+            return "probabilities"
+        if high <= 0.0 and facts["exp_row_sum_err"] < 1e-3:
+            return "log_probabilities"
+        return "logits"
+    return "probabilities" if low >= 0.0 and high <= 1.0 else "logits"
+
+
+def infer_task_info(criterion: nn.Module | None, preds: Tensor, target: Tensor, task: str = "auto") -> TaskInfo:
+    """Task, kind of predictions and number of classes of a first batch (one host read when the criterion is unknown).
+
+    Args:
+        criterion: the loss module, or ``None``.
+        preds: the first batch's predictions.
+        target: the first batch's targets.
+        task: ``"auto"`` or a task to force.
+
+    Example:
+        >>> infer_task_info(None, torch.randn(8, 5), torch.randint(0, 5, (8,)))
+        TaskInfo(task='multiclass', inputs='logits', num_classes=5)
+    """
+    if task != "auto" and task not in TASKS:
+        raise ValueError(f"`task` must be 'auto' or one of {TASKS}, got {task!r}")
+    crit_task, crit_inputs = _describe(criterion)
+    facts: dict[str, float] | None = None
+    if task != "auto":
+        chosen = task
+    elif crit_task is not None:
+        chosen = _refine_binary(crit_task, preds)
+    else:
+        facts = _first_batch_facts(preds, target)
+        chosen = _infer_from_shapes(preds, target, facts)
+    if crit_inputs is not None:
+        inputs = crit_inputs
+    elif chosen == "regression":
+        inputs = "values"
+    else:
+        facts = facts if facts is not None else _first_batch_facts(preds, target)
+        inputs = _infer_inputs(chosen, facts)
+    num_classes: int | None = None
+    if chosen == "binary":
+        num_classes = 2
+    elif chosen in ("multiclass", "multilabel"):
+        if preds.ndim < 2:
+            raise ValueError(f"{chosen} predictions must have a class dimension (N, C, ...), got {tuple(preds.shape)}")
+        num_classes = int(preds.shape[1])
+    return TaskInfo(chosen, inputs, num_classes)  # type: ignore[arg-type]
+
+
+def infer_task(criterion: nn.Module | None, preds: Tensor, target: Tensor, task: str = "auto") -> Task:
+    """The task of a batch: the criterion's when known, else from shapes and dtypes (``task`` forces one).
+
+    Float targets of 0/1 shaped like the predictions give ``"binary"`` (``"multilabel"`` for ``(N, L)``, ``L > 1``);
+    integer targets with ``(N, C, ...)`` predictions give ``"multiclass"``; anything else is ``"regression"``.
+
+    Example:
+        >>> infer_task(None, torch.randn(4), torch.tensor([0.0, 1.0, 1.0, 0.0]))
+        'binary'
+        >>> infer_task(None, torch.randn(4, 3), torch.rand(4, 3))
+        'regression'
+    """
+    return infer_task_info(criterion, preds, target, task).task
+
+
+def to_probabilities(preds: Tensor, traits: Any) -> Tensor:
+    """Probabilities from ``preds`` given ``traits`` (anything with ``task`` and ``inputs``, e.g. :class:`TaskInfo`).
+
+    Logits go through a sigmoid (binary, multilabel) or a softmax over dim 1 (multiclass), log-probabilities
+    through ``exp``; probabilities and regression values are returned as float.
+
+    Example:
+        >>> to_probabilities(torch.tensor([0.0]), TaskInfo("binary", "logits", 2))
+        tensor([0.5000])
+    """
+    task, inputs = getattr(traits, "task", None), getattr(traits, "inputs", None)
+    preds = preds.float()
+    if task == "regression" or inputs in ("values", "probabilities"):
+        return preds
+    if inputs == "log_probabilities":
+        return preds.exp()
+    if inputs == "logits":
+        return preds.softmax(dim=1) if task == "multiclass" else preds.sigmoid()
+    raise ValueError(f"`traits.inputs` must be one of {INPUTS}, got {inputs!r}")
+
+
+def as_rows(probs: Tensor, target: Tensor, info: TaskInfo) -> tuple[Tensor, Tensor, int]:
+    """Flatten a batch to rows: ``(values, targets, rows_per_sample)``.
+
+    Regression: ``(M,)`` values and targets. Binary: ``(M, 1)`` probabilities and 0/1 targets. Multiclass:
+    ``(M, C)`` probabilities (class dim moved last) and ``(M,)`` class indices. Multilabel: ``(M, L)`` and ``(M, L)``.
+    ``rows_per_sample`` is ``M // N`` (``N`` = batch size), e.g. the pixels of a segmentation map.
+
+    Example:
+        >>> info = TaskInfo("multiclass", "probabilities", 3)
+        >>> v, t, k = as_rows(torch.rand(2, 3, 4), torch.randint(0, 3, (2, 4)), info)
+        >>> tuple(v.shape), tuple(t.shape), k
+        ((8, 3), (8,), 4)
+    """
+    n = max(1, int(target.shape[0])) if target.ndim else 1
+    if info.task == "regression":
+        values, labels = probs.reshape(-1), target.reshape(-1).float()
+    elif info.task == "binary":
+        values, labels = probs.reshape(-1, 1), target.reshape(-1, 1).float()
+    elif info.task == "multiclass":
+        c = int(probs.shape[1])
+        values, labels = probs.movedim(1, -1).reshape(-1, c), target.reshape(-1).long()
+    else:
+        c = int(probs.shape[1])
+        values, labels = probs.movedim(1, -1).reshape(-1, c), target.movedim(1, -1).reshape(-1, c).float()
+    if values.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"predictions and targets do not line up for a {info.task} task: {tuple(probs.shape)} vs "
+            f"{tuple(target.shape)}"
+        )
+    return values, labels, max(1, values.shape[0] // n)
+
+
+def align_regression(preds: Tensor, target: Tensor) -> tuple[Tensor, bool]:
+    """``preds`` reshaped to ``target``'s shape when only the shape differs (``(N, 1)`` vs ``(N,)``).
+
+    Returns the predictions and whether they had to be reshaped (a loss on the raw pair would have broadcast to
+    ``(N, N)``). Shapes are metadata: no host read.
+
+    Example:
+        >>> p, changed = align_regression(torch.zeros(4, 1), torch.zeros(4))
+        >>> tuple(p.shape), changed
+        ((4,), True)
+    """
+    if preds.shape == target.shape:
+        return preds, False
+    if preds.numel() != target.numel():
+        raise ValueError(
+            f"regression predictions and targets must have the same number of elements, got shapes "
+            f"{tuple(preds.shape)} and {tuple(target.shape)}"
+        )
+    return preds.reshape(target.shape), True
+
+
+__all__ = [
+    "INPUTS",
+    "TASKS",
+    "Inputs",
+    "Task",
+    "TaskInfo",
+    "align_regression",
+    "as_rows",
+    "infer_task",
+    "infer_task_info",
+    "to_probabilities",
+]

@@ -1,0 +1,272 @@
+"""LossMonitor: the training loss, its EMA, spikes and non-finite steps, with no host read between flushes.
+
+Per training batch the monitor keeps a reference to the detached loss tensor (no kernel, no copy, no read). At a
+flush the losses since the last flush are moved to the host in ONE transfer and folded, in order, into the running
+statistics (:class:`LossStats`). Because the statistics run on the host over the exact sequence of losses, the EMA
+and the spike detector are the sequential algorithms below, not approximations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossdiag._outputs import clear_outputs, fetch_outputs
+from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, warn_no_logger_once
+from lightning_lossdiag.callbacks._grad_groups import host_floats, safe_tag
+from lightning_lossdiag.diagnosis.record import record_for
+
+_MIN_LOG_STD = 0.01  # floor of the spike detector's std of log(loss): a spike must rise > zscore * 1% at least
+_COMPACT_AT = 512  # pending per-batch losses are concatenated on the device past this many (bounded Python list)
+
+
+@dataclass
+class LossStats:
+    """Host-side running statistics of the training loss (plain numbers; what the checkpoint stores).
+
+    * EMA, bias-corrected: ``raw <- d * raw + (1 - d) * x`` over finite losses only, starting at ``raw = 0``;
+      reported as ``raw / (1 - d ** n)`` (``n`` finite losses seen), so the first value is the first loss.
+    * Spike detector on ``y = log(loss)`` for finite, positive losses: an exponentially weighted mean ``m`` and
+      variance ``v`` of ``y`` (weight ``1 - d``). After ``warmup`` such losses, a loss is a spike when
+      ``y - m > zscore * max(sqrt(v), 0.01)``. A spike enters the statistics clipped to ``m + zscore * std``, so one
+      spike neither hides the next ones nor makes the detector blind. Losses <= 0 are not tested.
+    * Non-finite losses (NaN, inf) are counted and never enter the EMA, the means, the min/max or the detector.
+
+    Example:
+        >>> s = LossStats()
+        >>> s.update([1.0, float("nan"), 2.0], [1, 2, 3], decay=0.5, zscore=6.0, warmup=20)
+        >>> round(s.ema(0.5), 4), s.nonfinite_count, s.first_nonfinite_step, s.window_min, s.window_max
+        (1.6667, 1, 2, 1.0, 2.0)
+    """
+
+    ema_raw: float = 0.0
+    ema_n: int = 0
+    spike_mean: float = 0.0
+    spike_var: float = 0.0
+    spike_n: int = 0
+    spike_count: int = 0
+    first_spike_step: int = -1
+    nonfinite_count: int = 0
+    first_nonfinite_step: int = -1
+    epoch_sum: float = 0.0
+    epoch_count: int = 0
+    window_n: int = 0
+    window_sum: float = 0.0
+    window_count: int = 0
+    window_min: float = math.inf
+    window_max: float = -math.inf
+    last: float = math.nan
+
+    def update(self, values: list[float], steps: list[int], decay: float, zscore: float, warmup: int) -> None:
+        """Fold host losses (in training order, with the global step of each) into the statistics."""
+        alpha = 1.0 - decay
+        for x, step in zip(values, steps, strict=True):
+            self.last = x
+            self.window_n += 1
+            if not math.isfinite(x):
+                self.nonfinite_count += 1
+                if self.first_nonfinite_step < 0:
+                    self.first_nonfinite_step = step
+                continue
+            self.window_sum += x
+            self.window_count += 1
+            self.window_min = min(self.window_min, x)
+            self.window_max = max(self.window_max, x)
+            self.epoch_sum += x
+            self.epoch_count += 1
+            self.ema_raw = decay * self.ema_raw + alpha * x
+            self.ema_n += 1
+            if x > 0:
+                self._spike_step(math.log(x), step, alpha, zscore, warmup)
+
+    def _spike_step(self, y: float, step: int, alpha: float, zscore: float, warmup: int) -> None:
+        if self.spike_n >= warmup:
+            limit = self.spike_mean + zscore * max(math.sqrt(self.spike_var), _MIN_LOG_STD)
+            if y > limit:
+                self.spike_count += 1
+                if self.first_spike_step < 0:
+                    self.first_spike_step = step
+                y = limit
+        if self.spike_n == 0:
+            self.spike_mean, self.spike_var = y, 0.0
+        else:
+            diff = y - self.spike_mean
+            incr = alpha * diff
+            self.spike_mean += incr
+            self.spike_var = (1.0 - alpha) * (self.spike_var + diff * incr)
+        self.spike_n += 1
+
+    def ema(self, decay: float) -> float:
+        """The bias-corrected EMA (NaN before the first finite loss)."""
+        return self.ema_raw / (1.0 - decay**self.ema_n) if self.ema_n else math.nan
+
+    def reset_window(self) -> None:
+        """Start a new flush window."""
+        self.window_n, self.window_sum, self.window_count = 0, 0.0, 0
+        self.window_min, self.window_max = math.inf, -math.inf
+
+
+class LossMonitor(Callback):
+    """Log the training loss, its EMA, min/max/mean since the last flush, composite terms, spikes and NaN/inf steps.
+
+    Costs nothing per batch beyond keeping a reference to the detached loss; one host transfer per flush
+    (every ``every_n_steps`` optimizer steps, default the Trainer's ``log_every_n_steps``) and one per epoch end.
+    Steps are ``trainer.global_step`` after the batch (the x-axis of the charts). See :class:`LossStats` for the
+    EMA and the spike rule.
+
+    | key | when | meaning |
+    |---|---|---|
+    | ``train/loss`` | flush | loss of the last batch before the flush (NaN if it was NaN) |
+    | ``train/loss_ema`` | flush | bias-corrected EMA of finite losses (``ema_decay``) |
+    | ``train/loss_mean``, ``train/loss_min``, ``train/loss_max`` | flush | over finite losses since the last flush |
+    | ``train/loss/<term>`` | flush | each term of a composite loss (``StepOutputs.terms``), last batch |
+    | ``train/nonfinite_count`` | flush | cumulative number of batches whose loss was NaN/inf |
+    | ``train/loss_spikes`` | flush | cumulative number of spike batches |
+    | ``train/loss_epoch`` | train epoch end | mean of the epoch's finite losses |
+
+    Notes in the run record: ``loss/first_nonfinite_step``, ``loss/first_spike_step`` (once set).
+
+    Args:
+        every_n_steps: flush interval in optimizer steps; ``None`` takes the Trainer's ``log_every_n_steps``.
+        ema_decay: decay ``d`` of the EMA and of the spike detector's statistics, in ``(0, 1)``.
+        spike_zscore: how many standard deviations of ``log(loss)`` above its running mean make a spike (> 0).
+        spike_warmup: number of finite positive losses seen before spikes are tested (>= 1).
+
+    Example:
+        >>> LossMonitor(every_n_steps=10).state_key
+        "LossMonitor{'every_n_steps': 10, 'ema_decay': 0.98, 'spike_zscore': 6.0, 'spike_warmup': 20}"
+    """
+
+    writes_train_loss = True
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        ema_decay: float = 0.98,
+        spike_zscore: float = 6.0,
+        spike_warmup: int = 20,
+    ) -> None:
+        if not isinstance(ema_decay, (int, float)) or not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be a float in (0, 1), got {ema_decay!r}")
+        if not isinstance(spike_zscore, (int, float)) or not spike_zscore > 0:
+            raise ValueError(f"`spike_zscore` must be a positive number, got {spike_zscore!r}")
+        if not isinstance(spike_warmup, int) or isinstance(spike_warmup, bool) or spike_warmup < 1:
+            raise ValueError(f"`spike_warmup` must be an integer >= 1, got {spike_warmup!r}")
+        self._schedule = FlushSchedule(every_n_steps)
+        self.every_n_steps = every_n_steps
+        self.ema_decay = float(ema_decay)
+        self.spike_zscore = float(spike_zscore)
+        self.spike_warmup = spike_warmup
+        self.stats = LossStats()
+        self._pending: list[Tensor] = []
+        self._pending_steps: list[int] = []
+        self._terms: dict[str, Tensor] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            ema_decay=self.ema_decay,
+            spike_zscore=self.spike_zscore,
+            spike_warmup=self.spike_warmup,
+        )
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        clear_outputs(pl_module, "train")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        out = fetch_outputs(pl_module, outputs, "train")
+        if out is not None and isinstance(out.loss, Tensor):
+            loss = out.loss if out.loss.numel() == 1 else out.loss.float().mean()
+            self._pending.append(loss)  # a reference only: no kernel, no host read
+            self._pending_steps.append(int(trainer.global_step))
+            if out.terms:
+                self._terms = dict(out.terms)
+            if len(self._pending) >= _COMPACT_AT:
+                self._pending = [torch.cat([t.reshape(-1).float() for t in self._pending])]  # device-only concat
+        step = int(trainer.global_step)
+        if self._schedule.is_flush(step, trainer):
+            self._flush(trainer)
+            self._schedule.mark(step)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.stats.epoch_sum, self.stats.epoch_count = 0.0, 0
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._absorb()  # epoch end: one host transfer
+        if self.stats.epoch_count:
+            log_scalars(trainer, {"train/loss_epoch": self.stats.epoch_sum / self.stats.epoch_count})
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush(trainer)
+
+    def _absorb(self) -> list[float]:
+        """Move pending losses (and the last terms) to the host in one transfer; return the term values."""
+        if not self._pending and not self._terms:
+            return []
+        losses = [t.reshape(-1) for t in self._pending]
+        terms = [t.reshape(-1)[:1] for t in self._terms.values()]
+        host = host_floats(losses + terms)  # flush / epoch end: the one host read
+        n = len(host) - len(terms)  # == len(self._pending_steps): one step per batch, compacted or not
+        self.stats.update(host[:n], self._pending_steps, self.ema_decay, self.spike_zscore, self.spike_warmup)
+        self._pending, self._pending_steps = [], []
+        return host[n:]
+
+    def _flush(self, trainer: Trainer) -> None:
+        names = list(self._terms)
+        term_values = self._absorb()
+        s = self.stats
+        if s.window_n == 0 and not names:
+            return
+        values: dict[str, float] = {"train/nonfinite_count": s.nonfinite_count, "train/loss_spikes": s.spike_count}
+        if s.window_n:
+            values["train/loss"] = s.last
+        if s.ema_n:
+            values["train/loss_ema"] = s.ema(self.ema_decay)
+        if s.window_count:
+            values["train/loss_mean"] = s.window_sum / s.window_count
+            values["train/loss_min"] = s.window_min
+            values["train/loss_max"] = s.window_max
+        for name, v in zip(names, term_values, strict=True):
+            values[f"train/loss/{safe_tag(name)}"] = v
+        self._terms = {}
+        warn_no_logger_once(trainer, type(self).__name__)
+        log_scalars(trainer, values)
+        notes = record_for(trainer).notes
+        if s.first_nonfinite_step >= 0:
+            notes["loss/first_nonfinite_step"] = s.first_nonfinite_step
+        if s.first_spike_step >= 0:
+            notes["loss/first_spike_step"] = s.first_spike_step
+        s.reset_window()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data: the running statistics and the flush bookkeeping (losses not yet flushed are not saved)."""
+        return {"stats": asdict(self.stats), "last_flushed": self._schedule._last_flushed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; missing keys keep their defaults."""
+        saved = state_dict.get("stats", {}) or {}
+        fresh = LossStats()
+        for f in fields(LossStats):
+            default = getattr(fresh, f.name)
+            setattr(self.stats, f.name, type(default)(saved.get(f.name, default)))
+        self._schedule._last_flushed = int(state_dict.get("last_flushed", -1))
+
+
+__all__ = ["LossMonitor", "LossStats"]

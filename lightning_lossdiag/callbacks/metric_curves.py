@@ -1,0 +1,346 @@
+"""``MetricCurves``: torchmetrics per task, updated on the device every step and logged once per epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torchmetrics.classification as tmc
+import torchmetrics.regression as tmr
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import Metric
+from typing_extensions import override
+
+from lightning_lossdiag._outputs import clear_outputs, fetch_outputs
+from lightning_lossdiag.callbacks._base import to_host
+from lightning_lossdiag.callbacks._task import (
+    TASKS,
+    TaskInfo,
+    align_regression,
+    as_rows,
+    infer_task_info,
+    to_probabilities,
+)
+from lightning_lossdiag.diagnosis.record import record_for
+from lightning_lossdiag.metrics import DirectionalAccuracy
+
+METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "regression": ("mae", "mse", "rmse", "r2", "explained_variance", "directional_accuracy"),
+    "binary": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "balanced_accuracy"),
+    "multiclass": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "recall_per_class"),
+    "multilabel": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "recall_per_class"),
+}
+_ALL_NAMES = sorted({n for names in METRIC_NAMES.values() for n in names})
+_TITLES = {"mae": "MAE", "mse": "MSE", "rmse": "RMSE", "r2": "R2", "auroc": "AUROC", "f1": "F1"}
+
+
+def _factories(info: TaskInfo, thresholds: int) -> dict[str, Callable[[], Metric]]:
+    kw: dict[str, Any] = {"validate_args": False}
+    c = int(info.num_classes or 2)
+    if info.task == "regression":
+        return {
+            "mae": tmr.MeanAbsoluteError,
+            "mse": tmr.MeanSquaredError,
+            "rmse": lambda: tmr.MeanSquaredError(squared=False),
+            "r2": tmr.R2Score,
+            "explained_variance": tmr.ExplainedVariance,
+            "directional_accuracy": DirectionalAccuracy,
+        }
+    if info.task == "binary":
+        return {
+            "accuracy": lambda: tmc.BinaryAccuracy(**kw),
+            "precision": lambda: tmc.BinaryPrecision(**kw),
+            "recall": lambda: tmc.BinaryRecall(**kw),
+            "f1": lambda: tmc.BinaryF1Score(**kw),
+            "auroc": lambda: tmc.BinaryAUROC(thresholds=thresholds, normalization=None, **kw),
+            "average_precision": lambda: tmc.BinaryAveragePrecision(thresholds=thresholds, normalization=None, **kw),
+            "balanced_accuracy": lambda: tmc.MulticlassRecall(num_classes=2, average="macro", **kw),
+        }
+    if info.task == "multiclass":
+        return {
+            "accuracy": lambda: tmc.MulticlassAccuracy(num_classes=c, average="micro", **kw),
+            "precision": lambda: tmc.MulticlassPrecision(num_classes=c, average="macro", **kw),
+            "recall": lambda: tmc.MulticlassRecall(num_classes=c, average="macro", **kw),
+            "f1": lambda: tmc.MulticlassF1Score(num_classes=c, average="macro", **kw),
+            "auroc": lambda: tmc.MulticlassAUROC(num_classes=c, thresholds=thresholds, **kw),
+            "average_precision": lambda: tmc.MulticlassAveragePrecision(num_classes=c, thresholds=thresholds, **kw),
+            "recall_per_class": lambda: tmc.MulticlassRecall(num_classes=c, average=None, **kw),
+        }
+    return {
+        "accuracy": lambda: tmc.MultilabelAccuracy(num_labels=c, average="micro", **kw),
+        "precision": lambda: tmc.MultilabelPrecision(num_labels=c, average="macro", **kw),
+        "recall": lambda: tmc.MultilabelRecall(num_labels=c, average="macro", **kw),
+        "f1": lambda: tmc.MultilabelF1Score(num_labels=c, average="macro", **kw),
+        "auroc": lambda: tmc.MultilabelAUROC(num_labels=c, thresholds=thresholds, **kw),
+        "average_precision": lambda: tmc.MultilabelAveragePrecision(num_labels=c, thresholds=thresholds, **kw),
+        "recall_per_class": lambda: tmc.MultilabelRecall(num_labels=c, average=None, **kw),
+    }
+
+
+def build_metrics(info: TaskInfo, thresholds: int, wanted: Sequence[str] | None, sequence: bool) -> dict[str, Metric]:
+    """The torchmetrics of one stage (pure: no Trainer).
+
+    Classification metrics take labels we threshold ourselves and curves take probabilities, all with
+    ``validate_args=False``, so their ``update`` does not read values on the host.
+
+    Example:
+        >>> sorted(build_metrics(TaskInfo("regression", "values"), 101, None, sequence=False))
+        ['explained_variance', 'mae', 'mse', 'r2', 'rmse']
+    """
+    names = [n for n in METRIC_NAMES[info.task] if wanted is None or n in wanted]
+    if info.task == "regression" and not sequence and wanted is None:
+        names.remove("directional_accuracy")
+    factories = _factories(info, thresholds)
+    return {name: factories[name]() for name in names}
+
+
+def _label_inputs(info: TaskInfo, probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(labels, label_target, curve_probs, curve_target)`` for one batch, on the device."""
+    values, labels, _ = as_rows(probs, target, info)
+    if info.task == "binary":
+        values, labels = values.reshape(-1), labels.reshape(-1).long()
+        return (values > 0.5).long(), labels, values, labels
+    if info.task == "multiclass":
+        return values.argmax(dim=1), labels, values, labels
+    labels = labels.long()
+    return (values > 0.5).long(), labels, values, labels
+
+
+class MetricCurves(Callback):
+    """Task metrics from torchmetrics, per stage, logged at the end of each epoch with ``pl_module.log``.
+
+    The metrics live in this callback (moved to the model's device at the first batch); ``update`` runs on the
+    device every step with no host read, ``compute`` runs at epoch end (torchmetrics syncs DDP ranks there). Values
+    go through ``pl_module.log`` (so ``ModelCheckpoint(monitor="metrics/val/mae")``, ``EarlyStopping`` and
+    ``ReduceLROnPlateau`` can watch them) and into the run record (one host transfer per stage and epoch).
+
+    The task comes from the criterion (``LossMixin``) or from the first batch's shapes; pass ``task`` to force it.
+    Training metrics use the training steps' outputs (computed under the model's training mode, e.g. dropout on).
+
+    | key | kind | when | tasks |
+    |---|---|---|---|
+    | ``metrics/<stage>/mae``, ``mse``, ``rmse``, ``r2``, ``explained_variance`` | scalar | epoch end | regression |
+    | ``metrics/<stage>/directional_accuracy`` | scalar | epoch end | regression on sequences ``(N, ..., T)`` |
+    | ``metrics/<stage>/accuracy``, ``precision``, ``recall``, ``f1`` (macro), ``auroc``, ``average_precision`` |
+    scalar | epoch end | classification |
+    | ``metrics/<stage>/balanced_accuracy`` | scalar | epoch end | binary (macro recall) |
+    | ``metrics/<stage>/recall/<class>`` | scalar | epoch end | multiclass, multilabel |
+
+    Args:
+        stages: stages to measure, from ``"train"``, ``"val"``, ``"test"``.
+        task: ``"auto"`` or a task to force (``"regression"``, ``"binary"``, ``"multiclass"``, ``"multilabel"``).
+        num_classes: classes (labels) when the predictions' dim 1 does not say it.
+        thresholds: number of fixed thresholds of AUROC and average precision (binned: bounded memory).
+        metrics: names to keep (default all of the task's), from ``mae``, ``mse``, ``rmse``, ``r2``,
+            ``explained_variance``, ``directional_accuracy``, ``accuracy``, ``precision``, ``recall``, ``f1``,
+            ``auroc``, ``average_precision``, ``balanced_accuracy``, ``recall_per_class``.
+
+    Example:
+        >>> cb = MetricCurves(stages=("val",), task="regression")
+        >>> cb.layout_entries()["MAE"]
+        ['metrics/val/mae']
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Literal["train", "val", "test"]] = ("train", "val"),
+        task: Literal["auto", "regression", "binary", "multiclass", "multilabel"] = "auto",
+        num_classes: int | None = None,
+        thresholds: int = 101,
+        metrics: list[str] | None = None,
+    ) -> None:
+        bad = [s for s in stages if s not in ("train", "val", "test")]
+        if not stages or bad:
+            raise ValueError(f"`stages` must be a non-empty subset of ('train', 'val', 'test'), got {stages!r}")
+        if task != "auto" and task not in TASKS:
+            raise ValueError(f"`task` must be 'auto' or one of {TASKS}, got {task!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"`num_classes` must be an integer >= 2 or None, got {num_classes!r}")
+        if not isinstance(thresholds, int) or thresholds < 2:
+            raise ValueError(f"`thresholds` must be an integer >= 2, got {thresholds!r}")
+        unknown = [m for m in metrics or [] if m not in _ALL_NAMES]
+        if metrics is not None and (not metrics or unknown):
+            raise ValueError(f"`metrics` must be a non-empty list of names from {_ALL_NAMES}, got {metrics!r}")
+        self.stages = tuple(stages)
+        self.task = task
+        self.num_classes = num_classes
+        self.thresholds = thresholds
+        self.metrics = list(metrics) if metrics is not None else None
+        self._info: dict[str, TaskInfo] = {}
+        self._modules: dict[str, nn.ModuleDict] = {}
+        self._updated: dict[str, bool] = {}
+        self._warned: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes instances with different stages or tasks in one checkpoint."""
+        return self._generate_state_key(stages=self.stages, task=self.task)
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        clear_outputs(pl_module, "train")
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        clear_outputs(pl_module, "val")
+
+    @override
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        clear_outputs(pl_module, "test")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._update(trainer, pl_module, outputs, "train")
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._update(trainer, pl_module, outputs, "val")
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._update(trainer, pl_module, outputs, "test")
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_epoch(trainer, pl_module, "train")
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log_epoch(trainer, pl_module, "val")
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_epoch(trainer, pl_module, "test")
+
+    # ---- work ------------------------------------------------------------------------------------------------
+    def _update(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, stage: str) -> None:
+        if stage not in self.stages:
+            return
+        step = fetch_outputs(pl_module, outputs, stage)
+        if step is None or not isinstance(step.preds, Tensor) or not isinstance(step.target, Tensor):
+            if stage not in self._warned:
+                self._warned.add(stage)
+                rank_zero_warn(
+                    f"MetricCurves: the {stage} step handed no tensor `preds` and `target` (use LossMixin or return "
+                    '{"loss", "preds", "target"}); no metrics for this stage.'
+                )
+            return
+        preds, target = step.preds, step.target
+        if stage not in self._modules:
+            info = self._info.get(stage) or infer_task_info(step.criterion, preds, target, self.task)  # first batch
+            if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
+                info = TaskInfo(info.task, info.inputs, self.num_classes)
+            sequence = info.task == "regression" and preds.ndim >= 2 and preds.shape[-1] >= 2
+            self._info[stage] = info
+            self._modules[stage] = nn.ModuleDict(build_metrics(info, self.thresholds, self.metrics, sequence)).to(
+                preds.device
+            )
+        info = self._info[stage]
+        metrics = self._stage_metrics(stage)
+        if info.task == "regression":
+            preds, _ = align_regression(preds, target)
+            flat_p, flat_t = preds.reshape(-1).float(), target.reshape(-1).float()
+            for name, metric in metrics.items():
+                if name == "directional_accuracy":
+                    metric.update(preds.float(), target.float())
+                else:
+                    metric.update(flat_p, flat_t)
+        else:
+            labels, label_target, curve_probs, curve_target = _label_inputs(info, to_probabilities(preds, info), target)
+            for name, metric in metrics.items():
+                if name in ("auroc", "average_precision"):
+                    metric.update(curve_probs, curve_target)
+                else:
+                    metric.update(labels, label_target)
+        self._updated[stage] = True
+
+    def _stage_metrics(self, stage: str) -> dict[str, Metric]:
+        return {name: m for name, m in self._modules.get(stage, nn.ModuleDict()).items() if isinstance(m, Metric)}
+
+    def compute_stage(self, stage: str) -> dict[str, Tensor]:
+        """The current values of ``stage`` as device tensors keyed ``metrics/<stage>/<name>`` (per class split)."""
+        values: dict[str, Tensor] = {}
+        for name, metric in self._stage_metrics(stage).items():
+            value = metric.compute()
+            if name == "recall_per_class":
+                for c in range(value.shape[0]):
+                    values[f"metrics/{stage}/recall/{c}"] = value[c]
+            else:
+                values[f"metrics/{stage}/{name}"] = value
+        return values
+
+    def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage not in self.stages or not self._updated.get(stage, False):
+            return
+        values = self.compute_stage(stage)  # epoch end: torchmetrics syncs ranks here
+        for key, value in values.items():
+            pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=False)
+        record_for(trainer).add_scalars(int(trainer.global_step), to_host(values))  # one host transfer (epoch end)
+        for metric in self._stage_metrics(stage).values():
+            metric.reset()
+        self._updated[stage] = False
+
+    # ---- layout and state ------------------------------------------------------------------------------------
+    def layout_entries(self) -> dict[str, list[str]]:
+        """Custom-scalars charts: title -> tag regexes, one chart per metric with a line per stage."""
+        tasks: set[str]
+        if self._info:
+            tasks = {info.task for info in self._info.values()}
+        elif self.task != "auto":
+            tasks = {self.task}
+        else:
+            tasks = set(TASKS)
+        names = [n for t in TASKS if t in tasks for n in METRIC_NAMES[t] if self.metrics is None or n in self.metrics]
+        entries: dict[str, list[str]] = {}
+        for name in dict.fromkeys(names):
+            if name == "recall_per_class":
+                entries["Recall per class"] = [f"metrics/{s}/recall/.*" for s in self.stages]
+            else:
+                title = _TITLES.get(name, name.replace("_", " ").capitalize())
+                entries[title] = [f"metrics/{s}/{name}" for s in self.stages]
+        return entries
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "info": {
+                s: {"task": i.task, "inputs": i.inputs, "num_classes": i.num_classes} for s, i in self._info.items()
+            }
+        }
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        for stage, info in dict(state_dict.get("info", {})).items():
+            self._info[stage] = TaskInfo(
+                info.get("task", "regression"), info.get("inputs", "values"), info.get("num_classes")
+            )
+
+
+__all__ = ["METRIC_NAMES", "MetricCurves", "build_metrics"]

@@ -1,0 +1,86 @@
+"""Metrics of our own, as torchmetrics ``Metric`` classes (sum states, so they merge across DDP ranks).
+
+:class:`DirectionalAccuracy` is the share of steps of a sequence where the predicted change has the sign of the true
+change. Forecasts with a small error can still get the direction wrong, which is what a trading or control rule
+acts on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+def _directional_accuracy_update(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Count matching change directions along the last dim (device tensors only, no host reads)."""
+    if preds.shape != target.shape:
+        raise ValueError(
+            f"`preds` and `target` must have the same shape, got {tuple(preds.shape)} and {tuple(target.shape)}"
+        )
+    if preds.ndim < 1 or preds.shape[-1] < 2:
+        raise ValueError(
+            f"`preds` must have a last (time) dimension of length >= 2 to have changes, got shape {tuple(preds.shape)}"
+        )
+    pred_dir = torch.sign(torch.diff(preds.float(), dim=-1))
+    true_dir = torch.sign(torch.diff(target.float(), dim=-1))
+    correct = (pred_dir == true_dir).sum()
+    return correct, torch.tensor(true_dir.numel(), device=preds.device)
+
+
+def directional_accuracy(preds: Tensor, target: Tensor) -> Tensor:
+    """Share of steps ``t`` along the last dim where ``sign(p[t+1] - p[t]) == sign(y[t+1] - y[t])``.
+
+    A step with no change in both counts as a match; a step where only one of the two is flat does not.
+
+    Example:
+        >>> directional_accuracy(torch.tensor([0.0, 1.0, 0.5, 0.7]), torch.tensor([0.0, 2.0, 3.0, 1.0]))
+        tensor(0.3333)
+    """
+    correct, total = _directional_accuracy_update(preds, target)
+    return correct.float() / total
+
+
+class DirectionalAccuracy(Metric):
+    r"""Directional accuracy of sequence forecasts, accumulated over batches.
+
+    .. math:: \mathrm{DA} = \frac{1}{|S|} \sum_{(i, t) \in S}
+        \mathbb{1}\left[\operatorname{sign}(\Delta \hat y_{i,t}) = \operatorname{sign}(\Delta y_{i,t})\right],
+        \quad \Delta y_{i,t} = y_{i,t+1} - y_{i,t}
+
+    over every sequence ``i`` and step ``t`` along the last dimension. ``update`` only adds two counters on the
+    device; ``compute`` divides (``nan`` before any update).
+
+    Example:
+        >>> m = DirectionalAccuracy()
+        >>> m.update(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 0.0, 4.0]]))
+        >>> m.update(torch.tensor([[0.0, 1.0]]), torch.tensor([[5.0, 6.0]]))
+        >>> m.compute()
+        tensor(0.6667)
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    correct: Tensor
+    total: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add the matching directions of one batch (``preds`` and ``target`` of shape ``(..., T)``, ``T >= 2``)."""
+        correct, total = _directional_accuracy_update(preds, target)
+        self.correct += correct
+        self.total += total
+
+    def compute(self) -> Tensor:
+        """The share of matching directions so far."""
+        return self.correct.double().div(self.total).float()
+
+
+__all__ = ["DirectionalAccuracy", "directional_accuracy"]

@@ -1,0 +1,257 @@
+"""MetricCurves on real small Trainers: values equal torchmetrics' functional values on the full data."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchmetrics.functional as tmf
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lossdiag.callbacks.metric_curves import MetricCurves
+from lightning_lossdiag.diagnosis.record import record_for
+from lightning_lossdiag.testing import HostReadCounter
+
+N_VAL = 200
+
+
+class _Module(LightningModule):
+    """Tiny module returning {"loss", "preds", "target"} from its steps."""
+
+    def __init__(self, x, y, out, loss_fn, seq=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(x.shape[-1], 16), nn.Tanh(), nn.Linear(16, out))
+        self.x, self.y, self.loss_fn, self.seq = x, y, loss_fn, seq
+
+    def forward(self, x):
+        out = self.net(x)
+        return out.squeeze(-1) if out.shape[-1] == 1 and not self.seq else out
+
+    def _step(self, batch):
+        x, y = batch
+        preds = self(x)
+        return {"loss": self.loss_fn(preds, y), "preds": preds, "target": y}
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch)
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x[N_VAL:], self.y[N_VAL:]), batch_size=32, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.x[:N_VAL], self.y[:N_VAL]), batch_size=N_VAL // 2)
+
+
+def _trainer(tmp_path, callbacks, epochs=2, logger=False, checkpoint=False):
+    return Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=epochs,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpoint,
+        logger=logger,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+    )
+
+
+def _regression_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(400, generator=g)
+    return x, y
+
+
+def _val_outputs(model):
+    model.eval()
+    with torch.no_grad():
+        return model(model.x[:N_VAL]), model.y[:N_VAL]
+
+
+def test_regression_values_equal_torchmetrics_and_feed_checkpoint(tmp_path):
+    x, y = _regression_data()
+    model = _Module(x, y, 1, nn.functional.mse_loss)
+    curves = MetricCurves(stages=("train", "val"))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="metrics/val/mae", mode="min", save_top_k=1)
+    trainer = _trainer(tmp_path, [curves, ckpt], checkpoint=True)
+    trainer.fit(model)
+
+    preds, target = _val_outputs(model)
+    expected = {
+        "mae": tmf.mean_absolute_error(preds, target),
+        "mse": tmf.mean_squared_error(preds, target),
+        "rmse": tmf.mean_squared_error(preds, target, squared=False),
+        "r2": tmf.r2_score(preds, target),
+        "explained_variance": tmf.explained_variance(preds, target),
+    }
+    for name, value in expected.items():
+        logged = trainer.callback_metrics[f"metrics/val/{name}"]
+        assert logged.item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), name
+    assert "metrics/val/directional_accuracy" not in trainer.callback_metrics  # not a sequence task
+    assert "metrics/train/mae" in trainer.callback_metrics
+
+    record = record_for(trainer)
+    maes = record.values("metrics/val/mae")
+    assert len(maes) == 2  # one per epoch, sanity check not counted
+    assert maes[-1] == pytest.approx(expected["mae"].item(), rel=1e-5)
+    # ModelCheckpoint monitored our key: the best score is the smallest epoch value
+    assert ckpt.best_model_score.item() == pytest.approx(min(maes), rel=1e-6)
+    assert ckpt.best_model_path.endswith(".ckpt")
+
+
+def test_multiclass_values_equal_torchmetrics(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 4, generator=g)
+    y = (x[:, 0] * 2 + x[:, 1]).round().clamp(-2, 2).long() + 2
+    model = _Module(x, y, 5, nn.functional.cross_entropy)
+    curves = MetricCurves(stages=("val",), thresholds=101)
+    trainer = _trainer(tmp_path, [curves], epochs=1)
+    trainer.fit(model)
+
+    logits, target = _val_outputs(model)
+    probs = logits.softmax(-1)
+    exp = {
+        "accuracy": tmf.accuracy(probs, target, task="multiclass", num_classes=5, average="micro"),
+        "precision": tmf.precision(probs, target, task="multiclass", num_classes=5, average="macro"),
+        "f1": tmf.f1_score(probs, target, task="multiclass", num_classes=5, average="macro"),
+        "auroc": tmf.auroc(probs, target, task="multiclass", num_classes=5, thresholds=101),
+        "average_precision": tmf.average_precision(probs, target, task="multiclass", num_classes=5, thresholds=101),
+    }
+    for name, value in exp.items():
+        assert trainer.callback_metrics[f"metrics/val/{name}"].item() == pytest.approx(value.item(), abs=1e-5), name
+    per_class = tmf.recall(probs, target, task="multiclass", num_classes=5, average=None)
+    for c in range(5):
+        assert trainer.callback_metrics[f"metrics/val/recall/{c}"].item() == pytest.approx(per_class[c].item(), abs=1e-6)
+    # accuracy by hand, independent of torchmetrics
+    assert trainer.callback_metrics["metrics/val/accuracy"].item() == pytest.approx(
+        (probs.argmax(-1) == target).float().mean().item(), abs=1e-6
+    )
+
+
+def test_binary_logits_balanced_accuracy_and_auroc(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 3, generator=g)
+    y = (x[:, 0] + 0.5 * torch.randn(400, generator=g) > 0.8).float()  # imbalanced
+    model = _Module(x, y, 1, nn.functional.binary_cross_entropy_with_logits)
+    trainer = _trainer(tmp_path, [MetricCurves(stages=("val",))], epochs=1)
+    trainer.fit(model)
+
+    logits, target = _val_outputs(model)
+    probs = logits.sigmoid()
+    pred = (probs > 0.5).numpy()
+    t = target.numpy().astype(bool)
+    balanced = 0.5 * ((pred & t).sum() / t.sum() + (~pred & ~t).sum() / (~t).sum())
+    cm = trainer.callback_metrics
+    assert cm["metrics/val/balanced_accuracy"].item() == pytest.approx(balanced, abs=1e-6)
+    assert cm["metrics/val/accuracy"].item() == pytest.approx((pred == t).mean(), abs=1e-6)
+    auroc = tmf.auroc(probs, target.long(), task="binary", thresholds=101)
+    ap = tmf.average_precision(probs, target.long(), task="binary", thresholds=101)
+    assert cm["metrics/val/auroc"].item() == pytest.approx(auroc.item(), abs=1e-6)
+    assert cm["metrics/val/average_precision"].item() == pytest.approx(ap.item(), abs=1e-6)
+
+
+def test_sequence_regression_logs_directional_accuracy(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 6, generator=g)
+    y = torch.cumsum(x[:, :5], dim=1)
+    model = _Module(x, y, 5, nn.functional.mse_loss, seq=True)
+    trainer = _trainer(tmp_path, [MetricCurves(stages=("val",), metrics=["mae", "directional_accuracy"])], epochs=1)
+    trainer.fit(model)
+    preds, target = _val_outputs(model)
+    dp, dt = np.sign(np.diff(preds.numpy(), axis=-1)), np.sign(np.diff(target.numpy(), axis=-1))
+    cm = trainer.callback_metrics
+    assert cm["metrics/val/directional_accuracy"].item() == pytest.approx((dp == dt).mean(), abs=1e-6)
+    assert cm["metrics/val/mae"].item() == pytest.approx(np.abs(preds.numpy() - target.numpy()).mean(), rel=1e-5)
+    assert "metrics/val/r2" not in cm  # only the chosen metrics
+
+
+class _ValReadProbe(Callback):
+    """Counts our package's host reads per validation batch (put first in callbacks)."""
+
+    def __init__(self, counter):
+        self.reads = []
+        self._open = False
+        counter.listeners.append(self._on_read)
+
+    def _on_read(self, kind, site):
+        if self._open:
+            self.reads[-1] += 1
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.reads.append(0)
+            self._open = True
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._open = False
+
+
+# torchmetrics 1.9's multiclass/multilabel curve metrics check "are these logits?" with a host `bool` on CPU
+# tensors only (a `torch.where` on accelerators), so AUROC/AP are left out of the CPU read count for multiclass.
+@pytest.mark.parametrize(
+    ("task", "out", "loss", "metrics"),
+    [
+        ("regression", 1, nn.functional.mse_loss, None),
+        ("binary", 1, nn.functional.binary_cross_entropy_with_logits, None),
+        ("multiclass", 5, nn.functional.cross_entropy, ["accuracy", "precision", "recall", "f1", "recall_per_class"]),
+    ],
+    ids=["regression", "binary", "multiclass"],
+)
+def test_no_host_reads_in_validation_batches_after_the_first(tmp_path, task, out, loss, metrics):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 4, generator=g)
+    y = {
+        "multiclass": torch.randint(0, 5, (400,), generator=g),
+        "binary": (x.sum(1) > 0).float(),
+        "regression": x.sum(1),
+    }[task]
+    model = _Module(x, y, out, loss)
+    counter = HostReadCounter()
+    probe = _ValReadProbe(counter)
+    with counter:
+        trainer = _trainer(tmp_path, [probe, MetricCurves(stages=("val",), task=task, metrics=metrics)], epochs=2)
+        trainer.fit(model)
+    assert len(probe.reads) == 4
+    assert probe.reads[1:] == [0, 0, 0]
+    assert probe.reads[0] <= 1  # one-time inference of the kind of predictions (forced task)
+
+
+def test_layout_entries_and_bad_arguments():
+    cb = MetricCurves(stages=("train", "val"), task="binary")
+    entries = cb.layout_entries()
+    assert entries["AUROC"] == ["metrics/train/auroc", "metrics/val/auroc"]
+    assert "MAE" not in entries
+    assert MetricCurves(task="regression").layout_entries()["MAE"] == ["metrics/train/mae", "metrics/val/mae"]
+    with pytest.raises(ValueError, match="`stages`"):
+        MetricCurves(stages=("validation",))
+    with pytest.raises(ValueError, match="`task` must be"):
+        MetricCurves(task="ranking")
+    with pytest.raises(ValueError, match="`metrics`"):
+        MetricCurves(metrics=["maee"])
+    with pytest.raises(ValueError, match="`thresholds`"):
+        MetricCurves(thresholds=1)
+
+
+def test_state_round_trip(tmp_path):
+    x, y = _regression_data()
+    cb = MetricCurves(stages=("val",))
+    _trainer(tmp_path, [cb], epochs=1).fit(_Module(x, y, 1, nn.functional.mse_loss))
+    state = cb.state_dict()
+    assert state["info"]["val"]["task"] == "regression"
+    fresh = MetricCurves(stages=("val",))
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert not math.isnan(len(state))
