@@ -201,11 +201,12 @@ class LossMixin(_Base):
         return loss
 
     def _log_loss(self, trainer: Any, stage: str, loss: Tensor, terms: dict[str, Tensor], batch_size: int) -> None:
+        has_logger = bool(getattr(trainer, "loggers", None))  # avoids Lightning's "no logger configured" warning
         if stage == "train":
             writes = any(getattr(cb, "writes_train_loss", False) is True for cb in getattr(trainer, "callbacks", []))
-            opts: dict[str, Any] = {"on_step": True, "on_epoch": False, "logger": not writes}
+            opts: dict[str, Any] = {"on_step": True, "on_epoch": False, "logger": has_logger and not writes}
         else:
-            opts = {"on_step": False, "on_epoch": True}
+            opts = {"on_step": False, "on_epoch": True, "logger": has_logger}
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, **opts)
         for name, value in terms.items():
             self.log(f"{stage}/loss/{name}", value, batch_size=batch_size, **opts)

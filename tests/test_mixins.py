@@ -248,7 +248,7 @@ WARN_CASES = [
     ({"name": "focal", "mode": "binary"}, 1, "sigmoid", BINARY_N, "applies a sigmoid", "double_sigmoid"),
     ("focal", 1, "sigmoid", BINARY_N, "applies a sigmoid", "double_sigmoid"),  # mode inferred from the shapes
     ("cross_entropy", 5, "softmax", CLASSES_N, "sums to 1 like softmax", "softmax_into_cross_entropy"),
-    ("nll", 5, "softmax", CLASSES_N, "use `log_softmax`", "softmax_into_cross_entropy"),
+    ("nll", 5, "softmax", CLASSES_N, "Use `log_softmax` instead of `softmax`", "softmax_into_cross_entropy"),
 ]
 
 
@@ -360,14 +360,10 @@ def test_class_counts_noted_without_auto_when_targets_are_cheap():
 
 
 def test_auto_weights_without_data_source_say_what_to_do():
-    class Bare(LossMixin, L.LightningModule):
-        def __init__(self):
-            super().__init__(loss={"name": "bce_with_logits", "pos_weight": "auto"})
-            self.layer = nn.Linear(1, 1)
-
+    model = _Probe({"name": "bce_with_logits", "pos_weight": "auto"}, 1, "squeeze")
     trainer = make_trainer(None, max_steps=1)
     with pytest.raises(RuntimeError, match="train_targets"):
-        trainer.validate(Bare(), DataLoader(TensorDataset(torch.zeros(4, 1), torch.zeros(4))))
+        trainer.fit(model, _loader(BINARY_N))
 
 
 def test_concat_targets_and_class_counts():

@@ -199,7 +199,7 @@ class ActivationMonitor(Callback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._detach()
         if self._targets and self._schedule.next_step_flushes(trainer):
-            pass  #  accumulation each micro-batch starts over: the last one is kept
+            self._pending = {}  # with gradient accumulation each micro-batch starts over: the last one is kept
             self._step_hists = {}
             self._attach()
 

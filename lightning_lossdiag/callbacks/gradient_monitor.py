@@ -201,7 +201,9 @@ class GradientMonitor(Callback):
                 st.zero_mask.logical_and_(pn == 0)
             else:
                 st.zero_mask.index_copy_(0, pos, st.zero_mask[pos] & (pn == 0))
-        flush_step = self._schedule.next_step_flushes(trainer)
+        # automatic optimization: exactly one optimizer step per batch, so the flush step is known in advance;
+        # manual optimization may step several times per batch: per-group norms are then combined on every step
+        flush_step = not pl_module.automatic_optimization or self._schedule.next_step_flushes(trainer)
         st.clipped = total
         clip_val = trainer.gradient_clip_val if pl_module.automatic_optimization else None
         if clip_val is not None and clip_val > 0:

@@ -70,7 +70,10 @@ def confusion_at_thresholds(pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, T
 
 
 def precision_recall(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall per threshold; precision is 1 where nothing is predicted positive (torchmetrics' rule).
+    """Precision and recall per threshold.
+
+    Where nothing is predicted positive, precision is 1 (the end point of every PR curve; torchmetrics 1.9 gives
+    ``nan`` there, which TensorBoard cannot draw); recall is 0 when a class has no positives.
 
     Example:
         >>> p, r = precision_recall(np.array([2, 1, 0]), np.array([2, 0, 0]), np.array([0, 1, 2]))

@@ -170,7 +170,8 @@ def test_no_reads_and_no_hooks_off_flush_steps(tmp_path):
     expected = {f"net.{i}" for i in range(5)}  # depth 2: each child is its own group
     armed = [hooked for flush_next, hooked in checker.at_start if flush_next]
     idle = [hooked for flush_next, hooked in checker.at_start if not flush_next]
-    assert len(armed) == 2 and len(idle) == 6
+    assert len(armed) == 2
+    assert len(idle) == 6
     assert all(h == expected for h in armed)
     assert all(h == set() for h in idle)
     assert all(h == set() for h in checker.at_end)
@@ -180,7 +181,8 @@ def test_no_reads_and_no_hooks_off_flush_steps(tmp_path):
 def test_flush_reads_do_not_grow_with_depth(tmp_path):
     shallow, _, _ = _run_counted(tmp_path, n_blocks=1)
     deep, _, _ = _run_counted(tmp_path, n_blocks=4)
-    assert shallow.reads[2] == deep.reads[2] and shallow.reads[5] == deep.reads[5]
+    assert shallow.reads[2] == deep.reads[2]
+    assert shallow.reads[5] == deep.reads[5]
 
 
 # ----------------------------------------------------------------- statistics
@@ -245,7 +247,8 @@ def test_saturated_sigmoid(tmp_path):
         warnings.simplefilter("ignore")
         trainer.fit(Model(net=net))
     values = record_for(trainer).values("act/saturated_frac/net.1")
-    assert len(values) == 4 and all(v > 0.95 for v in values)
+    assert len(values) == 4
+    assert all(v > 0.95 for v in values)
     assert not record_for(trainer).keys("act/saturated_frac/net.0")
 
 
@@ -266,7 +269,8 @@ def test_histogram_in_event_files(tmp_path):
     relu = _layers(ref.net, x)[1].numpy().ravel()
     hist = events[-1].histogram_value
     assert sum(hist.bucket) == hist.num == BATCH * 8
-    assert hist.min == pytest.approx(relu.min()) and hist.max == pytest.approx(relu.max())
+    assert hist.min == pytest.approx(relu.min())
+    assert hist.max == pytest.approx(relu.max())
     ref_counts, ref_edges = np.histogram(relu, bins=16, range=(relu.min(), relu.max()))
     assert np.abs(np.array(hist.bucket) - ref_counts).sum() <= 2  # a value on a bin edge may round either way
     assert np.allclose(hist.bucket_limit, ref_edges[1:], rtol=1e-5)
@@ -331,7 +335,8 @@ def test_compiled_submodule_is_skipped_with_one_warning(tmp_path):
     assert sum("torch.compile" in str(w.message) for w in caught) == 1
     assert all(not h.startswith("body") for _, hooked in checker.at_start for h in hooked)
     keys = record_for(trainer).keys("act/")
-    assert "act/saturated_frac/head" in keys and not any("body" in k for k in keys)
+    assert "act/saturated_frac/head" in keys
+    assert not any("body" in k for k in keys)
 
 
 def test_compiled_lightning_module_gives_no_stats(tmp_path):
@@ -409,10 +414,12 @@ def test_histogram_matches_numpy_and_ignores_nonfinite():
     h = histogram(x, bins=10)
     ref, _ = np.histogram(x.numpy(), bins=10, range=(x.min().item(), x.max().item()))
     assert np.abs(h[5:].numpy() - ref).sum() <= 2
-    assert h[2].item() == 1000 and h[3].item() == pytest.approx(x.sum().item(), rel=1e-4, abs=1e-3)
+    assert h[2].item() == 1000
+    assert h[3].item() == pytest.approx(x.sum().item(), rel=1e-4, abs=1e-3)
     y = torch.tensor([1.0, float("nan"), float("inf"), 3.0])
     hy = histogram(y, bins=2)
-    assert hy[:3].tolist() == [1.0, 3.0, 2.0] and hy[5:].tolist() == [1.0, 1.0]
+    assert hy[:3].tolist() == [1.0, 3.0, 2.0]
+    assert hy[5:].tolist() == [1.0, 1.0]
     assert histogram(torch.zeros(6), bins=4)[5:].tolist() == [6.0, 0.0, 0.0, 0.0]
 
 

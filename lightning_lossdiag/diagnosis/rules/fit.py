@@ -55,8 +55,8 @@ def _overfitting(record: RunRecord, cfg: DoctorConfig, key: str, val: Series) ->
     best, last = values[best_idx], values[-1]
     if since < cfg.overfit_epochs or last - best < cfg.overfit_rel_rise * abs(best) or last <= best:
         return None
-    train = train_at(record, [val[best_idx][0], val[-1][0]])
-    t_best, t_last = train
+    train = train_at(record, [s for s, _ in val])
+    t_best, t_last = train[best_idx], train[-1]
     if t_best is None or t_last is None or t_last >= t_best:
         return None
     if t_best - t_last < cfg.overfit_train_drop * abs(t_best):

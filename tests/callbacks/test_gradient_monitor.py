@@ -1,0 +1,273 @@
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lossdiag.callbacks.gradient_monitor import GradientMonitor
+from lightning_lossdiag.diagnosis.record import record_for
+
+
+class MLP(LightningModule):
+    def __init__(self, width=8, depth=3):
+        super().__init__()
+        layers = [nn.Linear(4, width), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, width), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.body(x)).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 4, generator=g)
+        return DataLoader(TensorDataset(x, x.sum(-1) * 3), batch_size=8)
+
+
+class Scripted(LightningModule):
+    """loss = <a, ga[t]> + <b, gb[t]>: the gradient of step t is exactly (ga[t], gb[t])."""
+
+    def __init__(self, ga, gb, unused=False):
+        super().__init__()
+        self.a = nn.Linear(3, 1, bias=False)
+        self.b = nn.Linear(2, 1, bias=False)
+        self.zero = nn.Linear(2, 1, bias=False)
+        self.unused = nn.Linear(2, 1, bias=False) if unused else None
+        self.ga, self.gb = ga, gb
+
+    def training_step(self, batch, batch_idx):
+        t = self.trainer.global_step
+        return (
+            (self.a.weight * self.ga[t]).sum()
+            + (self.b.weight * self.gb[t]).sum()
+            + (self.zero.weight * 0.0).sum()
+            + batch[0].sum() * 0.0
+        )
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=8)
+
+
+class Capture(Callback):
+    """Independent reference: the gradients Lightning hands to the optimizer, before and after clipping."""
+
+    def __init__(self):
+        self.pre, self.post = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.pre.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.post.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+
+def trainer_for(tmp_path, callbacks, batches=8, epochs=1, **kw):
+    return Trainer(
+        max_epochs=epochs,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=TensorBoardLogger(tmp_path, name="", version=""),
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        **kw,
+    )
+
+
+def group_norm(grads, prefix):
+    return math.sqrt(sum(float((g.double() ** 2).sum()) for n, g in grads.items() if n.startswith(prefix + ".")))
+
+
+def test_total_and_group_norms_match_torch(tmp_path):
+    cap = Capture()
+    mon = GradientMonitor(every_n_steps=1, depth=2)
+    trainer = trainer_for(tmp_path, [cap, mon])
+    trainer.fit(MLP())
+    rec = record_for(trainer)
+    totals = rec.values("grad/norm_total")
+    assert len(totals) == 8
+    for t, grads in enumerate(cap.pre):
+        ref = torch.nn.utils.get_total_norm(list(grads.values()))
+        assert totals[t] == pytest.approx(float(ref), rel=1e-6)
+        for group in ["body.0", "body.2", "body.4", "head"]:
+            assert rec.values(f"grad/norm/{group}")[t] == pytest.approx(group_norm(grads, group), rel=1e-5)
+    assert rec.values("grad/norm_total_clipped") == pytest.approx(totals)  # no clipping configured
+    assert rec.values("grad/clip_rate") == [0.0] * 8
+    assert rec.notes["grad/clip"] == {"val": None, "algorithm": "norm"}
+    assert rec.notes["grad/dead_params"] == []
+
+
+SCALES = [0.5, 3.0, 1.0, 10.0, 0.1, 2.5, 0.2, 4.0]
+
+
+def scripted_grads(n=8):
+    g = torch.Generator().manual_seed(1)
+    ga = [torch.randn(1, 3, generator=g) * s for s in SCALES[:n]]
+    gb = [torch.randn(1, 2, generator=g) * s for s in SCALES[:n]]
+    return ga, gb
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_matches_what_torch_leaves(tmp_path, algorithm):
+    ga, gb = scripted_grads()
+    clip = 2.0 if algorithm == "norm" else 1.0
+    cap = Capture()
+    mon = GradientMonitor(every_n_steps=4)
+    trainer = trainer_for(tmp_path, [cap, mon], gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    trainer.fit(Scripted(ga, gb))
+    rec = record_for(trainer)
+    expected_clipped = []
+    for t in range(8):
+        grads = [ga[t], gb[t], torch.zeros(1, 2)]
+        if algorithm == "norm":
+            copies = [g.clone() for g in grads]
+            ref_params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+            for p, g in zip(ref_params, copies):
+                p.grad = g
+            torch.nn.utils.clip_grad_norm_(ref_params, clip)
+            expected_clipped.append(not all(torch.equal(p.grad, g) for p, g in zip(ref_params, grads)))
+        else:
+            expected_clipped.append(any(bool((g.abs() > clip).any()) for g in grads))
+    assert sum(expected_clipped) not in (0, 8)  # the script clips on some steps only
+    rates = [sum(expected_clipped[:4]) / 4, sum(expected_clipped[4:]) / 4]
+    assert rec.values("grad/clip_rate") == pytest.approx(rates)
+    # post-clip norm at the flush steps (4 and 8) == norm of the gradients the optimizer actually received
+    for i, t in enumerate([3, 7]):
+        left = torch.nn.utils.get_total_norm(list(cap.post[t].values()))
+        assert rec.values("grad/norm_total_clipped")[i] == pytest.approx(float(left), rel=1e-5)
+        pre = torch.nn.utils.get_total_norm([ga[t], gb[t]])
+        assert rec.values("grad/norm_total")[i] == pytest.approx(float(pre), rel=1e-6)
+    assert rec.values("grad/norm_total_max") == pytest.approx(
+        [max(float(torch.nn.utils.get_total_norm([ga[t], gb[t]])) for t in r) for r in (range(4), range(4, 8))]
+    )
+    assert rec.notes["grad/clip"] == {"val": clip, "algorithm": algorithm}
+
+
+def test_dead_and_nonfinite_params(tmp_path):
+    ga, gb = scripted_grads()
+    gb[5] = torch.tensor([[float("inf"), 1.0]])  # step 6: b.weight has an inf gradient
+    mon = GradientMonitor(every_n_steps=4)
+    trainer = trainer_for(tmp_path, [mon])
+    trainer.fit(Scripted(ga, gb, unused=True))
+    rec = record_for(trainer)
+    assert sorted(rec.notes["grad/dead_params"]) == ["unused.weight", "zero.weight"]
+    assert rec.notes["grad/nonfinite_params"] == ["b.weight"]
+    assert rec.notes["grad/first_nonfinite_step"] == 6
+    assert rec.values("grad/nonfinite_count") == [0, 1]
+
+
+def test_gradient_accumulation_measures_the_accumulated_gradient(tmp_path):
+    ga, gb = scripted_grads()
+    mon = GradientMonitor(every_n_steps=1)
+    trainer = trainer_for(tmp_path, [mon], accumulate_grad_batches=2)
+    trainer.fit(Scripted(ga, gb))
+    rec = record_for(trainer)
+    # global_step stays t during both batches of step t+1, so both use script index t; Lightning divides by 2
+    expected = [float(torch.nn.utils.get_total_norm([ga[t], gb[t]])) for t in range(4)]
+    assert rec.values("grad/norm_total") == pytest.approx(expected, rel=1e-6)
+
+
+def test_param_norms_and_tensorboard_tags(tmp_path):
+    class Weights(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.seen.append([p.detach().clone() for p in pl_module.head.parameters()])
+
+    weights = Weights()
+    mon = GradientMonitor(every_n_steps=2, param_norms=True)
+    trainer = trainer_for(tmp_path, [weights, mon], batches=6)
+    trainer.fit(MLP())
+    rec = record_for(trainer)
+    expected = [float(torch.nn.utils.get_total_norm(weights.seen[t])) for t in (1, 3, 5)]
+    assert rec.values("param/norm/head") == pytest.approx(expected, rel=1e-6)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"grad/norm_total", "grad/norm/body", "grad/norm/head", "param/norm/body", "grad/clip_rate"} <= tags
+    assert [e.step for e in acc.Scalars("grad/norm/body")] == [2, 4, 6]
+
+
+class TwoOptimizers(MLP):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt_a, opt_b = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt_a, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+        opt_a.step()
+        opt_b.step()
+        return loss
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.body.parameters(), lr=0.01), torch.optim.Adam(self.head.parameters())]
+
+
+def test_several_optimizers_get_suffixes_and_manual_clipping_is_seen_after(tmp_path):
+    mon = GradientMonitor(every_n_steps=4)
+    trainer = trainer_for(tmp_path, [mon], batches=4)
+    trainer.fit(TwoOptimizers())
+    rec = record_for(trainer)
+    assert "grad/norm_total" not in rec.scalars
+    assert rec.keys("grad/norm/") == ["grad/norm/body_opt0", "grad/norm/head_opt1"]
+    # manual optimization: the hook fires inside opt.step(), after the module's own clip_gradients(0.5)
+    assert max(rec.values("grad/norm_total_opt0")) <= 0.5 + 1e-5
+    assert rec.values("grad/clip_rate_opt0") == [0.0, 0.0]  # global_step advances by 2 per batch: flushes at 4, 8
+
+
+def test_state_round_trip(tmp_path):
+    ga, gb = scripted_grads()
+    gb[1] = torch.tensor([[float("nan"), 1.0]])
+    mon = GradientMonitor(every_n_steps=4)
+    trainer = trainer_for(tmp_path, [mon], batches=4)
+    trainer.fit(Scripted(ga, gb))
+    state = mon.state_dict()
+    other = GradientMonitor(every_n_steps=4)
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+    assert state["nonfinite_counts"] == {"0": 1} and state["first_nonfinite_step"] == 2
+
+
+def test_resume_continues_nonfinite_count(tmp_path):
+    ga, gb = scripted_grads()
+    gb[1] = torch.tensor([[float("nan"), 1.0]])
+    model = Scripted(ga, gb)
+    trainer = trainer_for(tmp_path, [GradientMonitor(every_n_steps=4)], batches=4)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    again = GradientMonitor(every_n_steps=4)
+    trainer2 = trainer_for(tmp_path / "b", [again], batches=4, epochs=2)
+    trainer2.fit(Scripted(ga, gb), ckpt_path=tmp_path / "a.ckpt")
+    assert record_for(trainer2).values("grad/nonfinite_count") == [1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"depth": 0}, "depth"), ({"max_groups": 0}, "max_groups"), ({"norm_type": -1}, "norm_type")],
+    ids=["depth", "max_groups", "norm_type"],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientMonitor(**kwargs)
