@@ -213,7 +213,10 @@ class LossMixin(_Base):
 
     def _check_first_batch(self, trainer: Any, criterion: nn.Module, preds: Any, target: Any) -> None:
         # one-time host read: the checks look at the values of the first batch of each stage only
-        problems = list(_problems(criterion, preds, target))
+        # During fit the training batch is judged from its autograd graph; validation runs without one, so the
+        # value heuristics (logits that happen to lie in [0, 1]) are left to stand-alone validate/test runs.
+        in_fit = trainer is not None and str(getattr(trainer.state.fn, "value", trainer.state.fn)) == "fit"
+        problems = list(_problems(criterion, preds, target, value_heuristics=not in_fit))
         step = int(trainer.global_step) if trainer is not None else None
         record = record_for(trainer) if trainer is not None else None
         for p in problems:
@@ -227,16 +230,16 @@ class LossMixin(_Base):
             raise ValueError("\n".join(errors))
 
 
-def _problems(criterion: nn.Module, preds: Any, target: Any) -> Iterable[Problem]:
+def _problems(criterion: nn.Module, preds: Any, target: Any, value_heuristics: bool) -> Iterable[Problem]:
     """Problems of the criterion, or of each term of a composite loss on its own head."""
     if isinstance(criterion, CompositeLoss) and isinstance(preds, Mapping) and isinstance(target, Mapping):
         for name, term in criterion.losses.items():
             p, t = preds.get(criterion.output_keys[name]), target.get(criterion.target_keys[name])
             if isinstance(p, Tensor) and isinstance(t, Tensor):
-                yield from input_problems(term, p, t, label=f"term {name!r}: ")
+                yield from input_problems(term, p, t, f"term {name!r}: ", value_heuristics)
         return
     if isinstance(preds, Tensor) and isinstance(target, Tensor):
-        yield from input_problems(criterion, preds, target)
+        yield from input_problems(criterion, preds, target, "", value_heuristics)
 
 
 def _note_class_counts(trainer: Any, targets: Any) -> None:

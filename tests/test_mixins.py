@@ -183,6 +183,7 @@ class _Probe(LossMixin, L.LightningModule):
             "scaled": 10 * z.squeeze(-1),
             "sigmoid": torch.sigmoid(z.squeeze(-1)),
             "softmax": torch.softmax(z, dim=1),
+            "unit": torch.frac(z.abs()).squeeze(-1),  # logits that happen to lie in [0, 1]
         }[self.transform]
 
     def training_step(self, batch, batch_idx):
@@ -247,7 +248,7 @@ WARN_CASES = [
     ("bce_with_logits", 1, "sigmoid", BINARY_N, "applies a sigmoid", "double_sigmoid"),
     ({"name": "focal", "mode": "binary"}, 1, "sigmoid", BINARY_N, "applies a sigmoid", "double_sigmoid"),
     ("focal", 1, "sigmoid", BINARY_N, "applies a sigmoid", "double_sigmoid"),  # mode inferred from the shapes
-    ("cross_entropy", 5, "softmax", CLASSES_N, "sums to 1 like softmax", "softmax_into_cross_entropy"),
+    ("cross_entropy", 5, "softmax", CLASSES_N, "come straight from a softmax", "softmax_into_cross_entropy"),
     ("nll", 5, "softmax", CLASSES_N, "Use `log_softmax` instead of `softmax`", "softmax_into_cross_entropy"),
 ]
 
@@ -288,6 +289,29 @@ def test_correct_inputs_pass_without_findings(loss, out, transform, target):
         warnings.filterwarnings("error", message=".*(sigmoid|softmax).*")
         trainer.fit(model, _loader(target))
     assert record_for(trainer).findings == []
+
+
+def test_logits_in_unit_interval_are_not_flagged_during_fit():
+    model = _Probe("bce_with_logits", 1, "unit")
+    trainer = make_trainer(None, max_steps=2, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*sigmoid.*")
+        trainer.fit(model, _loader(BINARY_N))
+    assert record_for(trainer).findings == []
+
+
+def test_values_decide_without_a_graph_in_standalone_validate():
+    class WithVal(_Probe):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            return self.compute_loss(self(x), y, stage="val")
+
+    trainer = make_trainer(None, limit_val_batches=1)
+    with pytest.warns(UserWarning, match="all 32 lie in"):
+        trainer.validate(WithVal("bce_with_logits", 1, "sigmoid"), _loader(BINARY_N))
+    finding = record_for(trainer).findings[0]
+    assert finding.code == "double_sigmoid"
+    assert finding.evidence["detected_by"] == "values"
 
 
 def test_input_problems_composite_term_labels():

@@ -1,0 +1,188 @@
+"""NonFiniteGuard: each policy on a real run with a NaN injected at a known batch, plus the hot-path contract."""
+
+import json
+import math
+import os
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lossdiag.callbacks.doctor import Doctor
+from lightning_lossdiag.callbacks.nonfinite_guard import STOP_CHECKPOINT, NonFiniteError, NonFiniteGuard, finite_flags
+from lightning_lossdiag.testing import HostReadCounter, StepReadProbe
+
+NAN_BATCH = 5  # batch index of epoch 0 whose inputs are NaN
+NAN_STEP = NAN_BATCH + 1  # global step after that batch: the step convention of the monitors and the guard
+
+
+class NaNRegressor(L.LightningModule):
+    """A user's plain module: the inputs of one training batch are NaN."""
+
+    def __init__(self, nan_batch=NAN_BATCH, lr=0.05):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.nan_batch, self.lr = nan_batch, lr
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.current_epoch == 0 and batch_idx == self.nan_batch:
+            x = x * float("nan")
+        loss = nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x).squeeze(-1), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)  # no momentum: a zero gradient means no update
+
+
+def loaders():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0])
+    return DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
+
+
+def make_trainer(tmp_path, callbacks, **kw):
+    args = dict(
+        default_root_dir=tmp_path, max_epochs=2, limit_train_batches=8, limit_val_batches=2, log_every_n_steps=4,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+        logger=TensorBoardLogger(tmp_path, name="run"), callbacks=callbacks,
+    )
+    args.update(kw)
+    return Trainer(**args)
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+class ParamProbe(Callback):
+    """Parameters before and after chosen training batches of epoch 0."""
+
+    def __init__(self, batches):
+        self.batches, self.before, self.after = set(batches), {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx in self.batches:
+            self.before[batch_idx] = params(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx in self.batches:
+            self.after[batch_idx] = params(pl_module)
+
+
+def scalars(log_dir, tag):
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_finite_flags_matches_torch_isfinite():
+    grads = [torch.randn(3, 3), torch.tensor([1.0, float("inf")]), torch.tensor([float("nan")]), torch.zeros(2)]
+    expected = torch.tensor([bool(torch.isfinite(g).all()) for g in grads])
+    assert torch.equal(finite_flags(grads), expected)
+    assert finite_flags([]) is None
+
+
+@pytest.mark.parametrize("bad", [{"policy": "ignore"}, {"every_n_steps": 0}], ids=["policy", "interval"])
+def test_rejects_bad_arguments(bad):
+    with pytest.raises(ValueError, match="policy|every_n_steps"):
+        NonFiniteGuard(**bad)
+
+
+def test_default_policy_finishes_and_names_the_step(tmp_path):
+    model, doctor = NaNRegressor(), Doctor(print_report=False)
+    trainer = make_trainer(tmp_path, [NonFiniteGuard(), doctor])
+    trainer.fit(model, *loaders())
+    assert trainer.global_step == 16  # the run finished: two epochs of 8 batches
+    codes = {f.code: f for f in doctor.findings}
+    assert codes["nonfinite_loss"].step == NAN_STEP and f"step {NAN_STEP}" in codes["nonfinite_loss"].message
+    assert codes["nonfinite_grad"].step == NAN_STEP
+    assert set(codes["nonfinite_grad"].evidence["params"]) == {n for n, _ in model.named_parameters()}
+    ckpts = list((tmp_path / "run" / "version_0" / "checkpoints").glob("*.ckpt"))
+    assert len(ckpts) == 1
+    ckpt = torch.load(ckpts[0], weights_only=False)
+    assert ckpt["global_step"] == 16 and set(ckpt["state_dict"]) == set(model.state_dict())
+    logged = scalars(trainer.logger.log_dir, "train_loss")
+    assert [s for s, _ in logged] == [3, 7, 11, 15]  # Lightning logs training steps every 4 batches
+    report = json.loads((tmp_path / "run" / "version_0" / "lossdiag_report.json").read_text())
+    assert report["findings"][0]["code"] in ("nonfinite_loss", "nonfinite_grad")
+
+
+def test_skip_drops_the_update_of_the_nan_step_only(tmp_path):
+    model, probe, doctor = NaNRegressor(), ParamProbe([NAN_BATCH - 1, NAN_BATCH]), Doctor(print_report=False)
+    trainer = make_trainer(tmp_path, [probe, NonFiniteGuard(policy="skip"), doctor])
+    trainer.fit(model, *loaders())
+    for before, after in zip(probe.before[NAN_BATCH], probe.after[NAN_BATCH], strict=True):
+        assert torch.equal(before, after)
+    moved = [not torch.equal(b, a) for b, a in zip(probe.before[NAN_BATCH - 1], probe.after[NAN_BATCH - 1], strict=True)]
+    assert all(moved)  # a normal step does change every parameter
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert scalars(trainer.logger.log_dir, "nonfinite/skipped_steps")[-1] == (16, 1.0)
+    f = next(f for f in doctor.findings if f.code == "nonfinite_loss")
+    assert f.step == NAN_STEP and "dropped 1 update" in f.message
+
+
+def test_stop_saves_a_checkpoint_and_stops_at_the_next_flush(tmp_path):
+    nan_batch = 4  # global step 5; flushes every 3 steps, so the next flush is step 6
+    model = NaNRegressor(nan_batch=nan_batch)
+    trainer = make_trainer(tmp_path, [NonFiniteGuard(policy="stop", every_n_steps=3), Doctor(print_report=False)])
+    trainer.fit(model, *loaders())
+    assert trainer.global_step == 6
+    path = os.path.join(trainer.logger.log_dir, STOP_CHECKPOINT)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())  # the bad update was dropped
+    assert trainer.lossdiag_record.notes["nonfinite/stop_checkpoint"] == path
+
+
+def test_raise_stops_at_the_step_and_the_report_of_what_was_seen_exists(tmp_path):
+    model = NaNRegressor()
+    trainer = make_trainer(tmp_path, [NonFiniteGuard(policy="raise"), Doctor(print_report=False)])
+    with pytest.raises(NonFiniteError, match=rf"global step {NAN_STEP} \(epoch 0, batch {NAN_BATCH}\)"):
+        trainer.fit(model, *loaders())
+    assert trainer.global_step == NAN_BATCH  # the update of the NaN batch was not applied
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    report = json.loads((tmp_path / "run" / "version_0" / "lossdiag_report.json").read_text())
+    assert report["summary"]["status"] == "interrupted" and "NonFiniteError" in report["summary"]["exception"]
+    loss = next(f for f in report["findings"] if f["code"] == "nonfinite_loss")
+    assert loss["step"] == NAN_STEP
+    assert [s for s, _ in scalars(trainer.logger.log_dir, "train_loss")] == [3]  # logs written before are intact
+
+
+@pytest.mark.parametrize("policy", ["warn", "skip", "stop", "raise"])
+def test_host_reads_per_step(tmp_path, policy):
+    counter = HostReadCounter()
+    probe = StepReadProbe(counter)
+    with counter:
+        trainer = make_trainer(
+            tmp_path, [probe, NonFiniteGuard(policy=policy, every_n_steps=4)], max_epochs=1, logger=False,
+            limit_val_batches=0, enable_checkpointing=False,
+        )
+        trainer.fit(NaNRegressor(nan_batch=-1), loaders()[0])
+    flushes = [r for r, s in zip(probe.reads, probe.steps_after, strict=True) if s % 4 == 0]
+    others = [r for r, s in zip(probe.reads, probe.steps_after, strict=True) if s % 4 != 0]
+    if policy == "raise":
+        assert set(others) == {1} and set(flushes) == {1}  # documented: one sync per step, no flush work
+    else:
+        assert set(others) == {0}
+        assert set(flushes) == {1}  # one transfer at a flush
+
+
+def test_state_round_trip():
+    guard = NonFiniteGuard(policy="skip")
+    state = {"policy": "skip", "nonfinite_steps": 2, "skipped_steps": 2, "first_loss_step": 7, "first_grad_step": 7,
+             "bad_params": ["w"], "last_flushed": 8}
+    guard.load_state_dict(state)
+    assert guard.state_dict() == state
+    assert math.isfinite(guard.first_loss_step)
