@@ -39,10 +39,14 @@ _EXPORTS: dict[str, str] = {
     "MetricCurves": "lightning_lossdiag.callbacks.metric_curves",
     "ActivationMonitor": "lightning_lossdiag.callbacks.activation_monitor",
     "Doctor": "lightning_lossdiag.callbacks.doctor",
+    "NonFiniteGuard": "lightning_lossdiag.callbacks.nonfinite_guard",
     "LossDiagnostics": "lightning_lossdiag.callbacks.loss_diagnostics",
     # diagnosis
     "Finding": "lightning_lossdiag.diagnosis.findings",
     "RunRecord": "lightning_lossdiag.diagnosis.record",
+    "DoctorConfig": "lightning_lossdiag.diagnosis.config",
+    "diagnose": "lightning_lossdiag.diagnosis.engine",
+    "load_run": "lightning_lossdiag.diagnosis.offline",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -108,7 +108,7 @@ def losses_main(argv: Sequence[str]) -> int:
         print(f"`--task` must be one of {tasks}, got {opts.task!r}", file=sys.stderr)
         return 2
     table = Table(title=f"lightning-lossdiag losses ({len(infos)})", show_lines=False)
-    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("name", no_wrap=True, style="bold", min_width=max(len(i.name) for i in infos))
     table.add_column("aliases")
     table.add_column("task", no_wrap=True)
     table.add_column("what it is for")

@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_lossdiag._input_checks import Problem, input_problems
 from lightning_lossdiag._outputs import StepOutputs, stash_outputs
@@ -44,7 +45,6 @@ from lightning_lossdiag.diagnosis.findings import Finding, Severity
 from lightning_lossdiag.diagnosis.record import record_for
 from lightning_lossdiag.losses import (
     CompositeLoss,
-    LossConfigError,
     LossSpec,
     build_loss,
     describe_loss,
@@ -117,13 +117,9 @@ class LossMixin(_Base):
     @staticmethod
     def _validate_auto_spec(loss: LossSpec) -> None:
         """Fail now, not after the data is loaded, when a spec with ``auto`` weights is otherwise wrong."""
-        try:
-            build_loss(_without_auto(loss))
-        except LossConfigError:
-            raise
-        except (TypeError, ValueError):  # the loss may insist on its weights; the name and the rest were checked
-            pass
+        build_loss(_without_auto(loss))  # raises LossConfigError for a bad name or argument
 
+    @override
     def setup(self, stage: str) -> None:
         """Forget the one-time input checks and resolve ``auto`` weights from the training targets if needed.
 
@@ -152,12 +148,14 @@ class LossMixin(_Base):
         if describe_loss(self.criterion).task in ("binary", "multiclass", "multilabel", "multitask"):
             _note_class_counts(self.trainer, dm.train_targets())
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the resolved spec, so ``load_from_checkpoint`` can rebuild the criterion before loading weights."""
         super().on_save_checkpoint(checkpoint)
         if self._lossdiag_resolved is not None:
             checkpoint[_CKPT_KEY] = self._lossdiag_resolved
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild a criterion with resolved ``auto`` weights before the state dict is loaded."""
         super().on_load_checkpoint(checkpoint)

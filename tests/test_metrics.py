@@ -48,7 +48,7 @@ def test_any_split_into_batches_gives_the_full_value(n, t, cuts, seed):
     target = torch.randint(-2, 3, (n, t), generator=g).float()
     bounds = sorted({0, n, *[c for c in cuts if c < n]})
     metric = DirectionalAccuracy()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         metric.update(preds[a:b], target[a:b])
     assert metric.compute().item() == pytest.approx(_numpy_da(preds.numpy(), target.numpy()), abs=1e-6)
 

@@ -399,3 +399,18 @@ def test_concat_targets_and_class_counts():
         concat_targets([{"y": torch.zeros(1)}])
     assert class_counts(torch.tensor([0.5, 1.0])) is None
     assert class_counts(torch.tensor([3, 0])) == [1, 0, 0, 1]
+
+
+def test_no_host_reads_after_the_first_batch():
+    from lightning_lossdiag.testing import HostReadCounter, StepReadProbe
+
+    counter = HostReadCounter()
+    probe = StepReadProbe(counter)
+    dm = ImbalancedBinaryDataModule(num_samples=300, batch_size=16)
+    model = MLPClassifier(hidden=8, depth=1, loss="bce_with_logits")
+    with counter:
+        trainer = make_trainer(None, callbacks=[probe], limit_train_batches=6, limit_val_batches=0)
+        trainer.fit(model, dm)
+    assert len(probe.reads) == 6
+    assert probe.reads[0] >= 1  # the one-time input check of the first batch
+    assert probe.reads[1:] == [0, 0, 0, 0, 0]

@@ -66,9 +66,10 @@ class Doctor(Callback):
     ``val/loss``, ``train_loss_epoch``, ...) into the run record once per epoch, after Lightning has computed the
     epoch values: at ``on_validation_end`` (values of validation steps and of ``on_validation_epoch_end``), at the
     next ``on_train_epoch_start`` and at ``on_train_end`` (values of training steps and of the module's
-    ``on_train_epoch_end``). The step is ``trainer.global_step``; a value not updated since the last copy is not copied
-    again. Keys another callback already writes to the record are left to it. At fit start it notes the
-    ``monitor``/``mode`` of every EarlyStopping and ModelCheckpoint and checks the mode against the metric.
+    ``on_train_epoch_end``), and when a checkpoint is saved. The step is ``trainer.global_step``; a value not updated
+    since the last copy is not copied again. Keys another callback already writes to the record are left to it. At
+    fit start it notes the ``monitor``/``mode`` of every EarlyStopping and ModelCheckpoint and checks the mode
+    against the metric.
 
     At the end of fit, validate or test (also when the run raises: ``on_exception``) it runs every rule
     (:func:`~lightning_lossdiag.diagnosis.engine.diagnose`) and, on global rank 0:
@@ -79,7 +80,9 @@ class Doctor(Callback):
       (nothing is written without a logger; ``self.report`` still holds it).
 
     ``self.findings`` holds the findings. The checkpoint carries the run record and the findings, so a resumed run
-    reports what it saw before the restart too.
+    reports what it saw before the restart too. (A checkpoint saved at validation end, Lightning's default when there
+    is validation, is written before the module's ``on_train_epoch_end`` of that epoch, so values logged there for
+    that one epoch are not in it.)
 
     | key | when | meaning |
     |---|---|---|
@@ -179,7 +182,7 @@ class Doctor(Callback):
         if not fresh:
             return
         self._seen.update(fresh)
-        values = to_host(fresh)  # epoch end: one host transfer for every captured value
+        values = to_host(fresh)  # epoch end (or checkpoint save): one host transfer for every captured value
         record.add_scalars(int(trainer.global_step), values)
         self._own_keys.update(values)
 
@@ -205,6 +208,15 @@ class Doctor(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._report(trainer, status="finished")
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved at the end of a training epoch is written before the next copy point: copy the epoch's
+        # values now and put the updated record into the checkpoint (Lightning took our state_dict just before).
+        self._capture(trainer)
+        states = checkpoint.get("callbacks")
+        if isinstance(states, dict) and self.state_key in states:
+            states[self.state_key] = self.state_dict()
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

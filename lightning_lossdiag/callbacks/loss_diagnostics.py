@@ -9,6 +9,7 @@ from typing import Any, Literal
 from lightning.pytorch import Callback
 
 from lightning_lossdiag.callbacks._base import warn_no_logger_once
+from lightning_lossdiag.callbacks._faults import check_log_dirs_writable
 from lightning_lossdiag.dashboards.layout import BASE_LAYOUT, merge_entries, write_layout
 from lightning_lossdiag.dashboards.writers import tensorboard_writers
 
@@ -170,6 +171,12 @@ class LossDiagnostics(Callback):
         """Custom-scalars charts of the bundle and its parts (title -> tag regexes)."""
         extra = [p.layout_entries() for p in self.parts.values() if hasattr(p, "layout_entries")]
         return merge_entries(BASE_LAYOUT, *extra)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Fail before the first step if a logger's folder cannot be written, then set up every part."""
+        check_log_dirs_writable(trainer)
+        for hook in self._dispatch["setup"]:
+            hook(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Warn once if there is no logger, write the custom-scalars layout, then start every part."""

@@ -290,7 +290,6 @@ class NonFiniteGuard(Callback):
         """Plain data: the counters and first steps (device counters are read once, at checkpoint save)."""
         self._read()
         return {
-            "policy": self.policy,
             "nonfinite_steps": self.nonfinite_steps,
             "skipped_steps": self.skipped_steps,
             "first_loss_step": self.first_loss_step,

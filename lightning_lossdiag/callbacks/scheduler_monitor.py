@@ -8,7 +8,9 @@ When Lightning steps a plateau scheduler: with ``interval="epoch"`` in ``FitLoop
 ``on_train_epoch_end`` hooks (``_update_learning_rates(..., update_plateau_schedulers=True)``); with
 ``interval="step"`` after validation at the end of a training batch. A step is therefore detected by a change of
 the scheduler's ``last_epoch`` at the next hook that can see it: ``on_train_epoch_start``, ``on_train_batch_start``
-(step-interval schedulers only) or ``on_train_end``.
+(step-interval schedulers only) or ``on_train_end``. Detecting a step reads the monitored metric from
+``trainer.callback_metrics`` (one host read per scheduler step; for step-interval plateau schedulers that read
+happens inside the batch that follows the step).
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class SchedulerMonitor(Callback):
     Optimizer names are the class name in lower case (``adam``); with several optimizers, ``adam_0``, ``sgd_1``.
     Groups are ``group0``, ``group1``... or the param group's ``"name"``. The lr logged at a flush is the one the
     flush step used (read at the start of that batch). Plateau keys get the suffix ``_<k>`` (k-th plateau scheduler)
-    only when there are several.
+    only when there are several. ``epochs_to_reduction`` counts scheduler steps, which are epochs with the default
+    ``interval="epoch"`` and ``frequency=1``.
 
     | key | when | meaning |
     |---|---|---|
@@ -77,7 +80,7 @@ class SchedulerMonitor(Callback):
     | ``plateau/num_bad_epochs`` | plateau step | scheduler steps since the last improvement |
     | ``plateau/cooldown`` | plateau step | cooldown steps left |
     | ``plateau/reductions`` | plateau step | cumulative reductions that lowered the lr |
-    | ``plateau/epochs_to_reduction`` | plateau step | steps without improvement until the next reduction |
+    | ``plateau/epochs_to_reduction`` | plateau step | steps without improvement until a reduction (PyTorch rule) |
     | ``plateau/reduction`` | reduction | TensorBoard text: epoch, lr before and after, metric value |
 
     Notes: ``scheduler/plateau`` (configs), ``scheduler/reductions`` (bounded list). Findings:

@@ -36,8 +36,9 @@ class DoctorConfig:
         imbalance_share: ``class_imbalance`` when the smallest class holds less than this share of the samples.
         recall_zero: a minority-class recall at or below this counts as "never predicted".
         majority_share_one: a share of predictions in the majority class at or above this counts as "always".
-        constant_pred_std: ``errors/<stage>/constant_pred_std`` (prediction std over target std) at or below this
-            counts as constant predictions.
+        constant_pred_std: prediction std over target std (``errors/<stage>/target_std`` logged), or std of the
+            predicted probabilities (classification), at or below this counts as constant predictions.
+        constant_pred_std_abs: regression without a logged target std: prediction std at or below this counts.
         metric_ratio_tolerance: relative tolerance around 100 and 0.01 for ``metric_scale_mismatch``.
         metric_complement_tolerance: absolute tolerance of "user value == 1 - ours".
         metric_min_value: our metric must be at least this for a ratio to be meaningful.
@@ -71,6 +72,7 @@ class DoctorConfig:
     recall_zero: float = 0.05
     majority_share_one: float = 0.99
     constant_pred_std: float = 1e-3
+    constant_pred_std_abs: float = 1e-6
     metric_ratio_tolerance: float = 0.15
     metric_complement_tolerance: float = 0.01
     metric_min_value: float = 0.05

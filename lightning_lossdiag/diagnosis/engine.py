@@ -14,12 +14,14 @@ from lightning_lossdiag.diagnosis.rules import ALL_RULES, Rule
 _RANK = {s: i for i, s in enumerate(reversed(SEVERITIES))}  # error 0, warning 1, info 2
 
 
-def _subject(f: Finding) -> Any:
-    for name in ("monitor", "key"):
-        value = f.evidence.get(name)
-        if isinstance(value, str):
-            return value
-    return None
+def _subject(f: Finding) -> tuple[Any, Any] | None:
+    """What a finding is about: ``(callback, monitor)`` for monitor findings, ``(None, key)`` for keyed ones."""
+    monitor = f.evidence.get("monitor")
+    if isinstance(monitor, str):
+        # one-time checks of the scheduler monitor name no callback: they are about ReduceLROnPlateau
+        return f.evidence.get("callback") or "ReduceLROnPlateau", monitor
+    key = f.evidence.get("key")
+    return (None, key) if isinstance(key, str) else None
 
 
 def _same(a: Finding, b: Finding) -> bool:
@@ -27,8 +29,8 @@ def _same(a: Finding, b: Finding) -> bool:
         return False
     if a.message == b.message:
         return True
-    sa, sb = _subject(a), _subject(b)
-    return sa is not None and sa == sb
+    sa = _subject(a)
+    return sa is not None and sa == _subject(b)
 
 
 def sort_findings(findings: Iterable[Finding]) -> list[Finding]:

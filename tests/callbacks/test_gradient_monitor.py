@@ -113,6 +113,17 @@ def test_total_and_group_norms_match_torch(tmp_path):
     assert rec.notes["grad/dead_params"] == []
 
 
+def test_groups_beyond_max_groups_merge_into_other(tmp_path):
+    cap = Capture()
+    trainer = trainer_for(tmp_path, [cap, GradientMonitor(every_n_steps=2, depth=2, max_groups=2)], batches=2)
+    trainer.fit(MLP())
+    rec = record_for(trainer)
+    assert rec.keys("grad/norm/") == ["grad/norm/body.0", "grad/norm/other"]
+    grads = cap.pre[1]
+    rest = math.sqrt(sum(float((g.double() ** 2).sum()) for n, g in grads.items() if not n.startswith("body.0.")))
+    assert rec.values("grad/norm/other") == pytest.approx([rest], rel=1e-5)
+
+
 SCALES = [0.5, 3.0, 1.0, 10.0, 0.1, 2.5, 0.2, 4.0]
 
 
@@ -138,10 +149,10 @@ def test_clipping_matches_what_torch_leaves(tmp_path, algorithm):
         if algorithm == "norm":
             copies = [g.clone() for g in grads]
             ref_params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
-            for p, g in zip(ref_params, copies):
+            for p, g in zip(ref_params, copies, strict=False):
                 p.grad = g
             torch.nn.utils.clip_grad_norm_(ref_params, clip)
-            expected_clipped.append(not all(torch.equal(p.grad, g) for p, g in zip(ref_params, grads)))
+            expected_clipped.append(not all(torch.equal(p.grad, g) for p, g in zip(ref_params, grads, strict=False)))
         else:
             expected_clipped.append(any(bool((g.abs() > clip).any()) for g in grads))
     assert sum(expected_clipped) not in (0, 8)  # the script clips on some steps only
@@ -247,7 +258,8 @@ def test_state_round_trip(tmp_path):
     other = GradientMonitor(every_n_steps=4)
     other.load_state_dict(state)
     assert other.state_dict() == state
-    assert state["nonfinite_counts"] == {"0": 1} and state["first_nonfinite_step"] == 2
+    assert state["nonfinite_counts"] == {"0": 1}
+    assert state["first_nonfinite_step"] == 2
 
 
 def test_resume_continues_nonfinite_count(tmp_path):

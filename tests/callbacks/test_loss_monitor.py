@@ -58,7 +58,7 @@ def hand_ema(values, decay):
     finite = [v for v in values if math.isfinite(v)]
     n = len(finite)
     weights = [(1 - decay) * decay ** (n - 1 - i) for i in range(n)]
-    return sum(w * v for w, v in zip(weights, finite)) / (1 - decay**n)
+    return sum(w * v for w, v in zip(weights, finite, strict=False)) / (1 - decay**n)
 
 
 def read_scalars(log_dir):
@@ -149,9 +149,11 @@ def test_stats_spike_rule_by_hand():
     values = [1.0] * 10 + [1.5] + [1.0] * 5 + [-2.0, 0.0]
     s.update(values, list(range(1, len(values) + 1)), decay=0.9, zscore=6.0, warmup=5)
     # constant history: std is floored at 0.01 in log space, so 1.5 (log 0.405) is far above the limit 0.06
-    assert s.spike_count == 1 and s.first_spike_step == 11
+    assert s.spike_count == 1
+    assert s.first_spike_step == 11
     # losses <= 0 are finite (counted in the mean) but never tested by the detector
-    assert s.nonfinite_count == 0 and s.window_count == len(values)
+    assert s.nonfinite_count == 0
+    assert s.window_count == len(values)
     quiet = LossStats()
     quiet.update([1.0 + 0.02 * ((-1) ** t) for t in range(40)], list(range(40)), decay=0.9, zscore=6.0, warmup=5)
     assert quiet.spike_count == 0
@@ -160,7 +162,8 @@ def test_stats_spike_rule_by_hand():
 def test_stats_inf_is_nonfinite():
     s = LossStats()
     s.update([2.0, float("inf"), float("-inf"), 4.0], [1, 2, 3, 4], decay=0.5, zscore=6.0, warmup=1)
-    assert s.nonfinite_count == 2 and s.first_nonfinite_step == 2
+    assert s.nonfinite_count == 2
+    assert s.first_nonfinite_step == 2
     assert s.ema(0.5) == pytest.approx(hand_ema([2.0, 4.0], 0.5))
 
 

@@ -134,7 +134,9 @@ def test_multiclass_values_equal_torchmetrics(tmp_path):
         assert trainer.callback_metrics[f"metrics/val/{name}"].item() == pytest.approx(value.item(), abs=1e-5), name
     per_class = tmf.recall(probs, target, task="multiclass", num_classes=5, average=None)
     for c in range(5):
-        assert trainer.callback_metrics[f"metrics/val/recall/{c}"].item() == pytest.approx(per_class[c].item(), abs=1e-6)
+        assert trainer.callback_metrics[f"metrics/val/recall/{c}"].item() == pytest.approx(
+            per_class[c].item(), abs=1e-6
+        )
     # accuracy by hand, independent of torchmetrics
     assert trainer.callback_metrics["metrics/val/accuracy"].item() == pytest.approx(
         (probs.argmax(-1) == target).float().mean().item(), abs=1e-6

@@ -26,10 +26,23 @@ from lightning_lossdiag.diagnosis.rules.schedule import scheduler_mode_mismatch,
 
 CFG = DoctorConfig()
 DESIGN_CODES = {
-    "nonfinite_loss", "nonfinite_grad", "exploding_gradients", "vanishing_gradients", "dead_parameters",
-    "clipping_saturated", "loss_spike", "loss_diverging", "plateau", "overfitting", "class_imbalance",
-    "constant_predictions", "metric_scale_mismatch", "scheduler_mode_mismatch", "scheduler_monitor_missing",
-    "dead_units", "saturated_activations",
+    "nonfinite_loss",
+    "nonfinite_grad",
+    "exploding_gradients",
+    "vanishing_gradients",
+    "dead_parameters",
+    "clipping_saturated",
+    "loss_spike",
+    "loss_diverging",
+    "plateau",
+    "overfitting",
+    "class_imbalance",
+    "constant_predictions",
+    "metric_scale_mismatch",
+    "scheduler_mode_mismatch",
+    "scheduler_monitor_missing",
+    "dead_units",
+    "saturated_activations",
 }
 
 
@@ -49,21 +62,38 @@ def healthy_record(epochs=8, steps_per_epoch=20, flush=5):
     for step in range(flush, epochs * steps_per_epoch + 1, flush):
         base = 0.2 + 0.8 * math.exp(-step / 40)
         loss = base * (1 + 0.1 * rng.uniform(-1, 1))
-        r.add_scalars(step, {
-            "train/loss": loss, "train/loss_ema": base, "train/nonfinite_count": 0.0, "train/loss_spikes": 0.0,
-            "grad/norm_total": 1.0 + 0.2 * rng.random(), "grad/clip_rate": 0.05,
-            "grad/norm/0": 0.3 + 0.05 * rng.random(), "grad/norm/2": 0.6 + 0.05 * rng.random(),
-            "grad/norm/4": 0.9, "lr/SGD/0": 0.01,
-            "act/dead_frac/0": 0.05, "act/saturated_frac/1": 0.02,
-        })
+        r.add_scalars(
+            step,
+            {
+                "train/loss": loss,
+                "train/loss_ema": base,
+                "train/nonfinite_count": 0.0,
+                "train/loss_spikes": 0.0,
+                "grad/norm_total": 1.0 + 0.2 * rng.random(),
+                "grad/clip_rate": 0.05,
+                "grad/norm/0": 0.3 + 0.05 * rng.random(),
+                "grad/norm/2": 0.6 + 0.05 * rng.random(),
+                "grad/norm/4": 0.9,
+                "lr/SGD/0": 0.01,
+                "act/dead_frac/0": 0.05,
+                "act/saturated_frac/1": 0.02,
+            },
+        )
         if step % steps_per_epoch == 0:
             epoch = step // steps_per_epoch
             acc = 0.6 + 0.3 * (1 - math.exp(-epoch / 2))
-            r.add_scalars(step, {
-                "train/loss_epoch": base * 1.02, "val_loss": base * 1.1, "val_acc": acc,
-                "metrics/val/accuracy": acc, "metrics/val/recall": acc - 0.02,
-                "errors/val/majority_pred_share": 0.55, "errors/val/constant_pred_std": 0.8,
-            })
+            r.add_scalars(
+                step,
+                {
+                    "train/loss_epoch": base * 1.02,
+                    "val_loss": base * 1.1,
+                    "val_acc": acc,
+                    "metrics/val/accuracy": acc,
+                    "metrics/val/recall": acc - 0.02,
+                    "errors/val/majority_pred_share": 0.55,
+                    "errors/val/constant_pred_std": 0.8,
+                },
+            )
     return r
 
 
@@ -94,7 +124,8 @@ def test_nonfinite_loss_from_note_count_and_logged_series():
     r.add_scalars(40, {"train/nonfinite_count": 3.0})
     (f,) = nonfinite_loss(r, CFG)
     assert (f.severity, f.step, f.evidence["count"]) == ("error", 37, 3)
-    assert "step 37" in f.message and "3 step(s)" in f.message
+    assert "step 37" in f.message
+    assert "3 step(s)" in f.message
     plain = RunRecord()  # event files of a plain module: only the logged loss turned NaN
     for s, v in [(1, 0.5), (2, 0.4), (3, float("nan")), (4, float("nan"))]:
         plain.add_scalars(s, {"train_loss": v})
@@ -138,11 +169,17 @@ def test_loss_diverging_ignores_small_wobble_near_zero_after_a_big_drop():
 # ---- gradients ---------------------------------------------------------------------------------------------------
 def test_nonfinite_grad_names_parameters_and_points_to_the_loss():
     r = healthy_record()
-    r.notes.update({"grad/first_nonfinite_step": 55, "grad/nonfinite_params": ["enc.weight", "enc.bias"],
-                    "loss/first_nonfinite_step": 55})
+    r.notes.update(
+        {
+            "grad/first_nonfinite_step": 55,
+            "grad/nonfinite_params": ["enc.weight", "enc.bias"],
+            "loss/first_nonfinite_step": 55,
+        }
+    )
     (f,) = nonfinite_grad(r, CFG)
     assert (f.severity, f.step, f.evidence["params"]) == ("error", 55, ["enc.weight", "enc.bias"])
-    assert "`enc.weight`" in f.message and "loss was already non-finite at step 55" in f.message
+    assert "`enc.weight`" in f.message
+    assert "loss was already non-finite at step 55" in f.message
     logged = RunRecord()
     logged.add_scalars(5, {"grad/norm_total": 1.0})
     logged.add_scalars(10, {"grad/norm_total": float("inf")})
@@ -158,7 +195,8 @@ def test_exploding_total_norm_and_by_depth():
     depth = RunRecord()
     depth.add_scalars(10, {"grad/norm/embed": 5e3, "grad/norm/mid": 10.0, "grad/norm/head": 1.0})
     (f,) = exploding_gradients(depth, CFG)
-    assert f.evidence["first_layer"] == "grad/norm/embed" and f.evidence["last_layer"] == "grad/norm/head"
+    assert f.evidence["first_layer"] == "grad/norm/embed"
+    assert f.evidence["last_layer"] == "grad/norm/head"
     assert vanishing_gradients(depth, CFG) == []
 
 
@@ -174,7 +212,8 @@ def test_vanishing_uses_model_order_not_alphabetical():
     for s in (10, 20, 30):  # written input-first: "z_in" before "a_out"; sorted order would flip them
         r.add_scalars(s, {"grad/norm/z_in": 1e-8, "grad/norm/m": 1e-4, "grad/norm/a_out": 0.1, "grad/norm/other": 5.0})
     (f,) = vanishing_gradients(r, CFG)
-    assert f.evidence["first_layer"] == "grad/norm/z_in" and f.evidence["last_layer"] == "grad/norm/a_out"
+    assert f.evidence["first_layer"] == "grad/norm/z_in"
+    assert f.evidence["last_layer"] == "grad/norm/a_out"
     assert f.evidence["first"] / f.evidence["last"] == pytest.approx(1e-7)
 
 
@@ -182,7 +221,8 @@ def test_dead_parameters():
     r = healthy_record()
     r.notes["grad/dead_params"] = ["aux_head.weight", "aux_head.bias"]
     (f,) = dead_parameters(r, CFG)
-    assert f.severity == "warning" and "`aux_head.weight`" in f.message
+    assert f.severity == "warning"
+    assert "`aux_head.weight`" in f.message
 
 
 def test_clipping_saturated_needs_most_flushes_for_long_enough():
@@ -192,7 +232,8 @@ def test_clipping_saturated_needs_most_flushes_for_long_enough():
         r.add_scalars(10 * s, {"grad/clip_rate": 1.0 if s != 4 else 0.5, "grad/norm_total": 3.0})
     (f,) = clipping_saturated(r, CFG)
     assert (f.evidence["saturated_flushes"], f.evidence["flushes"]) == (9, 10)
-    assert "0.01" in f.message and "3" in f.message
+    assert "0.01" in f.message
+    assert "3" in f.message
     short = RunRecord()
     for s in range(1, CFG.clip_min_flushes):
         short.add_scalars(s, {"grad/clip_rate": 1.0})
@@ -216,7 +257,8 @@ def overfit_record():
 def test_overfitting_reports_the_gap_from_the_numbers():
     r, train, val = overfit_record()
     (f,) = overfitting(r, CFG)
-    assert f.step == 40 and f.evidence["evaluations_since_best"] == 4
+    assert f.step == 40
+    assert f.evidence["evaluations_since_best"] == 4
     assert f.evidence["gap_at_best"] == pytest.approx(val[3] - train[3])
     assert f.evidence["gap_last"] == pytest.approx(val[-1] - train[-1])
     assert plateau(r, CFG) == []  # the val curve is rising, not flat: that is overfitting only
@@ -251,7 +293,8 @@ def test_plateau_on_val_loss_mentions_min_lr():
         r.add_scalars(e + 1, {"val/loss": v, "lr/Adam/0": 1e-6, "train/loss_epoch": v})
     r.notes["scheduler/plateau"] = [{"optimizer": 0, "monitor": "val/loss", "mode": "min", "min_lrs": [1e-6]}]
     (f,) = plateau(r, CFG)
-    assert f.evidence["best"] == 0.5 and f.evidence["best_step"] == 3
+    assert f.evidence["best"] == 0.5
+    assert f.evidence["best_step"] == 3
     assert "min_lr" in f.message
     r.notes["scheduler/plateau"][0]["min_lrs"] = [1e-8]
     assert "min_lr" not in plateau(r, CFG)[0].message
@@ -275,7 +318,8 @@ def test_class_imbalance_is_info_when_minority_is_found_and_warning_when_ignored
     (f,) = class_imbalance(r, CFG)
     assert (f.severity, f.evidence["minority_class"]) == ("info", 1)
     assert f.evidence["share"] == pytest.approx(60 / 1000)
-    assert "pos_weight: auto" in f.message and "focal" in f.message
+    assert "pos_weight: auto" in f.message
+    assert "focal" in f.message
     r.add_scalars(999, {"metrics/val/recall": 0.0})
     assert class_imbalance(r, CFG)[0].severity == "warning"
 
@@ -298,10 +342,20 @@ def test_class_imbalance_multiclass_uses_per_class_recall_or_majority_share():
 
 def test_constant_predictions_regression_and_classification():
     r = RunRecord()
-    r.add_scalars(10, {"errors/val/constant_pred_std": 0.5})
-    r.add_scalars(20, {"errors/val/constant_pred_std": 1e-5})
+    r.add_scalars(10, {"errors/val/constant_pred_std": 0.5, "errors/val/target_std": 5.0})
+    assert constant_predictions(r, CFG) == []
+    r.add_scalars(20, {"errors/val/constant_pred_std": 0.002, "errors/val/target_std": 5.0})
     (f,) = constant_predictions(r, CFG)
-    assert (f.step, f.evidence["stage"]) == (20, "val")
+    assert (f.step, f.evidence["stage"], f.evidence["pred_std"]) == (20, "val", pytest.approx(0.002 / 5.0))
+    absolute = RunRecord()  # regression without a logged target spread: only a truly constant output counts
+    absolute.add_scalars(5, {"errors/val/constant_pred_std": 1e-5})
+    assert constant_predictions(absolute, CFG) == []
+    absolute.add_scalars(6, {"errors/val/constant_pred_std": 1e-8})
+    assert constant_predictions(absolute, CFG)[0].step == 6
+    probs = RunRecord()
+    probs.notes["task"] = "binary"
+    probs.add_scalars(7, {"errors/test/constant_pred_std": 1e-4})
+    assert constant_predictions(probs, CFG)[0].evidence["stage"] == "test"
     c = RunRecord()
     c.add_scalars(30, {"errors/train/majority_pred_share": 1.0})
     assert constant_predictions(c, CFG)[0].evidence["stage"] == "train"
@@ -312,9 +366,17 @@ def test_constant_predictions_regression_and_classification():
 # ---- metrics ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("key", "expected"),
-    [("val_acc", ("val", "accuracy")), ("valid/accuracy_epoch", ("val", "accuracy")), ("test_f1", ("test", "f1")),
-     ("train-precision", ("train", "precision")), ("val_recall", ("val", "recall")), ("acc", None),
-     ("val_top5_acc", None), ("metrics/val/accuracy", None), ("val_loss", None)],
+    [
+        ("val_acc", ("val", "accuracy")),
+        ("valid/accuracy_epoch", ("val", "accuracy")),
+        ("test_f1", ("test", "f1")),
+        ("train-precision", ("train", "precision")),
+        ("val_recall", ("val", "recall")),
+        ("acc", None),
+        ("val_top5_acc", None),
+        ("metrics/val/accuracy", None),
+        ("val_loss", None),
+    ],
 )
 def test_parse_metric_key(key, expected):
     assert parse_metric_key(key) == expected
@@ -333,8 +395,11 @@ def test_metric_scale_mismatch_kinds(user, kind):
         r.add_scalars(10 * (e + 1) - 1, {"val_acc": user(o)})  # one step early, as Lightning logs epoch values
     (f,) = metric_scale_mismatch(r, CFG)
     assert (f.evidence["kind"], f.evidence["key"], f.evidence["ours_key"]) == (kind, "val_acc", "metrics/val/accuracy")
-    assert f.evidence["computed"] == 0.9 and f.evidence["logged"] == pytest.approx(user(0.9))
-    assert "val_acc" in f.message and f"{user(0.9):.3g}" in f.message and "0.9" in f.message
+    assert f.evidence["computed"] == 0.9
+    assert f.evidence["logged"] == pytest.approx(user(0.9))
+    assert "val_acc" in f.message
+    assert f"{user(0.9):.3g}" in f.message
+    assert "0.9" in f.message
 
 
 def test_metric_scale_mismatch_quiet_when_consistent_or_far_in_time():
@@ -356,7 +421,9 @@ def test_scheduler_mode_mismatch_for_scheduler_and_callbacks():
     ]
     found = scheduler_mode_mismatch(r, CFG)
     assert [(f.evidence["callback"], f.evidence["expected"]) for f in found] == [
-        ("ReduceLROnPlateau", "max"), ("EarlyStopping", "min")]
+        ("ReduceLROnPlateau", "max"),
+        ("EarlyStopping", "min"),
+    ]
     assert "mode='max'" in found[0].message
 
 
@@ -366,7 +433,8 @@ def test_scheduler_monitor_missing_lists_what_exists():
     assert scheduler_monitor_missing(r, CFG) == []  # without the list of logged metrics we cannot tell
     r.notes["doctor/callback_metrics"] = ["val_acc", "val_loss"]
     (f,) = scheduler_monitor_missing(r, CFG)
-    assert f.evidence["monitor"] == "val/acc" and "val_acc" in f.message
+    assert f.evidence["monitor"] == "val/acc"
+    assert "val_acc" in f.message
 
 
 # ---- activations --------------------------------------------------------------------------------------------------
@@ -375,11 +443,13 @@ def test_dead_units_and_saturation_must_be_sustained():
     for s, (d, sat) in enumerate([(0.1, 0.9), (0.7, 0.9), (0.8, 0.2), (0.75, 0.9), (0.9, 0.95)]):
         r.add_scalars(10 * (s + 1), {"act/dead_frac/enc": d, "act/saturated_frac/gate": sat})
     (f,) = dead_units(r, CFG)
-    assert f.step == 20 and f.evidence["layers"] == {"enc": 0.9}
+    assert f.step == 20
+    assert f.evidence["layers"] == {"enc": 0.9}
     assert saturated_activations(r, CFG) == []  # only the last 2 flushes are saturated
     r.add_scalars(60, {"act/saturated_frac/gate": 0.97})
     (g,) = saturated_activations(r, CFG)
-    assert g.step == 40 and "`gate`" in g.message
+    assert g.step == 40
+    assert "`gate`" in g.message
 
 
 def test_config_overrides_change_decisions():

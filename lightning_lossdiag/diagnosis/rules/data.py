@@ -98,11 +98,31 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     return [Finding("class_imbalance", severity, msg, None, evidence)]
 
 
+def _relative_pred_std(record: RunRecord, cfg: DoctorConfig) -> tuple[str, int, float, str] | None:
+    """``(stage, step, value, what)`` of the prediction spread when it is about zero, else ``None``."""
+    std = _first_stage_value(record, "errors/{stage}/constant_pred_std")
+    if std is None:
+        return None
+    stage, step, value = std
+    target = _last(record, f"errors/{stage}/target_std")
+    if target is not None and target[1] > 0:
+        rel = value / target[1]
+        what = f"their std is {fmt(rel)} of the targets' std"
+        return (stage, step, rel, what) if rel <= cfg.constant_pred_std else None
+    if record.notes.get("task") in ("binary", "multiclass", "multilabel"):
+        what = f"the std of the predicted probabilities is {fmt(value)}"
+        return (stage, step, value, what) if value <= cfg.constant_pred_std else None
+    what = f"their std is {fmt(value)}"
+    return (stage, step, value, what) if value <= cfg.constant_pred_std_abs else None
+
+
 def constant_predictions(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     """``constant_predictions``: the model outputs (nearly) the same value for every sample (warning).
 
-    Reads ``errors/<stage>/constant_pred_std`` (prediction std over target std, regression) and
-    ``errors/<stage>/majority_pred_share`` (share of predictions in the most predicted class, classification).
+    Reads ``errors/<stage>/constant_pred_std``: the std of the predictions (regression; compared with
+    ``errors/<stage>/target_std`` when logged, else with ``constant_pred_std_abs``) or the mean per-class std of the
+    predicted probabilities (classification), and ``errors/<stage>/majority_pred_share`` (share of predictions in the
+    majority class, classification).
 
     Example:
         >>> r = RunRecord()
@@ -110,17 +130,16 @@ def constant_predictions(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
         >>> constant_predictions(r, DoctorConfig())[0].step
         40
     """
-    std = _first_stage_value(record, "errors/{stage}/constant_pred_std")
-    if std is not None and std[2] <= cfg.constant_pred_std:
-        stage, step, value = std
+    found = _relative_pred_std(record, cfg)
+    if found is not None:
+        stage, step, value, what = found
         msg = (
-            f"The {stage} predictions barely vary: their spread is {fmt(value)} of the targets' spread (step "
-            f"{step}). The model predicts about the same value for every input (often the target mean), so it has "
-            "learned nothing about the inputs. Try: check that inputs reach the model (not all zeros, not detached), "
-            "normalise inputs and targets, raise the lr if the loss is flat, remove a final activation that "
-            "saturates."
+            f"The {stage} predictions barely vary: {what} (step {step}). The model predicts about the same value "
+            "for every input (often the target mean or the class prior), so it has learned nothing about the inputs. "
+            "Try: check that inputs reach the model (not all zeros, not detached), normalise inputs and targets, "
+            "raise the lr if the loss is flat, remove a final activation that saturates."
         )
-        return [Finding("constant_predictions", "warning", msg, step, {"stage": stage, "relative_std": value})]
+        return [Finding("constant_predictions", "warning", msg, step, {"stage": stage, "pred_std": value})]
     share = _first_stage_value(record, "errors/{stage}/majority_pred_share")
     if share is not None and share[2] >= cfg.majority_share_one:
         stage, step, value = share

@@ -1,0 +1,191 @@
+"""Overhead of the diagnostics on a training loop: bare vs LossDiagnostics() vs Lightning's grad_norm recipe.
+
+Trains the same MLP (10 hidden layers of 256, batch 256, synthetic regression data made here) the same number of
+steps in each configuration, interleaved over repeats with the same seeds, and prints a markdown table of median
+wall-clock seconds of ``trainer.fit`` and the median per-repeat ratio to the bare run.
+
+    python benchmarks/overhead.py --repeats 5 --steps 300
+    python benchmarks/overhead.py --device cuda --activations
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import grad_norm
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+IN_FEATURES = 64
+
+
+class MLP(LightningModule):
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for i in range(layers):
+            blocks += [nn.Linear(IN_FEATURES if i == 0 else width, width), nn.ReLU()]
+        self.net = nn.Sequential(*blocks, nn.Linear(width, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        preds = self.net(x).squeeze(-1)
+        loss = nn.functional.mse_loss(preds, y)
+        return {"loss": loss, "preds": preds.detach(), "target": y}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class GradNormRecipe(MLP):
+    """Lightning's documented recipe: log `grad_norm(self, norm_type=2)` in `on_before_optimizer_step`."""
+
+    def on_before_optimizer_step(self, optimizer):
+        self.log_dict(grad_norm(self, norm_type=2))
+
+
+def make_data(steps: int, batch: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(steps * batch, IN_FEATURES, generator=g)
+    w = torch.randn(IN_FEATURES, generator=g)
+    y = torch.tanh(x @ w / 8) + 0.1 * torch.randn(steps * batch, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+
+
+def diagnostics_factories(with_activations: bool) -> tuple[dict[str, Callable[[], list[Callback]]], list[str]]:
+    """Rows that use the package: LossDiagnostics() (or the three monitors if it does not import)."""
+    notes: list[str] = []
+    rows: dict[str, Callable[[], list[Callback]]] = {}
+    try:
+        from lightning_lossdiag import LossDiagnostics
+
+        LossDiagnostics()
+        rows["LossDiagnostics()"] = lambda: [LossDiagnostics()]
+        default_acts = inspect.signature(LossDiagnostics).parameters.get("activations")
+        has_acts = default_acts is not None
+    except Exception as err:  # noqa: BLE001 - any failure: fall back and say so
+        from lightning_lossdiag.callbacks.gradient_monitor import GradientMonitor
+        from lightning_lossdiag.callbacks.loss_monitor import LossMonitor
+        from lightning_lossdiag.callbacks.scheduler_monitor import SchedulerMonitor
+
+        notes.append(f"LossDiagnostics did not import ({type(err).__name__}: {err}); used the three monitors.")
+        rows["LossMonitor + GradientMonitor + SchedulerMonitor"] = lambda: [
+            LossMonitor(),
+            GradientMonitor(),
+            SchedulerMonitor(),
+        ]
+        LossDiagnostics, has_acts, default_acts = None, False, None  # type: ignore[assignment]
+    if with_activations:
+        try:
+            from lightning_lossdiag import ActivationMonitor
+        except Exception as err:  # noqa: BLE001
+            notes.append(f"--activations: ActivationMonitor did not import ({type(err).__name__}: {err}); row skipped.")
+        else:
+            if LossDiagnostics is not None and has_acts and default_acts.default not in (False, None):
+                notes.append("LossDiagnostics() already monitors activations; the extra row turns them off.")
+                rows["LossDiagnostics(activations=False)"] = lambda: [LossDiagnostics(activations=False)]
+            elif LossDiagnostics is not None and has_acts:
+                rows["LossDiagnostics + activations"] = lambda: [LossDiagnostics(activations=True)]
+            else:
+                base = rows[next(iter(rows))]
+                rows["LossDiagnostics + activations"] = lambda: [*base(), ActivationMonitor()]
+    return rows, notes
+
+
+def run_once(
+    model_cls: type[MLP], callbacks: list[Callback], args: argparse.Namespace, seed: int
+) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one ``trainer.fit``."""
+    seed_everything(seed, workers=True, verbose=False)
+    model = model_cls(args.width, args.layers)
+    data = make_data(args.steps, args.batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(
+            max_steps=args.steps,
+            max_epochs=1,
+            limit_val_batches=0,
+            accelerator=args.device,
+            devices=1,
+            logger=TensorBoardLogger(tmp, name="", version=""),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=callbacks,
+        )
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start, cpu = time.perf_counter(), time.process_time()
+        trainer.fit(model, data)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, time.process_time() - cpu
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--activations", action="store_true", help="add a row with activation monitoring toggled")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_lossdiag"):
+        __import__("logging").getLogger(name).setLevel("ERROR")
+
+    configs: dict[str, tuple[type[MLP], Callable[[], list[Callback]]]] = {"bare": (MLP, list)}
+    rows, notes = diagnostics_factories(args.activations)
+    configs.update({name: (MLP, factory) for name, factory in rows.items()})
+    configs["grad_norm recipe (self.log_dict)"] = (GradNormRecipe, list)
+
+    for model_cls, factory in configs.values():  # warm-up: imports, allocator, first-call costs
+        run_once(model_cls, factory(), argparse.Namespace(**{**vars(args), "steps": 10}), seed=0)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    cpu: dict[str, list[float]] = {name: [] for name in configs}
+    names = list(configs)
+    for r in range(args.repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate so no config always runs first
+        for name in order:
+            model_cls, factory = configs[name]
+            wall, used = run_once(model_cls, factory(), args, seed=r)
+            times[name].append(wall)
+            cpu[name].append(used)
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n}={times[n][-1]:.2f}s" for n in names), flush=True)
+
+    def ratio(series: dict[str, list[float]], name: str) -> float:
+        return statistics.median(t / b for t, b in zip(series[name], series["bare"], strict=True))
+
+    print()
+    print(f"`{shlex.join([sys.executable, *sys.argv])}`")
+    print()
+    print(f"{args.steps} steps, batch {args.batch}, MLP {args.layers}x{args.width}, device {args.device}, "
+          f"{args.repeats} repeats, torch threads {torch.get_num_threads()}")  # fmt: skip
+    print()
+    print("| configuration | median s | median ratio to bare | min s | ratio of mins | median CPU ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        print(
+            f"| {name} | {statistics.median(times[name]):.3f} | {ratio(times, name):.3f}x | {min(times[name]):.3f} "
+            f"| {min(times[name]) / min(times['bare']):.3f}x | {ratio(cpu, name):.3f}x |"
+        )
+    print("\nRatios are per repeat (same seed, adjacent runs). On a shared machine the min and the CPU-time ratio")
+    print("are less sensitive to other processes than the wall-clock median.")
+    for note in notes:
+        print(f"\nNote: {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""``ErrorDistributionMonitor``: where the errors are, in bounded device memory, written once per epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_lossdiag._outputs import clear_outputs, fetch_outputs
+from lightning_lossdiag.callbacks._base import log_scalars, to_host
+from lightning_lossdiag.callbacks._error_states import (
+    ClassificationState,
+    RegressionState,
+    StageState,
+    regression_ranges,
+)
+from lightning_lossdiag.callbacks._task import TASKS, TaskInfo, align_regression, infer_task_info
+from lightning_lossdiag.dashboards.writers import tensorboard_writers
+from lightning_lossdiag.diagnosis.findings import Finding
+from lightning_lossdiag.diagnosis.record import record_for
+
+Gather = Callable[[Tensor], Tensor]
+
+
+def make_gather(trainer: Any, pl_module: LightningModule) -> Gather:
+    """A gather that stacks a tensor from every rank on dim 0 (a plain ``unsqueeze`` on one process)."""
+    if int(getattr(trainer, "world_size", 1)) > 1:
+        return lambda t: pl_module.all_gather(t)  # type: ignore[return-value]
+    return lambda t: t.unsqueeze(0)
+
+
+class ErrorDistributionMonitor(Callback):
+    """Distributions of the errors of each evaluated stage, as TensorBoard histograms, images, PR curves and text.
+
+    Every batch updates fixed-size statistics on the model's device (histograms with fixed edges, a bounded uniform
+    sample of rows for the scatter plot, the top-k worst samples, per-target-bin errors, confusion and binned PR
+    counts); memory does not grow with the number of samples and no value is read on the host between epoch ends.
+    The first batch of a stage reads a few numbers once (task, kind of predictions, value ranges); after each epoch
+    the ranges are re-fitted from that epoch's merged sample, so later histograms follow the shrinking errors.
+    Values outside a range land in under/overflow and are reported as ``errors/<stage>/out_of_range``. At the end of
+    each epoch the states are merged across DDP ranks; only global rank 0 writes.
+
+    | key | kind | when | tasks |
+    |---|---|---|---|
+    | ``errors/<stage>/residual``, ``errors/<stage>/abs_error`` | histogram | epoch end | regression |
+    | ``errors/<stage>/pred_vs_true`` | image | epoch end | regression |
+    | ``errors/<stage>/confusion_matrix`` | image | epoch end | binary, multiclass |
+    | ``errors/<stage>/pr_curve/<class>`` | PR curve | epoch end | classification (binary: ``1``) |
+    | ``errors/<stage>/true_class_prob`` | histogram | epoch end | classification |
+    | ``errors/<stage>/target_dist``, ``errors/<stage>/pred_dist`` | histogram | epoch end | all |
+    | ``errors/<stage>/worst`` | text | epoch end | all |
+    | ``errors/<stage>/constant_pred_std`` | scalar | epoch end | all (mean per-class std of probabilities) |
+    | ``errors/<stage>/majority_pred_share`` | scalar | epoch end | binary, multiclass |
+    | ``errors/<stage>/out_of_range`` | scalar | epoch end | all (share of values outside the histogram ranges) |
+    | ``errors/<stage>/samples`` | scalar | epoch end | all |
+
+    Run-record notes: ``task`` and ``data/class_counts`` (``{"stage", "counts"}``, classification). A regression
+    module whose ``(N, 1)`` predictions meet ``(N,)`` targets gets a ``shape_broadcast`` finding (and is squeezed).
+
+    Args:
+        stages: stages to watch, from ``"train"``, ``"val"``, ``"test"``.
+        task: ``"auto"`` or a task to force.
+        bins: histogram bins.
+        residual_range: ``(low, high)`` for the residual histogram (default: fitted from the data).
+        sample_size: rows kept for the scatter plot.
+        worst_k: rows of the worst-samples table.
+        target_bins: target bins of the absolute-error-by-target chart (quantiles of the first batch).
+        num_classes: classes when the predictions' dim 1 does not say it.
+        log_every_n_epochs: write every this many epochs of the stage.
+        thresholds: thresholds of the binned PR curves.
+
+    Example:
+        >>> monitor = ErrorDistributionMonitor(stages=("val",), bins=32)
+        >>> monitor.layout_entries()
+        {'Errors: val': ['errors/val/constant_pred_std', 'errors/val/majority_pred_share', 'errors/val/out_of_range']}
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Literal["train", "val", "test"]] = ("val",),
+        task: Literal["auto", "regression", "binary", "multiclass", "multilabel"] = "auto",
+        bins: int = 64,
+        residual_range: tuple[float, float] | None = None,
+        sample_size: int = 2048,
+        worst_k: int = 20,
+        target_bins: int = 8,
+        num_classes: int | None = None,
+        log_every_n_epochs: int = 1,
+        thresholds: int = 101,
+    ) -> None:
+        bad = [s for s in stages if s not in ("train", "val", "test")]
+        if not stages or bad:
+            raise ValueError(f"`stages` must be a non-empty subset of ('train', 'val', 'test'), got {stages!r}")
+        if task != "auto" and task not in TASKS:
+            raise ValueError(f"`task` must be 'auto' or one of {TASKS}, got {task!r}")
+        for name, value, low in (
+            ("bins", bins, 2),
+            ("sample_size", sample_size, 1),
+            ("worst_k", worst_k, 1),
+            ("target_bins", target_bins, 1),
+            ("log_every_n_epochs", log_every_n_epochs, 1),
+            ("thresholds", thresholds, 2),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+        if residual_range is not None and (
+            len(residual_range) != 2 or not float(residual_range[0]) < float(residual_range[1])
+        ):
+            raise ValueError(f"`residual_range` must be (low, high) with low < high, or None, got {residual_range!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"`num_classes` must be an integer >= 2 or None, got {num_classes!r}")
+        self.stages = tuple(stages)
+        self.task = task
+        self.bins = bins
+        self.residual_range = (float(residual_range[0]), float(residual_range[1])) if residual_range else None
+        self.sample_size = sample_size
+        self.worst_k = worst_k
+        self.target_bins = target_bins
+        self.num_classes = num_classes
+        self.log_every_n_epochs = log_every_n_epochs
+        self.thresholds = thresholds
+        self._states: dict[str, StageState] = {}
+        self._info: dict[str, TaskInfo] = {}
+        self._ranges: dict[str, dict[str, Any]] = {}
+        self._epochs: dict[str, int] = {}
+        self._warned: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes instances with different stages or tasks in one checkpoint."""
+        return self._generate_state_key(stages=self.stages, task=self.task)
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        clear_outputs(pl_module, "train")
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        clear_outputs(pl_module, "val")
+
+    @override
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        clear_outputs(pl_module, "test")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._update(trainer, pl_module, outputs, "train")
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._update(trainer, pl_module, outputs, "val")
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._update(trainer, pl_module, outputs, "test")
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish_epoch(trainer, pl_module, "train")
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._finish_epoch(trainer, pl_module, "val")
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish_epoch(trainer, pl_module, "test")
+
+    # ---- per batch (device only after the first batch) -------------------------------------------------------
+    def _update(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, stage: str) -> None:
+        if stage not in self.stages:
+            return
+        step = fetch_outputs(pl_module, outputs, stage)
+        if step is None or not isinstance(step.preds, Tensor) or not isinstance(step.target, Tensor):
+            if stage not in self._warned:
+                self._warned.add(stage)
+                rank_zero_warn(
+                    f"ErrorDistributionMonitor: the {stage} step handed no tensor `preds` and `target` (use LossMixin "
+                    'or return {"loss", "preds", "target"}); no error distributions for this stage.'
+                )
+            return
+        preds, target = step.preds, step.target
+        if stage not in self._states:
+            self._start_stage(trainer, pl_module, stage, step.criterion, preds, target)
+        info = self._info[stage]
+        if info.task == "regression":
+            preds, _ = align_regression(preds, target)
+        self._states[stage].update(preds, target, rank=int(trainer.global_rank), world=int(trainer.world_size))
+
+    def _start_stage(
+        self, trainer: Trainer, pl_module: LightningModule, stage: str, criterion: Any, preds: Tensor, target: Tensor
+    ) -> None:
+        """First batch of a stage: infer the task and fit ranges (one-time host reads; never on later batches)."""
+        info = self._info.get(stage) or infer_task_info(criterion, preds, target, self.task)
+        if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
+            info = TaskInfo(info.task, info.inputs, self.num_classes)
+        self._info[stage] = info
+        record_for(trainer).notes["task"] = info.task
+        gather = make_gather(trainer, pl_module)
+        if info.task == "regression":
+            aligned, changed = align_regression(preds, target)
+            if changed and criterion is None:
+                record_for(trainer).add_finding(_broadcast_finding(stage, preds, target, int(trainer.global_step)))
+            if stage not in self._ranges:
+                self._ranges[stage] = regression_ranges(aligned, target, self.target_bins, self.residual_range, gather)
+        self._states[stage] = self._make_state(stage, preds.device)
+
+    def _make_state(self, stage: str, device: torch.device) -> StageState:
+        info = self._info[stage]
+        if info.task == "regression":
+            return RegressionState(self._ranges[stage], self.bins, self.sample_size, self.worst_k, device)
+        return ClassificationState(info, self.bins, self.thresholds, self.worst_k, device)
+
+    # ---- epoch end (host reads allowed) ------------------------------------------------------------------------
+    def _finish_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        state = self._states.get(stage)
+        if state is None or stage not in self.stages:
+            return
+        epoch = self._epochs.get(stage, 0)
+        self._epochs[stage] = epoch + 1
+        if epoch % self.log_every_n_epochs == 0:
+            state.sync(make_gather(trainer, pl_module))  # epoch end: collective merge across ranks
+            step = int(trainer.global_step)
+            prefix = f"errors/{stage}"
+            scalars = to_host(state.scalars(prefix))  # one host transfer of the epoch's scalars
+            log_scalars(trainer, scalars, step)
+            record = record_for(trainer)
+            record.notes["task"] = self._info[stage].task
+            counts = state.class_counts()  # epoch end: host list of class counts (classification)
+            if counts is not None:
+                record.notes["data/class_counts"] = {"stage": stage, "counts": counts}
+            for writer in tensorboard_writers(trainer):
+                state.write(writer, prefix, step)  # epoch end, rank 0: histograms, figures, curves, text
+            if isinstance(state, RegressionState) and self.residual_range is None:
+                self._ranges[stage] = state.refit_ranges(self.target_bins)  # epoch end: next epoch's ranges
+        self._states[stage] = self._make_state(stage, state.device)  # fresh, same size, for the next epoch
+
+    def held_bytes(self) -> int:
+        """Bytes of device state held for all stages (bounded: independent of the number of samples)."""
+        return sum(s.nbytes() for s in self._states.values())
+
+    def layout_entries(self) -> dict[str, list[str]]:
+        """Custom-scalars charts: title -> tag regexes (one chart of the error scalars per stage)."""
+        return {
+            f"Errors: {s}": [
+                f"errors/{s}/constant_pred_std",
+                f"errors/{s}/majority_pred_share",
+                f"errors/{s}/out_of_range",
+            ]
+            for s in self.stages
+        }
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "info": {
+                s: {"task": i.task, "inputs": i.inputs, "num_classes": i.num_classes} for s, i in self._info.items()
+            },
+            "ranges": {s: dict(r) for s, r in self._ranges.items()},
+            "epochs": dict(self._epochs),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        for stage, info in dict(state_dict.get("info", {})).items():
+            self._info[stage] = TaskInfo(
+                info.get("task", "regression"), info.get("inputs", "values"), info.get("num_classes")
+            )
+        self._ranges = {s: dict(r) for s, r in dict(state_dict.get("ranges", {})).items()}
+        self._epochs = {s: int(e) for s, e in dict(state_dict.get("epochs", {})).items()}
+
+
+def _broadcast_finding(stage: str, preds: Tensor, target: Tensor, step: int) -> Finding:
+    return Finding(
+        "shape_broadcast",
+        "warning",
+        f"{stage} predictions have shape {tuple(preds.shape)} but targets {tuple(target.shape)}. A loss such as "
+        f"mse_loss broadcasts the pair to {(int(preds.shape[0]), int(target.shape[0]))} and compares every prediction "
+        "with every target, so the model learns the mean. Squeeze the last dim of the predictions (or use LossMixin, "
+        "which checks this).",
+        step=step,
+        evidence={"stage": stage, "preds_shape": list(preds.shape), "target_shape": list(target.shape)},
+    )
+
+
+__all__ = ["ErrorDistributionMonitor", "make_gather"]
