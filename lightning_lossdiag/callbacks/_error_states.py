@@ -96,16 +96,20 @@ def _class_hist_args(counts: list[int]) -> dict[str, Any]:
 def regression_ranges(
     preds: Tensor, target: Tensor, target_bins: int, residual_range: tuple[float, float] | None, gather: Gather
 ) -> dict[str, Any]:
-    """Histogram ranges and target-bin edges from a first batch, agreed across ranks (ONE host read, one-time)."""
-    p, t = preds.detach().reshape(-1).float(), target.detach().reshape(-1).float()
+    """Histogram ranges and target-bin edges from a first batch, agreed across ranks (ONE host read, one-time).
+
+    Every rank sends the same number of values (quantiles of its first batch's targets), so the gather lines up.
+    """
+    p, t = preds.detach().reshape(-1).double(), target.detach().reshape(-1).double()
     r = (p - t).abs()
     r = torch.where(torch.isfinite(r), r, torch.zeros_like(r))
     both = torch.cat([p, t])
     both = torch.where(torch.isfinite(both), both, torch.zeros_like(both))
-    edges = quantile_edges_from_sample(t, target_bins).float()
-    facts = torch.cat([torch.stack([r.max(), -both.min(), both.max()]), edges.reshape(-1)])
-    merged = gather(facts)
-    reduced = torch.cat([merged[:, :3].max(0).values, merged[:, 3:].mean(0)])
+    levels = torch.linspace(0.0, 1.0, target_bins + 1, dtype=torch.float64, device=t.device)
+    quantiles = torch.nanquantile(torch.where(torch.isfinite(t), t, torch.full_like(t, float("nan"))), levels)
+    facts = torch.cat([torch.stack([r.max(), -both.min(), both.max()]), quantiles])
+    merged = gather(facts).reshape(-1, facts.numel())
+    reduced = torch.cat([merged[:, :3].amax(0), merged[:, 3:].mean(0)])
     host = reduced.tolist()  # one-time host read: ranges of the first batch (all ranks agree)
     return _ranges_from(host[0], -host[1], host[2], host[3:], residual_range)
 
@@ -143,7 +147,7 @@ class RegressionState:
         self.moments = RunningMoments(device=device)
         self.sample = BoundedSample(sample_size, 2, device=device)
         self.worst = TopKWorst(worst_k, 4, device=device)
-        self.binned = BinnedErrors(torch.tensor(ranges["edges"], device=device))
+        self.binned = BinnedErrors(list(ranges["edges"]), device=device)  # host list: no read
         self.seen = 0
 
     def update(self, preds: Tensor, target: Tensor, *, rank: int, world: int) -> None:
@@ -217,7 +221,7 @@ class RegressionState:
         if rows.shape[0] < 2:
             return self.ranges
         t, p = rows[:, 0], rows[:, 1]
-        edges = quantile_edges_from_sample(t, target_bins).float().reshape(-1)
+        edges = quantile_edges_from_sample(t, target_bins).to(rows.dtype).reshape(-1)
         both = torch.cat([t, p])
         facts = torch.cat([torch.stack([(p - t).abs().max(), both.min(), both.max()]), edges])
         host = facts.tolist()  # epoch end: next epoch's ranges

@@ -93,6 +93,25 @@ def _reason(err: OSError) -> str:
     return f"{type(err).__name__}: {words}{where}"
 
 
+def _failures(trainer: Any) -> Iterator[tuple[int, Any, str, str, OSError]]:
+    """``(index, logger, attribute, folder, error)`` for every logger folder that cannot be created and written."""
+    for index, logger in enumerate(getattr(trainer, "loggers", None) or []):
+        for attribute, folder in logger_dirs(logger):
+            err = probe_dir(folder)
+            if err is not None:
+                yield index, logger, attribute, folder, err
+
+
+def _explain(index: int, logger: Any, attribute: str, folder: str, err: OSError) -> str:
+    name = type(logger).__name__
+    return (
+        f"{name} (logger {index}) cannot write to its log folder {folder!r} (`{attribute}`): {_reason(err)}. "
+        f"Nothing was trained. Give the logger a folder this process can create and write (e.g. "
+        f"`{name}(save_dir=...)`, or `--trainer.logger.init_args.save_dir=...` on the command line), or pass "
+        "`logger=False` to train without logs."
+    )
+
+
 def check_log_dirs_writable(trainer: Any) -> None:
     """Fail now if a logger of ``trainer`` could not write its log folder (global rank 0; other ranks return).
 
@@ -122,18 +141,53 @@ def check_log_dirs_writable(trainer: Any) -> None:
     """
     if not getattr(trainer, "is_global_zero", True):
         return
-    for index, logger in enumerate(getattr(trainer, "loggers", None) or []):
-        for attribute, folder in logger_dirs(logger):
-            err = probe_dir(folder)
-            if err is None:
-                continue
-            name = type(logger).__name__
-            raise LogDirNotWritableError(
-                f"{name} (logger {index}) cannot write to its log folder {folder!r} (`{attribute}`): "
-                f"{_reason(err)}. Nothing was trained. Give the logger a folder this process can create and write "
-                f"(e.g. `{name}(save_dir=...)`, or `--trainer.logger.init_args.save_dir=...` on the command line), "
-                "or pass `logger=False` to train without logs."
-            ) from err
+    for index, logger, attribute, folder, err in _failures(trainer):
+        raise LogDirNotWritableError(_explain(index, logger, attribute, folder, err)) from err
 
 
-__all__ = ["LogDirNotWritableError", "check_log_dirs_writable", "logger_dirs", "probe_dir"]
+def explain_log_dir_error(trainer: Any, exception: BaseException) -> bool:
+    """Add a note naming the logger and folder to an ``OSError`` that a logger raised (for ``on_exception``).
+
+    Lightning creates each logger's folder (``logger.experiment``) before any callback's ``setup``, so a folder that
+    cannot be created fails there with a bare ``NotADirectoryError``/``PermissionError`` from the file system. Called
+    from ``on_exception``, this probes the loggers' folders and, for each one that cannot be written, adds a note
+    (PEP 678, shown under the traceback) with the same explanation :func:`check_log_dirs_writable` gives. The
+    exception itself is left as it is, so Lightning's clean-up still runs. Global rank 0 only.
+
+    Args:
+        trainer: the Trainer.
+        exception: the exception ``on_exception`` received; anything but an ``OSError`` is ignored.
+
+    Returns:
+        True when a note was added.
+
+    Example:
+        >>> import tempfile
+        >>> from types import SimpleNamespace
+        >>> with tempfile.NamedTemporaryFile() as afile:
+        ...     logger = SimpleNamespace(log_dir=os.path.join(afile.name, "logs"))
+        ...     err = NotADirectoryError(20, "Not a directory")
+        ...     explain_log_dir_error(SimpleNamespace(is_global_zero=True, loggers=[logger]), err)
+        True
+        >>> err.__notes__[0].startswith("lightning-lossdiag: SimpleNamespace (logger 0) cannot write")
+        True
+    """
+    if not isinstance(exception, OSError) or isinstance(exception, LogDirNotWritableError):
+        return False
+    if not getattr(trainer, "is_global_zero", True):
+        return False
+    notes = [f"lightning-lossdiag: {_explain(*failure)}" for failure in _failures(trainer)]
+    for note in notes:
+        _add_note(exception, note)
+    return bool(notes)
+
+
+def _add_note(exception: BaseException, note: str) -> None:
+    add = getattr(exception, "add_note", None)
+    if add is not None:  # Python >= 3.11 prints notes under the traceback
+        add(note)
+    else:  # Python 3.10: kept where 3.11 keeps it (tools such as pytest and rich read it), not printed
+        exception.__notes__ = [*getattr(exception, "__notes__", []), note]  # type: ignore[attr-defined]
+
+
+__all__ = ["LogDirNotWritableError", "check_log_dirs_writable", "explain_log_dir_error", "logger_dirs", "probe_dir"]

@@ -66,7 +66,7 @@ class StreamingStat:
         return tuple(getattr(self, name) for name in self._state_names)
 
     def _set_state(self, values: Sequence[Tensor]) -> None:
-        for name, value in zip(self._state_names, values):
+        for name, value in zip(self._state_names, values, strict=True):
             setattr(self, name, value)
 
     def state_bytes(self) -> int:
@@ -107,7 +107,7 @@ class StreamingStat:
     def state_dict(self) -> dict[str, Any]:
         """Configuration (plain data under ``"config"``) and clones of the state tensors."""
         out: dict[str, Any] = {"config": dict(self._config())}
-        for name, t in zip(self._state_names, self.state):
+        for name, t in zip(self._state_names, self.state, strict=True):
             out[name] = t.detach().clone()
         return out
 
@@ -124,7 +124,7 @@ class StreamingStat:
                 f"but this {type(self).__name__} has {self._config()}"
             )
         values = []
-        for name, current in zip(self._state_names, self._initial_state()):
+        for name, current in zip(self._state_names, self._initial_state(), strict=True):
             saved = state_dict.get(name)
             if saved is None:
                 values.append(current)

@@ -98,7 +98,7 @@ def gather_states(state: Sequence[Tensor], gather: GatherFn) -> list[Tensor]:
 
 def stack_states(states: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     """Stack the matching fields of several states along a new dim 0 (the same layout ``gather_states`` returns)."""
-    return [torch.stack(fields) for fields in zip(*states)]
+    return [torch.stack(fields) for fields in zip(*states, strict=True)]
 
 
 __all__ = ["GatherFn", "gather_states", "pack", "single_process_gather", "stack_states", "unpack_stacked"]

@@ -1,10 +1,13 @@
 """Fixed-range (or log-spaced) streaming histograms on the device, written to TensorBoard with ``add_histogram_raw``.
 
-Bin convention (the one of ``torch.histc`` and ``numpy.histogram``): with edges ``e_0 < ... < e_B`` bin ``i`` holds
-``e_i <= x < e_{i+1}``, and the last bin also holds ``x == e_B`` (``high``). Finite values below ``low`` are counted
-in ``underflow``, above ``high`` in ``overflow``; NaN and +-inf only in ``nonfinite``. For linear edges the bin
-counts equal ``torch.histc(x, bins, low, high)`` exactly: values are binned against ``torch.linspace(low, high,
-bins + 1)`` in the values' own dtype, as ``histc`` does (float16/bfloat16/integer values are binned in float32).
+Bin convention (``numpy.histogram``'s): with edges ``e_0 < ... < e_B`` (the float64 tensor ``edges``) bin ``i``
+holds ``e_i <= x < e_{i+1}``, and the last bin also holds ``x == e_B`` (``high``), as in ``torch.histc``. Finite values
+below ``low`` are counted in ``underflow``, above ``high`` in ``overflow``; NaN and +-inf only in ``nonfinite``. Values
+are compared with the edges in float64 (exact for every float dtype), so the counts equal
+``numpy.histogram(x, bins=edges)`` exactly, and ``torch.histc(x, bins, low, high)`` except for values within
+rounding of an edge (``histc`` computes ``floor((x - low) * bins / (high - low))`` in the input dtype, which may put
+a value on or next to an edge into the neighbouring bin; here a value equal to an inner edge always goes into the
+bin above it).
 
 State (fixed size, ``bins + 7`` numbers): ``counts`` (int64, ``(bins,)``), ``underflow``/``overflow``/``nonfinite``
 (0-d int64), and over the finite values ``sum``, ``sum_squares``, ``min``, ``max`` (0-d float64; ``min = +inf`` and
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor
 from typing_extensions import Self
 
-from lightning_lossdiag.stats._base import StreamingStat, check_positive_int, on_device, resolve_device
+from lightning_lossdiag.stats._base import StreamingStat, check_positive_int, on_device
 from lightning_lossdiag.stats.distributed import pack
 
 
@@ -49,15 +52,14 @@ def histogram_edges(
 ) -> Tensor:
     """The ``bins + 1`` bin edges from ``low`` to ``high``: evenly spaced, or evenly spaced in log (``low > 0``).
 
-    Linear edges are ``torch.linspace(low, high, bins + 1, dtype=dtype)``, the edges ``torch.histc`` uses. Log
-    edges are ``exp(linspace(log(low), log(high)))`` computed in float64, with the end points set to ``low`` and
+    Linear edges are ``torch.linspace(low, high, bins + 1, dtype=dtype)``. Log edges are ``exp(linspace(log(low), log(high)))`` computed in float64, with the end points set to ``low`` and
     ``high`` exactly, then cast to ``dtype``.
 
     Example:
         >>> histogram_edges(0.0, 1.0, 4).tolist()
         [0.0, 0.25, 0.5, 0.75, 1.0]
-        >>> histogram_edges(1.0, 1000.0, 3, log=True).tolist()
-        [1.0, 10.000000000000002, 100.00000000000004, 1000.0]
+        >>> [round(e, 9) for e in histogram_edges(1.0, 1000.0, 3, log=True).tolist()]
+        [1.0, 10.0, 100.0, 1000.0]
     """
     check_positive_int("bins", bins)
     if isinstance(low, bool) or not isinstance(low, (int, float)) or not math.isfinite(low):
@@ -74,10 +76,6 @@ def histogram_edges(
     edges[0] = float(low)
     edges[-1] = float(high)
     return edges.to(dtype)
-
-
-def _binning_dtype(values: Tensor) -> torch.dtype:
-    return values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _histogram_init(bins: int, device: torch.device) -> HistogramState:
@@ -100,11 +98,11 @@ def _histogram_init(bins: int, device: torch.device) -> HistogramState:
 
 
 def _histogram_update(state: HistogramState, values: Tensor, edges: Tensor) -> HistogramState:
-    """Pure update: the state after also counting ``values`` (any shape) against ``edges`` (their dtype)."""
+    """Pure update: the state after also counting ``values`` (any shape) against ``edges`` (float64)."""
     x = values.detach().reshape(-1)
     if x.numel() == 0:
         return state
-    x = x.to(edges.dtype)
+    x = x.to(torch.float64)
     bins = edges.numel() - 1
     finite = torch.isfinite(x)
     under = (x < edges[0]) & finite
@@ -113,8 +111,7 @@ def _histogram_update(state: HistogramState, values: Tensor, edges: Tensor) -> H
     # right=True: index = number of edges <= x, so e_i <= x < e_{i+1} lands in bin i; x == high is clamped to the last.
     index = (torch.bucketize(x, edges, right=True) - 1).clamp_(0, bins - 1)
     counts = state.counts.scatter_add(0, index, inside.to(torch.int64))
-    x64 = x.to(torch.float64)
-    finite_x = torch.where(finite, x64, 0.0)
+    finite_x = torch.where(finite, x, 0.0)
     return HistogramState(
         counts=counts,
         underflow=state.underflow + under.sum(),
@@ -122,8 +119,8 @@ def _histogram_update(state: HistogramState, values: Tensor, edges: Tensor) -> H
         nonfinite=state.nonfinite + (~finite).sum(),
         sum=state.sum + finite_x.sum(),
         sum_squares=state.sum_squares + finite_x.square().sum(),
-        min=torch.minimum(state.min, torch.where(finite, x64, math.inf).amin()),
-        max=torch.maximum(state.max, torch.where(finite, x64, -math.inf).amax()),
+        min=torch.minimum(state.min, torch.where(finite, x, math.inf).amin()),
+        max=torch.maximum(state.max, torch.where(finite, x, -math.inf).amax()),
     )
 
 
@@ -179,7 +176,6 @@ class FixedHistogram(StreamingStat):
         super().__init__(device)
         self.edges = histogram_edges(low, high, bins, log=log, device=self.device)
         self.low, self.high, self.bins, self.log = float(low), float(high), bins, bool(log)
-        self._edge_cache: dict[torch.dtype, Tensor] = {}
         self.reset()
 
     def _config(self) -> dict[str, Any]:
@@ -191,21 +187,12 @@ class FixedHistogram(StreamingStat):
     def _reduce(self, stacked: Sequence[Tensor]) -> HistogramState:
         return _histogram_reduce(stacked)
 
-    def binning_edges(self, dtype: torch.dtype) -> Tensor:
-        """The edges values of ``dtype`` are compared with (cached; ``torch.histc``'s edges for linear bins)."""
-        edges = self._edge_cache.get(dtype)
-        if edges is None:
-            edges = histogram_edges(self.low, self.high, self.bins, log=self.log, dtype=dtype, device=self.device)
-            self._edge_cache[dtype] = edges
-        return edges
-
     def update(self, values: Tensor) -> None:
         """Count ``values`` (any shape; detached). No host read."""
         if not isinstance(values, Tensor):
             raise TypeError(f"`values` must be a Tensor, got {type(values).__name__}")
         values = on_device(values, self.device)
-        edges = self.binning_edges(_binning_dtype(values))
-        self._set_state(_histogram_update(HistogramState(*self.state), values, edges))
+        self._set_state(_histogram_update(HistogramState(*self.state), values, self.edges))
 
     @property
     def total(self) -> Tensor:
@@ -216,7 +203,6 @@ class FixedHistogram(StreamingStat):
         """Move the state and the edges to ``device``, in place; returns ``self``."""
         super().to(device)
         self.edges = on_device(self.edges, self.device)
-        self._edge_cache = {}
         return self
 
 

@@ -124,6 +124,7 @@ def test_regression_residual_histogram_scatter_and_worst(tmp_path):
     hist = hist_events[0].histogram_value
     assert hist.num == 200
     assert sum(hist.bucket) == 200
+    assert len(hist.bucket) == 32  # no outer under/overflow bucket: the fitted range holds every residual
     # the same counts as numpy over the written edges (first bucket starts at `min`, buckets are (l_{i-1}, l_i])
     limits = np.asarray(hist.bucket_limit)
     finite = limits[np.isfinite(limits)]
