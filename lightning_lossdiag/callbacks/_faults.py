@@ -106,18 +106,20 @@ def _explain(index: int, logger: Any, attribute: str, folder: str, err: OSError)
     name = type(logger).__name__
     return (
         f"{name} (logger {index}) cannot write to its log folder {folder!r} (`{attribute}`): {_reason(err)}. "
-        f"Nothing was trained. Give the logger a folder this process can create and write (e.g. "
+        f"Give the logger a folder this process can create and write (e.g. "
         f"`{name}(save_dir=...)`, or `--trainer.logger.init_args.save_dir=...` on the command line), or pass "
         "`logger=False` to train without logs."
     )
 
 
 def check_log_dirs_writable(trainer: Any) -> None:
-    """Fail now if a logger of ``trainer`` could not write its log folder (global rank 0; other ranks return).
+    """Fail now if a logger of ``trainer`` could not write its log folder.
 
     For each logger with a local ``log_dir`` (else ``root_dir``, else ``save_dir``) the folder is created and a
-    temporary file is written and removed in it. Loggers without a local folder (remote URIs, loggers that keep
-    nothing on disk) and Trainers without loggers are left alone.
+    temporary file is written and removed in it, on global rank 0 only (the rank that writes logs). With several
+    processes rank 0's verdict is broadcast (one collective, at setup), so every rank raises together and none is
+    left waiting for the others. Loggers without a local folder (remote URIs, loggers that keep nothing on disk) and
+    Trainers without loggers are left alone.
 
     Args:
         trainer: the Trainer (anything with ``loggers`` and ``is_global_zero``).
@@ -139,10 +141,24 @@ def check_log_dirs_writable(trainer: Any) -> None:
         ...         print("Folder" in str(err), "Not a directory" in str(err))
         True True
     """
-    if not getattr(trainer, "is_global_zero", True):
-        return
-    for index, logger, attribute, folder, err in _failures(trainer):
-        raise LogDirNotWritableError(_explain(index, logger, attribute, folder, err)) from err
+    message: str | None = None
+    cause: OSError | None = None
+    if getattr(trainer, "is_global_zero", True):
+        for failure in _failures(trainer):
+            message, cause = _explain(*failure), failure[-1]
+            break
+    message = _from_rank_zero(trainer, message)
+    if message is not None:
+        raise LogDirNotWritableError(message) from cause
+
+
+def _from_rank_zero(trainer: Any, message: str | None) -> str | None:
+    """Rank 0's verdict on every rank (one broadcast at setup), so no rank trains on while another has stopped."""
+    broadcast = getattr(getattr(trainer, "strategy", None), "broadcast", None)
+    if int(getattr(trainer, "world_size", 1) or 1) > 1 and callable(broadcast):
+        shared: str | None = broadcast(message, src=0)
+        return shared
+    return message
 
 
 def explain_log_dir_error(trainer: Any, exception: BaseException) -> bool:

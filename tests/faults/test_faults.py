@@ -234,3 +234,55 @@ def test_exception_in_training_step_keeps_the_report_of_what_was_seen(
     for point, expected in zip(points, model.train_losses, strict=True):
         assert math.isclose(point.value, expected, rel_tol=1e-5)
     assert any(t.startswith("diagnosis") for t in events.Tags()["tensors"])  # the Doctor's text, written on the way out
+
+
+def _rank_checks_log_dir(rank: int, bad_dir: str, store: str, results: str) -> None:
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import DDPStrategy
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        # only rank 0 looks at the disk; rank 1's logger would be fine, so rank 1 stops only if told by rank 0
+        logger = SimpleNamespace(log_dir=bad_dir if rank == 0 else os.path.join(results, "fine"))
+        trainer = SimpleNamespace(is_global_zero=rank == 0, world_size=2, strategy=DDPStrategy(), loggers=[logger])
+        try:
+            check_log_dirs_writable(trainer)
+            outcome = "returned"
+        except LogDirNotWritableError as err:
+            outcome = f"raised: {err}"
+        with open(os.path.join(results, f"rank{rank}.txt"), "w", encoding="utf-8") as fh:
+            fh.write(outcome)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_log_dir_verdict_of_rank_zero_reaches_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    bad_dir = str(_under_a_file(tmp_path))
+    results = tmp_path / "results"
+    results.mkdir()
+    ctx = mp.start_processes(
+        _rank_checks_log_dir,
+        args=(bad_dir, str(tmp_path / "store"), str(results)),
+        nprocs=2,
+        join=False,
+        start_method="fork",
+    )
+    try:
+        for _ in range(12):  # at most 12 x 10 s
+            if ctx.join(timeout=10):
+                break
+        else:
+            pytest.fail("the two ranks did not finish")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+    outcomes = {r: (results / f"rank{r}.txt").read_text() for r in (0, 1)}
+    for outcome in outcomes.values():
+        assert outcome.startswith("raised: SimpleNamespace (logger 0) cannot write to its log folder"), outcomes
+        assert bad_dir in outcome
+    assert not (results / "fine").exists()  # rank 1 never touched its own folder
