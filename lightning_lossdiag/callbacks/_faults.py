@@ -4,6 +4,10 @@
 whose log folder is a local path gets that folder created and a temporary file written in it (global rank 0 only).
 A folder that cannot be written raises :class:`LogDirNotWritableError` naming the logger, the folder and the reason
 the operating system gave, before the first training step instead of at the first flush or the final report.
+
+Lightning itself creates the folder of each logger that has an ``experiment`` (TensorBoard, CSV) just before the
+callbacks' ``setup``; when that fails, :func:`explain_log_dir_error` (for ``on_exception``) adds the same explanation
+as a note to Lightning's bare ``OSError``.
 """
 
 from __future__ import annotations

@@ -32,6 +32,44 @@ def safe_tag(name: str) -> str:
     return _UNSAFE.sub("_", name) or "_"
 
 
+AUTO_DEPTH = "auto"
+_MAX_AUTO_DEPTH = 8
+
+
+def check_depth(depth: int | str) -> None:
+    """Validate a ``depth`` option: an integer >= 1 or ``"auto"``."""
+    if depth == AUTO_DEPTH:
+        return
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"`depth` must be an integer >= 1 or 'auto', got {depth!r}")
+
+
+def resolve_depth(module: nn.Module, depth: int | str, max_groups: int) -> int:
+    """``depth`` itself, or for ``"auto"`` the deepest depth whose parameter groups number at most ``max_groups``.
+
+    So a ``Sequential`` of 10 layers held as ``self.net`` gets one group per layer (``net.0``, ``net.1``, ...)
+    instead of a single ``net`` group, and a 100-block model stays at the block level.
+
+    Example:
+        >>> class M(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> resolve_depth(M(), "auto", 32), resolve_depth(M(), "auto", 1), resolve_depth(M(), 3, 32)
+        (2, 1, 3)
+    """
+    check_depth(depth)
+    if depth != AUTO_DEPTH:
+        return int(depth)
+    paths = [name.rpartition(".")[0] for name, _ in module.named_parameters()]
+    best = 1
+    for d in range(1, _MAX_AUTO_DEPTH + 1):
+        if len({group_of(p, d) for p in paths}) > max_groups:
+            break
+        best = d
+    return best
+
+
 def _check(depth: int, max_groups: int) -> None:
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"`depth` must be an integer >= 1, got {depth!r}")

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.modules.loss import _Loss
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
@@ -24,7 +25,7 @@ from lightning_lossdiag.callbacks._activation_stats import (
     merge_stats,
 )
 from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, to_host, warn_no_logger_once
-from lightning_lossdiag.callbacks._grad_groups import group_modules, safe_tag
+from lightning_lossdiag.callbacks._grad_groups import check_depth, group_modules, resolve_depth, safe_tag
 from lightning_lossdiag.dashboards.writers import tensorboard_writers
 
 _MODES = ("groups", "activations")
@@ -51,6 +52,16 @@ def _compiled_ids(root: nn.Module) -> tuple[set[int], list[str]]:
             paths.append(path or "<root>")
             ids.update(id(m) for m in sub.modules())
     return ids, paths
+
+
+def _loss_module_ids(root: nn.Module) -> set[int]:
+    """Ids of loss modules inside ``root`` (``torch.nn`` losses and the ``criterion`` of a LossMixin): not layers."""
+    ids: set[int] = set()
+    criterion = getattr(root, "criterion", None)
+    for _, sub in root.named_modules():
+        if isinstance(sub, _Loss) or (isinstance(criterion, nn.Module) and sub is criterion):
+            ids.update(id(m) for m in sub.modules())
+    return ids
 
 
 def select_modules(
@@ -124,7 +135,8 @@ class ActivationMonitor(Callback):
 
     Args:
         every_n_steps: flush interval in optimizer steps (None: the Trainer's ``log_every_n_steps``).
-        depth: module path components that name a layer group.
+        depth: module path components that name a layer group, or ``"auto"`` (default): the deepest depth that
+            gives at most ``max_groups`` parameter groups (the same groups as ``GradientMonitor``).
         max_groups: at most this many groups; the rest are merged into ``other``.
         saturation_tol: relative distance to a bound that counts as saturated, in ``[0, 0.5)``.
         hist_bins: bins of the epoch-end histograms (0 turns histograms off).
@@ -140,7 +152,7 @@ class ActivationMonitor(Callback):
     def __init__(
         self,
         every_n_steps: int | None = None,
-        depth: int = 1,
+        depth: int | Literal["auto"] = "auto",
         max_groups: int = 32,
         saturation_tol: float = 0.01,
         hist_bins: int = 64,
@@ -148,7 +160,8 @@ class ActivationMonitor(Callback):
         unit_dim: int = 1,
     ) -> None:
         super().__init__()
-        for name, value, low in (("depth", depth, 1), ("max_groups", max_groups, 1), ("hist_bins", hist_bins, 0)):
+        check_depth(depth)
+        for name, value, low in (("max_groups", max_groups, 1), ("hist_bins", hist_bins, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
         if isinstance(saturation_tol, bool) or not isinstance(saturation_tol, (int, float)):
@@ -185,7 +198,9 @@ class ActivationMonitor(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         warn_no_logger_once(trainer, "ActivationMonitor")
         skip, compiled = _compiled_ids(pl_module)
-        self._targets = select_modules(pl_module, self.depth, self.max_groups, self.modules, skip)
+        skip |= _loss_module_ids(pl_module)
+        depth = resolve_depth(pl_module, self.depth, self.max_groups)
+        self._targets = select_modules(pl_module, depth, self.max_groups, self.modules, skip)
         if compiled and not self._warned_compiled:
             rank_zero_warn(
                 "ActivationMonitor: forward hooks are not supported inside torch.compile'd modules, so no activation "

@@ -8,7 +8,7 @@ index tensor (``scatter_add_`` of ``norm ** p``), only on the optimizer steps th
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -16,7 +16,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, warn_no_logger_once
-from lightning_lossdiag.callbacks._grad_groups import OTHER_GROUP, group_parameters, host_floats
+from lightning_lossdiag.callbacks._grad_groups import (
+    OTHER_GROUP,
+    check_depth,
+    group_parameters,
+    host_floats,
+    resolve_depth,
+)
 from lightning_lossdiag.diagnosis.record import record_for
 
 _NO_STEP = 2**62  # "no non-finite step yet" inside the device minimum
@@ -104,7 +110,8 @@ class GradientMonitor(Callback):
 
     Args:
         every_n_steps: flush interval in optimizer steps; ``None`` takes the Trainer's ``log_every_n_steps``.
-        depth: module-path components that name a layer group (``1``: ``encoder``; ``2``: ``encoder.0``).
+        depth: module-path components that name a layer group (``1``: ``encoder``; ``2``: ``encoder.0``), or
+            ``"auto"`` (default): the deepest depth that gives at most ``max_groups`` groups.
         max_groups: at most this many groups; the rest are merged into ``other``.
         norm_type: the norm (``2.0``, ``1.0``, ``float("inf")``, ...).
         param_norms: also log parameter norms per group (on flush steps).
@@ -117,13 +124,12 @@ class GradientMonitor(Callback):
     def __init__(
         self,
         every_n_steps: int | None = None,
-        depth: int = 1,
+        depth: int | Literal["auto"] = "auto",
         max_groups: int = 32,
         norm_type: float = 2.0,
         param_norms: bool = False,
     ) -> None:
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-            raise ValueError(f"`depth` must be an integer >= 1, got {depth!r}")
+        check_depth(depth)
         if not isinstance(max_groups, int) or isinstance(max_groups, bool) or max_groups < 1:
             raise ValueError(f"`max_groups` must be an integer >= 1, got {max_groups!r}")
         if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
@@ -155,7 +161,8 @@ class GradientMonitor(Callback):
     def _setup(self, pl_module: LightningModule, optimizer: Any, idx: int) -> _OptState:
         """One-time: the optimizer's parameters, their names and groups, the group index tensor."""
         names_by_id = {id(p): n for n, p in pl_module.named_parameters()}
-        group_by_name = {n: g for g, ns in group_parameters(pl_module, self.depth, self.max_groups).items() for n in ns}
+        depth = resolve_depth(pl_module, self.depth, self.max_groups)
+        group_by_name = {n: g for g, ns in group_parameters(pl_module, depth, self.max_groups).items() for n in ns}
         params: list[Tensor] = []
         for pg in optimizer.param_groups:
             params.extend(p for p in pg["params"] if all(p is not q for q in params))

@@ -68,8 +68,9 @@ def summarize_folds(per_fold: Sequence[Mapping[str, float]], ddof: int = DEFAULT
     for name in names:
         values = [float(fold[name]) if name in fold else None for fold in per_fold]
         present = np.array([v for v in values if v is not None], dtype=np.float64)
-        mean = float(np.mean(present)) if present.size else math.nan
-        std = float(np.std(present, ddof=ddof)) if present.size > ddof else math.nan
+        with np.errstate(invalid="ignore", over="ignore"):  # an infinite value gives a NaN std, without a warning
+            mean = float(np.mean(present)) if present.size else math.nan
+            std = float(np.std(present, ddof=ddof)) if present.size > ddof else math.nan
         summary[name] = MetricSummary(values=values, mean=mean, std=std, ddof=ddof)
     return summary
 

@@ -328,7 +328,7 @@ class PartlyCompiled(Model):
 
 def test_compiled_submodule_is_skipped_with_one_warning(tmp_path):
     checker = HookChecker(every=2)
-    monitor = ActivationMonitor(every_n_steps=2)
+    monitor = ActivationMonitor(every_n_steps=2, depth=1)
     trainer = _trainer(tmp_path, [monitor, checker], logger=False, max_epochs=2, limit_train_batches=4)
     with pytest.warns(UserWarning, match="torch.compile") as caught:
         trainer.fit(PartlyCompiled())

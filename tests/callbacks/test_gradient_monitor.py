@@ -203,7 +203,7 @@ def test_param_norms_and_tensorboard_tags(tmp_path):
             self.seen.append([p.detach().clone() for p in pl_module.head.parameters()])
 
     weights = Weights()
-    mon = GradientMonitor(every_n_steps=2, param_norms=True)
+    mon = GradientMonitor(every_n_steps=2, depth=1, param_norms=True)
     trainer = trainer_for(tmp_path, [weights, mon], batches=6)
     trainer.fit(MLP())
     rec = record_for(trainer)
@@ -237,7 +237,7 @@ class TwoOptimizers(MLP):
 
 
 def test_several_optimizers_get_suffixes_and_manual_clipping_is_seen_after(tmp_path):
-    mon = GradientMonitor(every_n_steps=4)
+    mon = GradientMonitor(every_n_steps=4, depth=1)
     trainer = trainer_for(tmp_path, [mon], batches=4)
     trainer.fit(TwoOptimizers())
     rec = record_for(trainer)

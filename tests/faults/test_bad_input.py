@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -171,7 +172,7 @@ CASES: dict[str, Case] = {
     ),
     "loss_monitor_ema_decay_1_5": Case(_callback("LossMonitor", ema_decay=1.5), r"`ema_decay` must be .*got 1\.5"),
     "gradient_monitor_depth_negative": Case(
-        _callback("GradientMonitor", depth=-1), r"`depth` must be an integer >= 1, got -1"
+        _callback("GradientMonitor", depth=-1), r"`depth` must be an integer >= 1.*got -1"
     ),
     "gradient_monitor_max_groups_0": Case(
         _callback("GradientMonitor", max_groups=0), r"`max_groups` must be an integer >= 1, got 0"
@@ -180,7 +181,7 @@ CASES: dict[str, Case] = {
         _callback("SchedulerMonitor", log_momentum="yes"), r"`log_momentum` must be True or False, got 'yes'"
     ),
     "activation_monitor_depth_negative": Case(
-        _callback("ActivationMonitor", depth=-1), r"`depth` must be an integer >= 1, got -1"
+        _callback("ActivationMonitor", depth=-1), r"`depth` must be an integer >= 1.*got -1"
     ),
     "activation_monitor_saturation_tol": Case(
         _callback("ActivationMonitor", saturation_tol=0.7), r"`saturation_tol` must be a number in \[0, 0\.5\)"
@@ -282,8 +283,7 @@ def test_cv_with_one_fold_exits_2_naming_folds(capsys):
 
     assert main(["cv", "--config", str(ROOT / "configs" / "regression.yaml"), "--folds", "1"]) == 2
     err = capsys.readouterr().err
-    assert "--folds" in err
-    assert "1" in err
+    assert re.search(r"`--folds` must be an integer >= 2, got 1", err), err
     assert "Traceback" not in err
 
 
