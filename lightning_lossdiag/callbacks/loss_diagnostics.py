@@ -9,7 +9,7 @@ from typing import Any, Literal
 from lightning.pytorch import Callback
 
 from lightning_lossdiag.callbacks._base import warn_no_logger_once
-from lightning_lossdiag.callbacks._faults import check_log_dirs_writable
+from lightning_lossdiag.callbacks._faults import check_log_dirs_writable, explain_log_dir_error
 from lightning_lossdiag.dashboards.layout import BASE_LAYOUT, merge_entries, write_layout
 from lightning_lossdiag.dashboards.writers import tensorboard_writers
 
@@ -177,6 +177,12 @@ class LossDiagnostics(Callback):
         check_log_dirs_writable(trainer)
         for hook in self._dispatch["setup"]:
             hook(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Explain an unwritable log folder on Lightning's own error, then let every part see the exception."""
+        explain_log_dir_error(trainer, exception)
+        for hook in self._dispatch["on_exception"]:
+            hook(trainer, pl_module, exception)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Warn once if there is no logger, write the custom-scalars layout, then start every part."""

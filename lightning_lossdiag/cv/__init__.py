@@ -5,7 +5,8 @@ weights), with its own Trainer and callbacks, logging to TensorBoard under one p
 (``runs/cv/<config stem>/fold_<i>`` by default, ``--out DIR`` otherwise). A fold is fitted, then validated once
 more with its final weights; every scalar of ``trainer.callback_metrics`` after that validation (``val/loss``,
 ``metrics/val/<name>``, ...) is collected, with the finding codes of the Doctor (alone or inside
-``LossDiagnostics``) at the end of the fit. At the end ``lossdiag cv`` prints a table of every metric per fold with
+``LossDiagnostics``) after that validation (as in the fold's ``lossdiag_report.json``; the Doctor's own table is
+printed only with ``--fold-reports``). At the end ``lossdiag cv`` prints a table of every metric per fold with
 mean ± std (sample standard deviation, ``ddof=1``, unless ``--ddof 0``) and writes ``cv_summary.json``.
 
 Cross-validation protocol: the DataModule of the config provides

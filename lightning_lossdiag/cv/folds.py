@@ -124,4 +124,4 @@ def class_counts(labels: Sequence[Any] | Any, rows: Sequence[int]) -> dict[str, 
     """
     y = _as_labels(labels)[np.asarray(rows, dtype=np.int64)]
     values, counts = np.unique(y, return_counts=True)
-    return {str(v.item()): int(c) for v, c in zip(values, counts, strict=True)}
+    return {str(v.item()): int(c) for v, c in zip(values, counts, strict=True)}  # numpy on the host: one-time

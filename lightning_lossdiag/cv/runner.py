@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.seed import seed_everything
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from rich.console import Console
 from torch import Tensor
@@ -80,11 +80,11 @@ def _doctors(trainer: Trainer) -> list[Any]:
 
 
 @contextmanager
-def _quiet(doctors: Sequence[Any]) -> Iterator[None]:
-    """Do not print the Doctors' tables again in the validation run that follows the fit (restored afterwards)."""
+def _quiet(doctors: Sequence[Any], quiet: bool) -> Iterator[None]:
+    """Turn off the Doctors' printed tables while in the block when ``quiet`` (their settings come back after)."""
     before = [d.print_report for d in doctors]
     for d in doctors:
-        d.print_report = False
+        d.print_report = d.print_report and not quiet
     try:
         yield
     finally:
@@ -166,6 +166,7 @@ def run_cv(
     seed: int | None = None,
     out: str | Path | None = None,
     ddof: int = DEFAULT_DDOF,
+    fold_reports: bool = False,
     console: Console | None = None,
 ) -> CVResult:
     """K-fold cross-validation of a LightningCLI config; see :mod:`lightning_lossdiag.cv` for the protocol.
@@ -178,6 +179,8 @@ def run_cv(
         seed: seed of the folds and of each fold's model (default: the config's ``seed_everything``, else 0).
         out: parent folder of the fold runs and of ``cv_summary.json`` (default ``runs/cv/<config stem>``).
         ddof: delta degrees of freedom of the standard deviation over folds (1: sample, 0: population).
+        fold_reports: let the Doctor print its table at the end of each fold's fit (default: only the codes in the
+            fold's line and the summary table; every fold's full report is in its ``lossdiag_report.json``).
         console: where to print (default: stdout).
 
     Raises:
@@ -218,11 +221,12 @@ def run_cv(
             raise CVError(f"{type(dm).__name__}.cv_dataset() changed size between folds; it must give the same rows")
         fold = splits[i]
         dm.set_fold(fold.train, fold.val)
-        trainer.fit(model, datamodule=dm)
         doctors = _doctors(trainer)
-        findings.append([f.code for d in doctors for f in d.findings] if doctors else None)
-        with _quiet(doctors):
+        with _quiet(doctors, not fold_reports):
+            trainer.fit(model, datamodule=dm)
+        with _quiet(doctors, True):  # the fit's table was enough; the report file gets the final diagnosis
             trainer.validate(model, datamodule=dm, verbose=False)
+        findings.append([f.code for d in doctors for f in d.findings] if doctors else None)
         per_fold.append(_scalar_metrics(trainer.callback_metrics))
         log_dirs.append(str(logger.log_dir))
         _print_fold(console, i, folds, fold, per_fold[-1], findings[-1], logger.log_dir)
@@ -274,6 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stratified", action="store_true", help="keep each class's share in every fold")
     parser.add_argument("--seed", type=int, default=None, help="seed of folds and models (default: seed_everything)")
     parser.add_argument("--out", default=None, help="parent folder of the fold runs (default runs/cv/<config stem>)")
+    parser.add_argument("--fold-reports", action="store_true", help="print the Doctor's table after each fold's fit")
     parser.add_argument(
         "--ddof", type=int, choices=(0, 1), default=DEFAULT_DDOF, help="std over folds: 1 sample (default), 0 numpy's"
     )
@@ -295,6 +300,7 @@ def cv_main(argv: Sequence[str]) -> int:
             seed=opts.seed,
             out=opts.out,
             ddof=opts.ddof,
+            fold_reports=opts.fold_reports,
         )
     except CVError as err:
         print(f"lossdiag cv: {err}", file=sys.stderr)

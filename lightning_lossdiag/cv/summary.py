@@ -95,13 +95,13 @@ def summary_table(
 ) -> Table:
     """A rich table: one row per metric, one column per fold, and a ``mean ± std`` column.
 
-    Two rows on top give each fold's train/val row counts; a last row the findings codes of each fold (when a
-    Doctor ran).
+    Two rows on top give each fold's train/val row counts. When a Doctor ran, a ``findings`` row gives the number
+    of findings of each fold, then one row per finding code marks the folds where it was raised (``k/K folds``).
 
     Args:
         summary: the result of :func:`summarize_folds`.
         fold_sizes: ``(train rows, val rows)`` of each fold.
-        findings: finding codes of each fold (``None`` for a fold without a Doctor), or ``None`` to leave the row out.
+        findings: finding codes of each fold (``None`` for a fold without a Doctor), or ``None`` to leave the rows out.
         title: table title.
     """
     k = len(fold_sizes)
@@ -116,10 +116,15 @@ def summary_table(
     for name, s in summary.items():
         table.add_row(name, *(format_value(v) for v in s.values), f"{format_value(s.mean)} ± {format_value(s.std)}")
     if findings is not None:
-        cells = ["-" if codes is None else (", ".join(sorted(set(codes))) or "none") for codes in findings]
-        counts = [len(codes) for codes in findings if codes is not None]
-        total = f"{sum(counts)} in all" if counts else ""
-        table.add_row("findings", *cells, total, end_section=False)
+        table.add_row(
+            "findings",
+            *("-" if codes is None else str(len(codes)) for codes in findings),
+            f"{sum(len(c) for c in findings if c is not None)} in all",
+            end_section=False,
+        )
+        for code in sorted({c for codes in findings if codes is not None for c in codes}):
+            hits = ["-" if codes is None else ("yes" if code in codes else "") for codes in findings]
+            table.add_row(f"  {code}", *hits, f"{hits.count('yes')}/{k} folds", style="yellow")
     return table
 
 

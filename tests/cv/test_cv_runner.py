@@ -59,6 +59,7 @@ def test_regression_cv_end_to_end(tmp_path, capsys):
         assert f"fold {i}" in out
     assert "val/loss" in out
     assert "ddof=1" in out
+    assert "lightning-lossdiag" not in out  # the Doctor's own table is not printed without --fold-reports
 
     data = json.loads((tmp_path / "cv_summary.json").read_text())
     assert data["folds"] == 3
@@ -119,15 +120,18 @@ def test_stratified_cv_keeps_class_shares_and_uses_default_folder(tmp_path, monk
             "--trainer.enable_checkpointing=false",
             "--ddof",
             "0",
+            "--fold-reports",
         ]
     )
     assert code == 0
+    out = capsys.readouterr().out
+    assert out.count("lightning-lossdiag") == 3  # the Doctor printed once per fold (after fit, not after validate)
+    assert "ddof=0" in out
     summary = tmp_path / "runs" / "cv" / "binary_imbalanced" / "cv_summary.json"
     data = json.loads(summary.read_text())
     assert data["stratified"] is True
     assert data["seed"] == 11
     assert data["std_ddof"] == 0
-    assert "ddof=0" in capsys.readouterr().out
     labels = ImbalancedBinaryDataModule(positive_rate=0.1, num_samples=1600, seed=0).cv_targets().tolist()
     totals = Counter(labels)
     for counts in data["val_class_counts"]:

@@ -82,7 +82,11 @@ def test_table_shows_every_fold_and_mean_std():
     console.print(table)
     text = console.export_text()
     assert "mean ± std" in text
-    for cell in ("fold 0", "fold 1", "fold 2", "0.5", "0.7", "0.9", "plateau", "none"):
+    for cell in ("fold 0", "fold 1", "fold 2", "0.5", "0.7", "0.9"):
         assert cell in text
+    findings_row = next(line for line in text.splitlines() if "findings" in line)
+    assert findings_row.split("│")[2:6] == [" " * 7 + "1 ", " " * 7 + "0 ", " " * 7 + "- ", "         1 in all "]
+    plateau_row = next(line for line in text.splitlines() if "plateau" in line)
+    assert [c.strip() for c in plateau_row.split("│")[2:6]] == ["yes", "", "-", "1/3 folds"]
     assert f"0.7 ± {np.std([0.5, 0.7, 0.9], ddof=1):.4g}" in text
     assert "ddof=1" in text

@@ -17,6 +17,7 @@ test for the single-process reference).
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
 import os
@@ -176,7 +177,8 @@ SCENARIOS = {"validate": run_validate, "nonfinite": run_nonfinite}
 
 def main(argv: list[str]) -> int:
     scenario, out, devices = argv[0], Path(argv[1]), int(argv[2])
-    os.environ.setdefault("PYTHONHASHSEED", "0")
+    # a rank that waits on a collective the other rank never makes prints where it hangs, then exits
+    faulthandler.dump_traceback_later(float(os.environ.get("LOSSDIAG_HANG_AFTER", "100")), exit=True)
     SCENARIOS[scenario](out, devices)
     return 0
 

@@ -136,10 +136,6 @@ def test_tensorboard_folder_under_a_file_fails_before_any_step_and_is_explained(
     assert "Not a directory" in note
 
 
-@pytest.mark.xfail(
-    reason="LossDiagnostics has no on_exception that calls `explain_log_dir_error` yet (see the faults report)",
-    strict=True,
-)
 def test_loss_diagnostics_explains_a_tensorboard_folder_it_cannot_create(
     tmp_path, tiny_classifier, class_loaders, trainer_kwargs
 ):
