@@ -27,8 +27,9 @@ def test_stash_detaches_and_wins_over_returned_mapping():
 
 def test_fetch_falls_back_to_returned_mapping_and_clear_forgets():
     module = nn.Linear(2, 1)
-    out = fetch_outputs(module, {"loss": torch.tensor(2.0, requires_grad=True), "preds": torch.ones(3),
-                                 "target": torch.zeros(3)}, "val")
+    out = fetch_outputs(
+        module, {"loss": torch.tensor(2.0, requires_grad=True), "preds": torch.ones(3), "target": torch.zeros(3)}, "val"
+    )
     assert out is not None
     assert torch.equal(out.target, torch.zeros(3))
     assert not out.loss.requires_grad
@@ -44,7 +45,12 @@ def test_fetch_accepts_plain_loss_tensor_for_training_only():
 
 
 def test_lightning_stage_names():
-    assert [lightning_stage(s) for s in ("train", "validate", "sanity_check", "test")] == ["train", "val", "val", "test"]
+    assert [lightning_stage(s) for s in ("train", "validate", "sanity_check", "test")] == [
+        "train",
+        "val",
+        "val",
+        "test",
+    ]
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "10"], ids=["zero", "negative", "float", "str"])
@@ -89,8 +95,16 @@ def test_host_read_counter_sees_every_kind():
         torch.tensor([t[0], t[1]])
         t.nonzero()
         t.to("cpu")
-    assert set(counter.by_kind) == {"item", "tolist", "__bool__", "__float__", "bool_mask", "tensor_of_tensors",
-                                    "nonzero", "to_cpu"}
+    assert set(counter.by_kind) == {
+        "item",
+        "tolist",
+        "__bool__",
+        "__float__",
+        "bool_mask",
+        "tensor_of_tensors",
+        "nonzero",
+        "to_cpu",
+    }
 
 
 def test_host_read_counter_ignores_reads_outside_the_package_by_default():
