@@ -229,7 +229,7 @@ def run_cv(
         findings.append([f.code for d in doctors for f in d.findings] if doctors else None)
         per_fold.append(_scalar_metrics(trainer.callback_metrics))
         log_dirs.append(str(logger.log_dir))
-        _print_fold(console, i, folds, fold, per_fold[-1], findings[-1], logger.log_dir)
+        _print_fold(console, i, folds, fold, per_fold[-1], findings[-1])
 
     summary = summarize_folds(per_fold, ddof=ddof)
     sizes = [(len(f.train), len(f.val)) for f in splits]
@@ -247,12 +247,13 @@ def run_cv(
     extra["log_dirs"] = log_dirs
     summary_path = _write_json(root / SUMMARY_NAME, summary, **extra)
     console.print(summary_table(summary, sizes, findings, title=f"{folds}-fold cross-validation of {path.name}"))
+    console.print(f"fold runs: {root / 'fold_<i>'} (tensorboard --logdir {root})")
     console.print(f"summary: {summary_path}")
     return CVResult(summary, per_fold, sizes, findings, log_dirs, summary_path, extra)
 
 
 def _print_fold(
-    console: Console, i: int, k: int, fold: Fold, metrics: Mapping[str, float], codes: list[str] | None, log_dir: str
+    console: Console, i: int, k: int, fold: Fold, metrics: Mapping[str, float], codes: list[str] | None
 ) -> None:
     loss = metrics.get("val/loss", metrics.get("val_loss"))
     parts = [f"train {len(fold.train)} / val {len(fold.val)} rows"]
@@ -260,7 +261,7 @@ def _print_fold(
         parts.append(f"val/loss {loss:.4g}")
     if codes is not None:
         parts.append(f"findings: {', '.join(sorted(set(codes))) or 'none'}")
-    console.print(f"[bold]fold {i}/{k - 1}[/]: " + " · ".join(parts) + f" · {log_dir}")
+    console.print(f"[bold]fold {i}/{k - 1}[/]: " + " · ".join(parts))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -52,8 +52,9 @@ def histogram_edges(
 ) -> Tensor:
     """The ``bins + 1`` bin edges from ``low`` to ``high``: evenly spaced, or evenly spaced in log (``low > 0``).
 
-    Linear edges are ``torch.linspace(low, high, bins + 1, dtype=dtype)``. Log edges are ``exp(linspace(log(low), log(high)))`` computed in float64, with the end points set to ``low`` and
-    ``high`` exactly, then cast to ``dtype``.
+    Linear edges are ``torch.linspace(low, high, bins + 1, dtype=dtype)``. Log edges are
+    ``exp(linspace(log(low), log(high)))`` computed in float64 with the end points set to ``low`` and ``high``
+    exactly, then cast to ``dtype``.
 
     Example:
         >>> histogram_edges(0.0, 1.0, 4).tolist()

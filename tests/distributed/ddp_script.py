@@ -94,44 +94,45 @@ def dump(out: Path, name: str, trainer: L.Trainer, payload: dict[str, Any]) -> N
     path.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
 
 
+def validate_task(task: str, out: Path, devices: int) -> None:
+    """Validate a seeded, untrained model (identical weights in every run) on the fixed validation set."""
+    val = make_data(task, N_VAL, seed=1)
+    model = make_model(task)
+    ref = reference(task, model, val)
+    diag = LossDiagnostics()
+    trainer = trainer_for(devices, out, task, "validate", callbacks=[diag])
+    trainer.validate(model, dataloaders=DataLoader(val, batch_size=BATCH))
+    payload = {
+        "reference": ref,
+        "callback_metrics": _floats(trainer.callback_metrics),
+        "report_path": getattr(diag.parts["doctor"], "report_path", None),
+        "log_dir": trainer.logger.log_dir if trainer.logger else None,
+    }
+    dump(out, f"validate_{task}", trainer, payload)
+
+
+def fit_task(task: str, out: Path, devices: int) -> None:
+    """A short fit with every part on (activations, gradients, scheduler, errors, metrics, doctor)."""
+    val = make_data(task, N_VAL, seed=1)
+    train = make_data(task, N_TRAIN, seed=2)
+    model = make_model(task)
+    diag = LossDiagnostics(every_n_steps=FLUSH_EVERY)
+    trainer = trainer_for(devices, out, task, "fit", callbacks=[diag], max_epochs=2, log_every_n_steps=FLUSH_EVERY)
+    trainer.fit(model, DataLoader(train, batch_size=BATCH), DataLoader(val, batch_size=BATCH))
+    payload = {
+        "global_step": trainer.global_step,
+        "callback_metrics": _floats(trainer.callback_metrics),
+        "report_path": getattr(diag.parts["doctor"], "report_path", None),
+        "param_sum": sum(p.detach().double().sum().item() for p in model.parameters()),
+    }
+    dump(out, f"fit_{task}", trainer, payload)
+
+
 def run_validate(out: Path, devices: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for task in ("regression", "multiclass"):
-        val = make_data(task, N_VAL, seed=1)
-        model = make_model(task)
-        ref = reference(task, model, val)
-        diag = LossDiagnostics()
-        trainer = trainer_for(devices, out, task, "validate", callbacks=[diag])
-        trainer.validate(model, dataloaders=DataLoader(val, batch_size=BATCH))
-        doctor = diag.parts["doctor"]
-        dump(
-            out,
-            f"validate_{task}",
-            trainer,
-            {
-                "reference": ref,
-                "callback_metrics": _floats(trainer.callback_metrics),
-                "report_path": getattr(doctor, "report_path", None),
-                "log_dir": trainer.logger.log_dir if trainer.logger else None,
-            },
-        )
-        # a short fit with every part on (activations, gradients, scheduler, errors, metrics, doctor)
-        fit_model = make_model(task)
-        diag = LossDiagnostics(every_n_steps=FLUSH_EVERY)
-        trainer = trainer_for(devices, out, task, "fit", callbacks=[diag], max_epochs=2, log_every_n_steps=2)
-        train = make_data(task, N_TRAIN, seed=2)
-        trainer.fit(fit_model, DataLoader(train, batch_size=BATCH), DataLoader(val, batch_size=BATCH))
-        dump(
-            out,
-            f"fit_{task}",
-            trainer,
-            {
-                "global_step": trainer.global_step,
-                "callback_metrics": _floats(trainer.callback_metrics),
-                "report_path": getattr(diag.parts["doctor"], "report_path", None),
-                "param_sum": sum(p.detach().double().sum().item() for p in fit_model.parameters()),
-            },
-        )
+        validate_task(task, out, devices)
+        fit_task(task, out, devices)
 
 
 class NaNOnRankOne(MLPRegressor):

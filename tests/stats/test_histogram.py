@@ -54,7 +54,8 @@ def test_counts_equal_histc_and_numpy_over_random_splits(case):
     finite = values[np.isfinite(values)]
     edges = np.linspace(low, high, bins + 1)
     np.testing.assert_allclose(h.edges.numpy(), edges, rtol=1e-12, atol=1e-12 * (abs(low) + abs(high)))
-    assert h.edges[0].item() == low and h.edges[-1].item() == high
+    assert h.edges[0].item() == low
+    assert h.edges[-1].item() == high
 
     # numpy on the same edges: [e_i, e_i+1), the last bin closed (values == high go into the last bin).
     expected_np, _ = np.histogram(finite, bins=h.edges.numpy())
@@ -172,7 +173,8 @@ def test_raw_args_round_trip_through_tensorboard(tmp_path):
     inside = values[(values >= -3) & (values <= 3)]
     expected_bins, _ = np.histogram(inside, bins=np.linspace(-3, 3, 13))
     under, over = int((values < -3).sum()), int((values > 3).sum())
-    assert under > 0 and over > 0
+    assert under > 0
+    assert over > 0
     assert args["bucket_counts"] == [under, *expected_bins.tolist(), over]
     assert args["bucket_limits"][0] == -3.0
     assert args["bucket_limits"][-1] == pytest.approx(values.max())

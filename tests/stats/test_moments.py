@@ -87,7 +87,8 @@ def test_merging_with_empty_changes_nothing_and_empty_is_nan():
     empty = RunningMoments()
     assert float(empty.count) == 0
     assert math.isnan(float(empty.var))
-    assert float(empty.min) == math.inf and float(empty.max) == -math.inf
+    assert float(empty.min) == math.inf
+    assert float(empty.max) == -math.inf
 
 
 def test_per_column_moments():

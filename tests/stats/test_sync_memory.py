@@ -1,8 +1,8 @@
 """sync across ranks (fake 2-rank gather, Lightning-style gathers, real gloo), fixed state size, no host reads."""
 
 import importlib.util
-import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +62,8 @@ def test_sync_merges_counts_and_moments_like_the_concatenation():
     top = torch.sort(finite.abs(), descending=True).values[:20]
     assert torch.equal(merged["worst"].scores[2:], top[:18])  # the two NaN errors rank first
     assert merged["worst"].scores[:2].isnan().all()
-    assert merged["sample"].filled == 128 and int(merged["sample"].seen) == len(target)
+    assert merged["sample"].filled == 128
+    assert int(merged["sample"].seen) == len(target)
 
 
 def test_lightning_single_device_gather_returning_the_tensor_is_a_world_of_one():
@@ -152,9 +153,13 @@ def test_state_dict_round_trip_and_to_for_every_class():
         fresh.load_state_dict(s.state_dict())
         assert_same_state(fresh, s)
         moved = fresh.to("cpu")
-        assert moved is fresh and all(t.device.type == "cpu" for t in fresh.state)
+        assert moved is fresh
+        assert all(t.device.type == "cpu" for t in fresh.state)
         fresh.reset()
         assert_same_state(fresh, make_stats()[name])
+        clone = pickle.loads(pickle.dumps(s))  # callbacks holding these states must pickle
+        assert_same_state(clone, s)
+        assert clone.state_bytes() == s.state_bytes()
 
 
 def test_load_state_dict_rejects_other_shapes():
