@@ -82,7 +82,7 @@ class ErrorDistributionMonitor(Callback):
 
     def __init__(
         self,
-        stages: Sequence[Literal["train", "val", "test"]] = ("val",),
+        stages: Sequence[Literal["train", "val", "test"]] = ("val", "test"),
         task: Literal["auto", "regression", "binary", "multiclass", "multilabel"] = "auto",
         bins: int = 64,
         residual_range: tuple[float, float] | None = None,

@@ -145,7 +145,7 @@ class MetricCurves(Callback):
 
     def __init__(
         self,
-        stages: Sequence[Literal["train", "val", "test"]] = ("train", "val"),
+        stages: Sequence[Literal["train", "val", "test"]] = ("train", "val", "test"),
         task: Literal["auto", "regression", "binary", "multiclass", "multilabel"] = "auto",
         num_classes: int | None = None,
         thresholds: int = 101,

@@ -152,8 +152,8 @@ class BinnedErrors(StreamingStat):
 def quantile_edges_from_sample(values: Tensor, bins: int) -> Tensor:
     """Bin edges at the ``0, 1/bins, ..., 1`` quantiles of the finite ``values`` (e.g. ``BoundedSample.rows[:, 0]``).
 
-    Repeated quantiles are merged, so fewer than ``bins`` bins come back when values repeat; if all values are
-    equal, the single bin ``[v - 0.5, v + 0.5]`` is returned. Epoch-time helper: it reads values on the host.
+    Repeated quantiles (equal within ``1e-9`` of the largest magnitude) are merged, so fewer than ``bins`` bins come
+    back when values repeat; if all values are equal, the single bin ``[v - 0.5, v + 0.5]`` is returned. Epoch-time helper: it reads values on the host.
 
     Raises:
         ValueError: if ``bins`` is not a positive integer or there is no finite value.
@@ -168,10 +168,15 @@ def quantile_edges_from_sample(values: Tensor, bins: int) -> Tensor:
     if flat.numel() == 0:
         raise ValueError("`values` must contain at least one finite value to choose bin edges, got none")
     q = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=flat.device)
-    edges = torch.unique(torch.quantile(flat, q))  # epoch-time: sorted, de-duplicated
-    if edges.numel() < 2:
-        return torch.stack([edges[0] - 0.5, edges[0] + 0.5])
-    return edges
+    quantiles = torch.quantile(flat, q).tolist()  # epoch-time host read: choosing edges is not per step
+    tol = 1e-9 * max(abs(quantiles[0]), abs(quantiles[-1]))  # interpolation can split a repeated value by an ulp
+    edges = [quantiles[0]]
+    for value in quantiles[1:]:
+        if value - edges[-1] > tol:
+            edges.append(value)
+    if len(edges) < 2:
+        edges = [edges[0] - 0.5, edges[0] + 0.5]
+    return torch.tensor(edges, dtype=torch.float64, device=flat.device)
 
 
 __all__ = ["BinnedErrors", "BinnedState", "quantile_edges_from_sample"]

@@ -236,7 +236,7 @@ def test_layout_entries_and_bad_arguments():
     entries = cb.layout_entries()
     assert entries["AUROC"] == ["metrics/train/auroc", "metrics/val/auroc"]
     assert "MAE" not in entries
-    assert MetricCurves(task="regression").layout_entries()["MAE"] == ["metrics/train/mae", "metrics/val/mae"]
+    assert MetricCurves(task="regression").layout_entries()["MAE"] == ["metrics/train/mae", "metrics/val/mae", "metrics/test/mae"]
     with pytest.raises(ValueError, match="`stages`"):
         MetricCurves(stages=("validation",))
     with pytest.raises(ValueError, match="`task` must be"):

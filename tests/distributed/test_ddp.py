@@ -91,8 +91,8 @@ def test_cli_ddp_fit_writes_everything_once_on_rank_zero(cli_run):
     assert len(reports) == 1, reports
     assert events[0].parent == reports[0].parent
     report = json.loads(reports[0].read_text())
-    assert report["status"] == "finished"
-    assert report["global_step"] == 8  # 2 epochs x 4 batches on each rank: every rank stepped together
+    assert report["summary"]["status"] == "finished"
+    assert report["summary"]["global_step"] == 8  # 2 epochs x 4 batches on each rank: every rank stepped together
 
     acc = _events(events[0].parent)
     steps = [e.step for e in acc.Scalars("train/loss")]
@@ -237,8 +237,8 @@ def test_ddp_nan_on_one_rank_stop(nonfinite_run):
     folder = nonfinite_run / "nonfinite" / "stop"
     assert (folder / "nonfinite_stop.ckpt").is_file()
     report = json.loads(Path(ranks[0]["report_path"]).read_text())
-    assert report["status"] == "finished"
-    assert report["global_step"] == bad_step
+    assert report["summary"]["status"] == "finished"
+    assert report["summary"]["global_step"] == bad_step
     assert "nonfinite_grad" in ranks[0]["findings"]
     assert ranks[1]["report_path"] is None
     assert len(_files(folder, "lossdiag_report.json")) == 1
