@@ -153,7 +153,8 @@ def quantile_edges_from_sample(values: Tensor, bins: int) -> Tensor:
     """Bin edges at the ``0, 1/bins, ..., 1`` quantiles of the finite ``values`` (e.g. ``BoundedSample.rows[:, 0]``).
 
     Repeated quantiles (equal within ``1e-9`` of the largest magnitude) are merged, so fewer than ``bins`` bins come
-    back when values repeat; if all values are equal, the single bin ``[v - 0.5, v + 0.5]`` is returned. Epoch-time helper: it reads values on the host.
+    back when values repeat; if all values are equal, the single bin ``[v - 0.5, v + 0.5]`` is returned.
+    Epoch-time helper: it reads values on the host.
 
     Raises:
         ValueError: if ``bins`` is not a positive integer or there is no finite value.
