@@ -199,6 +199,18 @@ class Doctor(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._capture(trainer)
+        self._note_early_stopping(trainer, self._attach(trainer))
+
+    @staticmethod
+    def _note_early_stopping(trainer: Trainer, record: RunRecord) -> None:
+        """Note every EarlyStopping that ended the run: the fit rules then say the problem was already handled."""
+        stopped = [
+            {"monitor": str(cb.monitor), "stopped_epoch": int(cb.stopped_epoch)}
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if isinstance(cb, EarlyStopping) and int(getattr(cb, "stopped_epoch", 0) or 0) > 0
+        ]
+        if stopped:
+            record.notes["callbacks/early_stopped"] = stopped
 
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

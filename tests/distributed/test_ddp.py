@@ -29,7 +29,8 @@ TIMEOUT = 120
 
 def _load_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("lossdiag_ddp_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -45,7 +46,9 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"DDP run did not finish within {TIMEOUT} s (a rank waits on the other): {cmd}\n{err.stdout}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -176,7 +179,8 @@ def test_ddp_only_rank_zero_writes(validate_run, task):
     for stage in ("validate", "fit"):
         name = f"{stage}_{task}"
         ranks = _ranks(validate_run, name)
-        assert ranks[0]["report_path"] is not None and Path(ranks[0]["report_path"]).is_file()
+        assert ranks[0]["report_path"] is not None
+        assert Path(ranks[0]["report_path"]).is_file()
         assert ranks[1]["report_path"] is None
     assert len(_files(validate_run / task, "events.out.tfevents.*")) == 2  # one per Trainer (validate, fit)
     assert len(_files(validate_run / task, "lossdiag_report.json")) == 2
@@ -195,7 +199,8 @@ def test_ddp_fit_with_every_part(validate_run, task):
     assert any(t.startswith("act/") for t in tags)
     for key in ("train/loss", "grad/norm_total"):
         written = [e.step for e in acc.Scalars(key)]
-        assert written == sorted(set(written)) and written[-1] == steps
+        assert written == sorted(set(written))
+        assert written[-1] == steps
 
 
 def ddp_metric(task: str) -> str:

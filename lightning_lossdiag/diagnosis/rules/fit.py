@@ -83,6 +83,34 @@ def _overfitting(record: RunRecord, cfg: DoctorConfig, key: str, val: Series) ->
     return Finding("overfitting", "warning", msg, val[best_idx][0], evidence)
 
 
+def _early_stopped_on(record: RunRecord, key: str) -> int | None:
+    """The epoch at which an EarlyStopping monitoring ``key`` ended the run, or ``None``.
+
+    Example:
+        >>> r = RunRecord()
+        >>> r.notes["callbacks/early_stopped"] = [{"monitor": "val/loss", "stopped_epoch": 7}]
+        >>> _early_stopped_on(r, "val/loss"), _early_stopped_on(r, "val_loss")
+        (7, None)
+    """
+    for entry in record.notes.get("callbacks/early_stopped", None) or []:
+        if isinstance(entry, dict) and entry.get("monitor") == key:
+            return int(entry.get("stopped_epoch", 0))
+    return None
+
+
+def _handled_by_early_stopping(record: RunRecord, finding: Finding, key: str) -> Finding:
+    """Downgrade a fit finding to ``info`` when EarlyStopping on the same metric already ended the run."""
+    epoch = _early_stopped_on(record, key)
+    if epoch is None:
+        return finding
+    message = (
+        f"{finding.message} EarlyStopping on {key} already ended the run at epoch {epoch}, as it should: keep the "
+        f"best checkpoint (`ModelCheckpoint(monitor='{key}')`) rather than the last weights."
+    )
+    evidence = {**finding.evidence, "early_stopped_epoch": epoch}
+    return Finding(finding.code, "info", message, finding.step, evidence)
+
+
 def _at_min_lr(record: RunRecord) -> str:
     """A sentence when some learning rate already sits at its ReduceLROnPlateau ``min_lr`` (else empty)."""
     configs = record.notes.get("scheduler/plateau")
@@ -135,7 +163,7 @@ def overfitting(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     if key is None or len(val) < 2:
         return []
     found = _overfitting(record, cfg, key, val)
-    return [found] if found else []
+    return [_handled_by_early_stopping(record, found, key)] if found else []
 
 
 def plateau(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
@@ -161,7 +189,7 @@ def plateau(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     if key is None:
         return []
     found = _plateau(record, cfg, key, series)
-    return [found] if found else []
+    return [_handled_by_early_stopping(record, found, key)] if found else []
 
 
 RULES = (plateau, overfitting)
