@@ -8,6 +8,7 @@ status 2, without a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_lossdiag.dashboards.writers import log_dirs
 
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -71,6 +74,29 @@ class LossDiagCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs["trainer_defaults"] = defaults
         super().__init__(*args, **kwargs)
+
+    def _print_where(self) -> None:
+        """Say where the logs and the report went (global rank 0), so a newcomer knows what to open."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        for folder in log_dirs(trainer):
+            print(f"lossdiag: TensorBoard logs in {folder} (view: tensorboard --logdir {os.path.dirname(folder)})")
+            report = os.path.join(folder, "lossdiag_report.json")
+            if os.path.exists(report):
+                print(f"lossdiag: diagnosis report in {report}")
+
+    def after_fit(self) -> None:
+        """Called by LightningCLI after ``fit``."""
+        self._print_where()
+
+    def after_validate(self) -> None:
+        """Called by LightningCLI after ``validate``."""
+        self._print_where()
+
+    def after_test(self) -> None:
+        """Called by LightningCLI after ``test``."""
+        self._print_where()
 
 
 def config_stem(argv: Sequence[str]) -> str | None:

@@ -80,12 +80,16 @@ def test_config_stem():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
-def test_fit_each_config_writes_train_loss(config, tmp_path, monkeypatch):
+def test_fit_each_config_writes_train_loss(config, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lossdiag", *_short_fit_args(config, tmp_path / "runs")])
     assert main() == 0
     run_dir = tmp_path / "runs" / config / "version_0"
     assert list(run_dir.glob("events.out.tfevents.*"))
+    out = capsys.readouterr().out
+    assert f"TensorBoard logs in {run_dir}" in out  # the CLI says where to look
+    assert f"diagnosis report in {run_dir / 'lossdiag_report.json'}" in out
+    assert (run_dir / "lossdiag_report.json").is_file()
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     tags = acc.Tags()["scalars"]

@@ -134,9 +134,22 @@ def _ranges_from(
 
 
 class RegressionState:
-    """Residual, |error|, target and prediction histograms; a bounded (target, prediction) sample; worst rows."""
+    """Residual, |error|, target and prediction histograms; a bounded (target, prediction) sample; worst rows.
 
-    def __init__(self, ranges: dict[str, Any], bins: int, sample_size: int, worst_k: int, device: torch.device) -> None:
+    ``seed`` seeds the sample's random keys: give each DDP rank its own (the monitor passes the global rank), or
+    every rank keeps the rows at the same positions of its shard and the merged sample is not uniform.
+    """
+
+    def __init__(
+        self,
+        ranges: dict[str, Any],
+        bins: int,
+        sample_size: int,
+        worst_k: int,
+        device: torch.device,
+        *,
+        seed: int = 0,
+    ) -> None:
         self.device = torch.device(device)
         self.ranges = ranges
         (r_low, r_high), (v_low, v_high) = ranges["residual"], ranges["value"]
@@ -145,7 +158,7 @@ class RegressionState:
         self.target_dist = FixedHistogram(v_low, v_high, bins, device=device)
         self.pred_dist = FixedHistogram(v_low, v_high, bins, device=device)
         self.moments = RunningMoments(device=device)
-        self.sample = BoundedSample(sample_size, 2, device=device)
+        self.sample = BoundedSample(sample_size, 2, seed=seed, device=device)
         self.worst = TopKWorst(worst_k, 4, device=device)
         self.binned = BinnedErrors(list(ranges["edges"]), device=device)  # host list: no read
         self.seen = 0

@@ -7,6 +7,7 @@ a few numbers on the FIRST batch only (0/1 targets? predictions in ``[0, 1]``? r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -205,6 +206,41 @@ def as_rows(probs: Tensor, target: Tensor, info: TaskInfo) -> tuple[Tensor, Tens
     return values, labels, max(1, values.shape[0] // n)
 
 
+def step_parts(preds: Any, target: Any, criterion: nn.Module | None) -> list[tuple[str | None, Any, Tensor, Tensor]]:
+    """Split a step into ``(term, criterion, preds, target)`` parts: one per head of a multi-task step.
+
+    Tensors give one part with term ``None``. Mappings ``head -> tensor`` give one part per term of a composite
+    criterion (anything with ``losses``, ``output_keys`` and ``target_keys``, like
+    :class:`~lightning_lossdiag.losses.CompositeLoss`), each with the term's own loss; without one, one part per key
+    found in both mappings, with no criterion. Parts whose tensors are missing are skipped. No host read.
+
+    Example:
+        >>> from lightning_lossdiag.losses import CompositeLoss
+        >>> loss = CompositeLoss({"ctr": "bce_with_logits", "cvr": {"loss": "mse", "output": "cvr_out"}})
+        >>> preds = {"ctr": torch.zeros(2), "cvr_out": torch.ones(2)}
+        >>> target = {"ctr": torch.ones(2), "cvr": torch.ones(2)}
+        >>> parts = step_parts(preds, target, loss)
+        >>> [(term, type(crit).__name__, p.tolist()) for term, crit, p, _ in parts]
+        [('ctr', 'BCEWithLogitsLoss', [0.0, 0.0]), ('cvr', 'MSELoss', [1.0, 1.0])]
+    """
+    if isinstance(preds, Tensor) and isinstance(target, Tensor):
+        return [(None, criterion, preds, target)]
+    if not isinstance(preds, Mapping) or not isinstance(target, Mapping):
+        return []
+    losses = getattr(criterion, "losses", None)
+    out_keys, tgt_keys = getattr(criterion, "output_keys", None), getattr(criterion, "target_keys", None)
+    if isinstance(losses, nn.ModuleDict) and isinstance(out_keys, Mapping) and isinstance(tgt_keys, Mapping):
+        terms = [(str(n), losses[n], out_keys.get(n, n), tgt_keys.get(n, n)) for n in losses]
+    else:
+        terms = [(str(k), None, k, k) for k in preds if k in target]
+    parts: list[tuple[str | None, Any, Tensor, Tensor]] = []
+    for term, loss, p_key, t_key in terms:
+        p, t = preds.get(p_key), target.get(t_key)
+        if isinstance(p, Tensor) and isinstance(t, Tensor):
+            parts.append((term, loss, p, t))
+    return parts
+
+
 def align_regression(preds: Tensor, target: Tensor) -> tuple[Tensor, bool]:
     """``preds`` reshaped to ``target``'s shape when only the shape differs (``(N, 1)`` vs ``(N,)``).
 
@@ -236,5 +272,6 @@ __all__ = [
     "as_rows",
     "infer_task",
     "infer_task_info",
+    "step_parts",
     "to_probabilities",
 ]

@@ -19,7 +19,7 @@ from lightning_lossdiag.callbacks._error_states import (
     StageState,
     regression_ranges,
 )
-from lightning_lossdiag.callbacks._task import TASKS, TaskInfo, align_regression, infer_task_info
+from lightning_lossdiag.callbacks._task import TASKS, TaskInfo, align_regression, infer_task_info, step_parts
 from lightning_lossdiag.dashboards.writers import tensorboard_writers
 from lightning_lossdiag.diagnosis.findings import Finding
 from lightning_lossdiag.diagnosis.record import record_for
@@ -58,8 +58,16 @@ class ErrorDistributionMonitor(Callback):
     | ``errors/<stage>/majority_pred_share`` | scalar | epoch end | binary, multiclass |
     | ``errors/<stage>/out_of_range`` | scalar | epoch end | all (share of values outside the histogram ranges) |
     | ``errors/<stage>/samples`` | scalar | epoch end | all |
+    | ``errors/<stage>/<term>/residual``, ``errors/<stage>/<term>/confusion_matrix``,
+    ``errors/<stage>/<term>/pr_curve/<class>``, ``errors/<stage>/<term>/worst``, ... (every key above) |
+    as above | epoch end | multi-task steps, each term's own task |
 
-    Run-record notes: ``task`` and ``data/class_counts`` (``{"stage", "counts"}``, classification). A regression
+    Multi-task steps (``preds``/``target`` mappings ``head -> tensor``, e.g. a
+    :class:`~lightning_lossdiag.losses.CompositeLoss`) get each key once per loss term, with the term after the stage
+    (``errors/val/ctr/pr_curve/1``); each term's task comes from its own loss. Single-tensor steps keep the keys above.
+
+    Run-record notes: ``task`` (multi-task: the terms' common task, if they share one) and ``data/class_counts``
+    (``{"stage", "counts"}``, classification; multi-task adds ``"heads": {term: counts}``). A regression
     module whose ``(N, 1)`` predictions meet ``(N,)`` targets gets a ``shape_broadcast`` finding (and is squeezed).
 
     Args:
@@ -201,7 +209,8 @@ class ErrorDistributionMonitor(Callback):
         if stage not in self.stages:
             return
         step = fetch_outputs(pl_module, outputs, stage)
-        if step is None or not isinstance(step.preds, Tensor) or not isinstance(step.target, Tensor):
+        parts = step_parts(step.preds, step.target, step.criterion) if step is not None else []
+        if not parts:
             if stage not in self._warned:
                 self._warned.add(stage)
                 rank_zero_warn(
@@ -209,75 +218,97 @@ class ErrorDistributionMonitor(Callback):
                     'or return {"loss", "preds", "target"}); no error distributions for this stage.'
                 )
             return
-        preds, target = step.preds, step.target
-        if stage not in self._states:
-            self._start_stage(trainer, pl_module, stage, step.criterion, preds, target)
-        info = self._info[stage]
-        if info.task == "regression":
-            preds, _ = align_regression(preds, target)
-        self._states[stage].update(preds, target, rank=int(trainer.global_rank), world=int(trainer.world_size))
+        rank, world = int(trainer.global_rank), int(trainer.world_size)
+        for term, criterion, preds, target in parts:
+            slot = stage if term is None else f"{stage}/{term}"  # keys: errors/<stage>[/<term>]/...
+            if slot not in self._states:
+                self._start_slot(trainer, pl_module, slot, criterion, preds, target)
+            if self._info[slot].task == "regression":
+                preds, _ = align_regression(preds, target)
+            self._states[slot].update(preds, target, rank=rank, world=world)
 
-    def _start_stage(
-        self, trainer: Trainer, pl_module: LightningModule, stage: str, criterion: Any, preds: Tensor, target: Tensor
+    def _start_slot(
+        self, trainer: Trainer, pl_module: LightningModule, slot: str, criterion: Any, preds: Tensor, target: Tensor
     ) -> None:
-        """First batch of a stage: infer the task and fit ranges (one-time host reads; never on later batches)."""
-        info = self._info.get(stage) or infer_task_info(criterion, preds, target, self.task)
+        """First batch of a stage (or of one term of it): infer the task and fit ranges (one-time host reads)."""
+        info = self._info.get(slot) or infer_task_info(criterion, preds, target, self.task)
         if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
             info = TaskInfo(info.task, info.inputs, self.num_classes)
-        self._info[stage] = info
-        record_for(trainer).notes["task"] = info.task
-        gather = make_gather(trainer, pl_module)
+        self._info[slot] = info
+        _note_task(record_for(trainer).notes, self._info, slot)
         if info.task == "regression":
             aligned, changed = align_regression(preds, target)
             if changed and criterion is None:
-                record_for(trainer).add_finding(_broadcast_finding(stage, preds, target, int(trainer.global_step)))
-            if stage not in self._ranges:
-                self._ranges[stage] = regression_ranges(aligned, target, self.target_bins, self.residual_range, gather)
-        self._states[stage] = self._make_state(stage, preds.device)
+                record_for(trainer).add_finding(_broadcast_finding(slot, preds, target, int(trainer.global_step)))
+            if slot not in self._ranges:
+                gather = make_gather(trainer, pl_module)
+                self._ranges[slot] = regression_ranges(aligned, target, self.target_bins, self.residual_range, gather)
+        self._states[slot] = self._make_state(slot, preds.device, int(trainer.global_rank))
 
-    def _make_state(self, stage: str, device: torch.device) -> StageState:
-        info = self._info[stage]
+    def _make_state(self, slot: str, device: torch.device, rank: int = 0) -> StageState:
+        info = self._info[slot]
         if info.task == "regression":
-            return RegressionState(self._ranges[stage], self.bins, self.sample_size, self.worst_k, device)
+            # each DDP rank draws its own sample keys (a shared seed would pick the same positions on every rank)
+            return RegressionState(self._ranges[slot], self.bins, self.sample_size, self.worst_k, device, seed=rank)
         return ClassificationState(info, self.bins, self.thresholds, self.worst_k, device)
+
+    def _slots(self, stage: str) -> list[str]:
+        """The state keys of ``stage``: ``stage`` itself and ``stage/<term>`` for multi-task steps (sorted)."""
+        return sorted(s for s in self._states if s == stage or s.startswith(f"{stage}/"))
 
     # ---- epoch end (host reads allowed) ------------------------------------------------------------------------
     def _finish_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        state = self._states.get(stage)
-        if state is None or stage not in self.stages:
+        slots = self._slots(stage)
+        if not slots or stage not in self.stages:
             return
         epoch = self._epochs.get(stage, 0)
         self._epochs[stage] = epoch + 1
+        rank = int(trainer.global_rank)
         if epoch % self.log_every_n_epochs == 0:
-            state.sync(make_gather(trainer, pl_module))  # epoch end: collective merge across ranks
             step = int(trainer.global_step)
-            prefix = f"errors/{stage}"
-            scalars = to_host(state.scalars(prefix))  # one host transfer of the epoch's scalars
-            log_scalars(trainer, scalars, step)
             record = record_for(trainer)
-            record.notes["task"] = self._info[stage].task
-            counts = state.class_counts()  # epoch end: host list of class counts (classification)
-            if counts is not None:
-                record.notes["data/class_counts"] = {"stage": stage, "counts": counts}
+            scalars: dict[str, Tensor] = {}
+            counts: dict[str, list[int]] = {}
+            for slot in slots:
+                state = self._states[slot]
+                state.sync(make_gather(trainer, pl_module))  # epoch end: collective merge across ranks
+                scalars.update(state.scalars(f"errors/{slot}"))
+                slot_counts = state.class_counts()  # epoch end: host list of class counts (classification)
+                if slot_counts is not None:
+                    counts[slot] = slot_counts
+            log_scalars(trainer, to_host(scalars), step)  # one host transfer of the epoch's scalars
+            for slot in slots:
+                _note_task(record.notes, self._info, slot)
+            if stage in counts:
+                record.notes["data/class_counts"] = {"stage": stage, "counts": counts[stage]}
+            elif counts:
+                heads = {slot.split("/", 1)[1]: c for slot, c in counts.items()}
+                first = next(iter(heads.values()))
+                record.notes["data/class_counts"] = {"stage": stage, "counts": first, "heads": heads}
             for writer in tensorboard_writers(trainer):
-                state.write(writer, prefix, step)  # epoch end, rank 0: histograms, figures, curves, text
-            if isinstance(state, RegressionState) and self.residual_range is None:
-                self._ranges[stage] = state.refit_ranges(self.target_bins)  # epoch end: next epoch's ranges
-        self._states[stage] = self._make_state(stage, state.device)  # fresh, same size, for the next epoch
+                for slot in slots:
+                    self._states[slot].write(writer, f"errors/{slot}", step)  # epoch end, rank 0: figures, text
+            for slot in slots:
+                state = self._states[slot]
+                if isinstance(state, RegressionState) and self.residual_range is None:
+                    self._ranges[slot] = state.refit_ranges(self.target_bins)  # epoch end: next epoch's ranges
+        for slot in slots:
+            self._states[slot] = self._make_state(slot, self._states[slot].device, rank)  # fresh, for the next epoch
 
     def held_bytes(self) -> int:
         """Bytes of device state held for all stages (bounded: independent of the number of samples)."""
         return sum(s.nbytes() for s in self._states.values())
 
     def layout_entries(self) -> dict[str, list[str]]:
-        """Custom-scalars charts: title -> tag regexes (one chart of the error scalars per stage)."""
+        """Custom-scalars charts: title -> tag regexes (one chart of the error scalars per stage, and per term seen)."""
+        terms = [s for s in self._info if "/" in s and s.split("/", 1)[0] in self.stages]
         return {
             f"Errors: {s}": [
                 f"errors/{s}/constant_pred_std",
                 f"errors/{s}/majority_pred_share",
                 f"errors/{s}/out_of_range",
             ]
-            for s in self.stages
+            for s in [*self.stages, *terms]
         }
 
     @override
@@ -298,6 +329,17 @@ class ErrorDistributionMonitor(Callback):
             )
         self._ranges = {s: dict(r) for s, r in dict(state_dict.get("ranges", {})).items()}
         self._epochs = {s: int(e) for s, e in dict(state_dict.get("epochs", {})).items()}
+
+
+def _note_task(notes: dict[str, Any], infos: Mapping[str, TaskInfo], slot: str) -> None:
+    """Run-record note ``task``: the stage's task, or the terms' common task (left alone when terms differ)."""
+    if "/" not in slot:
+        notes["task"] = infos[slot].task
+        return
+    stage = slot.split("/", 1)[0]
+    tasks = {i.task for s, i in infos.items() if s.startswith(f"{stage}/")}
+    if len(tasks) == 1:
+        notes["task"] = next(iter(tasks))
 
 
 def _broadcast_finding(stage: str, preds: Tensor, target: Tensor, step: int) -> Finding:

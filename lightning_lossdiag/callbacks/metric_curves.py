@@ -21,6 +21,7 @@ from lightning_lossdiag.callbacks._task import (
     align_regression,
     as_rows,
     infer_task_info,
+    step_parts,
     to_probabilities,
 )
 from lightning_lossdiag.diagnosis.record import record_for
@@ -127,6 +128,12 @@ class MetricCurves(Callback):
     scalar | epoch end | classification |
     | ``metrics/<stage>/balanced_accuracy`` | scalar | epoch end | binary (macro recall) |
     | ``metrics/<stage>/recall/<class>`` | scalar | epoch end | multiclass, multilabel |
+    | ``metrics/<stage>/<term>/<name>`` (every name above, e.g. ``metrics/val/ctr/auroc``),
+    ``metrics/<stage>/<term>/recall/<class>`` | scalar | epoch end | multi-task steps, each term's own task |
+
+    Multi-task steps (``preds``/``target`` mappings ``head -> tensor``, e.g. a
+    :class:`~lightning_lossdiag.losses.CompositeLoss`) get one set of metrics per loss term, keyed with the term after
+    the stage; each term's task comes from its own loss. Single-tensor steps keep the keys above.
 
     Args:
         stages: stages to measure, from ``"train"``, ``"val"``, ``"test"``.
@@ -244,7 +251,8 @@ class MetricCurves(Callback):
         if stage not in self.stages:
             return
         step = fetch_outputs(pl_module, outputs, stage)
-        if step is None or not isinstance(step.preds, Tensor) or not isinstance(step.target, Tensor):
+        parts = step_parts(step.preds, step.target, step.criterion) if step is not None else []
+        if not parts:
             if stage not in self._warned:
                 self._warned.add(stage)
                 rank_zero_warn(
@@ -252,18 +260,27 @@ class MetricCurves(Callback):
                     '{"loss", "preds", "target"}); no metrics for this stage.'
                 )
             return
-        preds, target = step.preds, step.target
-        if stage not in self._modules:
-            info = self._info.get(stage) or infer_task_info(step.criterion, preds, target, self.task)  # first batch
-            if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
-                info = TaskInfo(info.task, info.inputs, self.num_classes)
-            sequence = info.task == "regression" and preds.ndim >= 2 and preds.shape[-1] >= 2
-            self._info[stage] = info
-            self._modules[stage] = nn.ModuleDict(build_metrics(info, self.thresholds, self.metrics, sequence)).to(
-                preds.device
-            )
-        info = self._info[stage]
-        metrics = self._stage_metrics(stage)
+        for term, criterion, preds, target in parts:
+            slot = stage if term is None else f"{stage}/{term}"  # keys: metrics/<stage>[/<term>]/<name>
+            if slot not in self._modules:
+                self._start_slot(slot, criterion, preds, target)
+            self._update_slot(slot, preds, target)
+        self._updated[stage] = True
+
+    def _start_slot(self, slot: str, criterion: Any, preds: Tensor, target: Tensor) -> None:
+        """First batch of a stage (or of one term of it): the task and the metrics (one-time host read at most)."""
+        info = self._info.get(slot) or infer_task_info(criterion, preds, target, self.task)
+        if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
+            info = TaskInfo(info.task, info.inputs, self.num_classes)
+        sequence = info.task == "regression" and preds.ndim >= 2 and preds.shape[-1] >= 2
+        self._info[slot] = info
+        metrics = build_metrics(info, self.thresholds, self.metrics, sequence)
+        self._modules[slot] = nn.ModuleDict(metrics).to(preds.device)
+
+    def _update_slot(self, slot: str, preds: Tensor, target: Tensor) -> None:
+        """Update the metrics of one stage (or term) with one batch, on the device."""
+        info = self._info[slot]
+        metrics = self._stage_metrics(slot)
         if info.task == "regression":
             preds, _ = align_regression(preds, target)
             flat_p, flat_t = preds.reshape(-1).float(), target.reshape(-1).float()
@@ -279,21 +296,25 @@ class MetricCurves(Callback):
                     metric.update(curve_probs, curve_target)
                 else:
                     metric.update(labels, label_target)
-        self._updated[stage] = True
 
-    def _stage_metrics(self, stage: str) -> dict[str, Metric]:
-        return {name: m for name, m in self._modules.get(stage, nn.ModuleDict()).items() if isinstance(m, Metric)}
+    def _stage_metrics(self, slot: str) -> dict[str, Metric]:
+        return {name: m for name, m in self._modules.get(slot, nn.ModuleDict()).items() if isinstance(m, Metric)}
+
+    def _slots(self, stage: str) -> list[str]:
+        """The metric sets of ``stage``: ``stage`` itself and ``stage/<term>`` for multi-task steps (sorted)."""
+        return sorted(s for s in self._modules if s == stage or s.startswith(f"{stage}/"))
 
     def compute_stage(self, stage: str) -> dict[str, Tensor]:
-        """The current values of ``stage`` as device tensors keyed ``metrics/<stage>/<name>`` (per class split)."""
+        """The current values of ``stage`` as device tensors keyed ``metrics/<stage>[/<term>]/<name>`` (per class split)."""
         values: dict[str, Tensor] = {}
-        for name, metric in self._stage_metrics(stage).items():
-            value = metric.compute()
-            if name == "recall_per_class":
-                for c in range(value.shape[0]):
-                    values[f"metrics/{stage}/recall/{c}"] = value[c]
-            else:
-                values[f"metrics/{stage}/{name}"] = value
+        for slot in self._slots(stage):
+            for name, metric in self._stage_metrics(slot).items():
+                value = metric.compute()
+                if name == "recall_per_class":
+                    for c in range(value.shape[0]):
+                        values[f"metrics/{slot}/recall/{c}"] = value[c]
+                else:
+                    values[f"metrics/{slot}/{name}"] = value
         return values
 
     def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -303,13 +324,14 @@ class MetricCurves(Callback):
         for key, value in values.items():
             pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=False)
         record_for(trainer).add_scalars(int(trainer.global_step), to_host(values))  # one host transfer (epoch end)
-        for metric in self._stage_metrics(stage).values():
-            metric.reset()
+        for slot in self._slots(stage):
+            for metric in self._stage_metrics(slot).values():
+                metric.reset()
         self._updated[stage] = False
 
     # ---- layout and state ------------------------------------------------------------------------------------
     def layout_entries(self) -> dict[str, list[str]]:
-        """Custom-scalars charts: title -> tag regexes, one chart per metric with a line per stage."""
+        """Custom-scalars charts: title -> tag regexes, one chart per metric with a line per stage (and term seen)."""
         tasks: set[str]
         if self._info:
             tasks = {info.task for info in self._info.values()}
@@ -318,13 +340,14 @@ class MetricCurves(Callback):
         else:
             tasks = set(TASKS)
         names = [n for t in TASKS if t in tasks for n in METRIC_NAMES[t] if self.metrics is None or n in self.metrics]
+        slots = [*self.stages, *(s for s in self._info if "/" in s and s.split("/", 1)[0] in self.stages)]
         entries: dict[str, list[str]] = {}
         for name in dict.fromkeys(names):
             if name == "recall_per_class":
-                entries["Recall per class"] = [f"metrics/{s}/recall/.*" for s in self.stages]
+                entries["Recall per class"] = [f"metrics/{s}/recall/.*" for s in slots]
             else:
                 title = _TITLES.get(name, name.replace("_", " ").capitalize())
-                entries[title] = [f"metrics/{s}/{name}" for s in self.stages]
+                entries[title] = [f"metrics/{s}/{name}" for s in slots]
         return entries
 
     @override

@@ -150,7 +150,14 @@ def test_uninterrupted_run_has_something_to_resume(runs):
 def test_resumed_part_state_equals_uninterrupted(runs, part):
     full, resumed = _state(runs, "full"), _state(runs, "resumed")
     assert resumed["global_step"] == full["global_step"] == TOTAL_STEPS
-    _assert_close(resumed["diagnostics"][part], full["diagnostics"][part], part)
+    if part == "doctor":
+        _assert_close(
+            _without_train_metrics(resumed["diagnostics"][part]),
+            _without_train_metrics(full["diagnostics"][part]),
+            part,
+        )
+    else:
+        _assert_close(resumed["diagnostics"][part], full["diagnostics"][part], part)
 
 
 def _without_train_metrics(doctor: dict[str, Any]) -> dict[str, Any]:
@@ -250,8 +257,15 @@ def runs_off_flush(tmp_path_factory, runs) -> Path:
     return tmp
 
 
-@pytest.mark.parametrize("part", ["gradients", "scheduler", "nonfinite"])
+@pytest.mark.parametrize("part", ["loss", "gradients", "scheduler", "nonfinite", "doctor"])
 def test_resume_from_a_checkpoint_between_flushes(runs, runs_off_flush, part):
     full, resumed = _state(runs, "full"), _state(runs_off_flush, "resumed")
     assert resumed["global_step"] == TOTAL_STEPS
-    _assert_close(resumed["diagnostics"][part], full["diagnostics"][part], part)
+    if part == "doctor":
+        _assert_close(
+            _without_train_metrics(resumed["diagnostics"][part]),
+            _without_train_metrics(full["diagnostics"][part]),
+            part,
+        )
+    else:
+        _assert_close(resumed["diagnostics"][part], full["diagnostics"][part], part)
