@@ -96,8 +96,34 @@ def input_problems(
         return _elementwise_problems(task, traits.inputs, name, preds, target, value_heuristics)
     if task == "multiclass":
         ignore = getattr(criterion, "ignore_index", None)
-        return _multiclass_problems(traits.inputs, name, preds, target, ignore, value_heuristics)
+        weights = _class_weights(criterion)
+        return _multiclass_problems(traits.inputs, name, preds, target, ignore, value_heuristics, weights)
     return []
+
+
+def _class_weights(criterion: nn.Module) -> tuple[str, Tensor] | None:
+    """``(argument name, tensor)`` of a multiclass loss's per-class weights (``weight``; ``alpha`` of focal)."""
+    for attr, arg in (("weight", "weight"), ("class_weights", "alpha")):
+        value = getattr(criterion, attr, None)
+        if isinstance(value, Tensor):
+            return arg, value
+    return None
+
+
+def _weight_problem(name: str, weights: tuple[str, Tensor] | None, preds: Tensor) -> Problem | None:
+    """A class-weight vector whose length is not the number of classes ``preds.shape[1]`` (shapes only: no read)."""
+    if weights is None:
+        return None
+    arg, weight = weights
+    n_cls = int(preds.shape[1])
+    if weight.dim() == 1 and weight.numel() == n_cls:
+        return None
+    got = f"{weight.numel()} weights" if weight.dim() == 1 else f"a tensor of shape {tuple(weight.shape)}"
+    msg = (
+        f"{name}: `{arg}` must hold one weight per class, C = {n_cls} classes for `preds` of shape "
+        f"{tuple(preds.shape)} (dim 1), got {got}. Give {n_cls} weights, or check the model's number of outputs."
+    )
+    return Problem(True, msg)
 
 
 def _elementwise_problems(
@@ -149,10 +175,19 @@ def _elementwise_problems(
 
 
 def _multiclass_problems(
-    inputs: str, name: str, preds: Tensor, target: Tensor, ignore: Any, value_heuristics: bool
+    inputs: str,
+    name: str,
+    preds: Tensor,
+    target: Tensor,
+    ignore: Any,
+    value_heuristics: bool,
+    weights: tuple[str, Tensor] | None = None,
 ) -> list[Problem]:
     if preds.ndim < 2:
         return [Problem(True, f"{name} expects scores of shape (N, C), got `preds` of shape {tuple(preds.shape)}.")]
+    weight_problem = _weight_problem(name, weights, preds)
+    if weight_problem is not None:
+        return [weight_problem]
     n_cls = int(preds.shape[1])
     soft = target.shape == preds.shape and target.is_floating_point()
     expected = (int(preds.shape[0]), *preds.shape[2:])

@@ -214,6 +214,9 @@ ERROR_CASES = [
     ("cross_entropy", 5, "none", CLASSES_N.unsqueeze(1), "squeeze\\(1\\)", None),
     ("nll", 5, "none", CLASSES_N.int(), "torch.long", None),
     ("cross_entropy", 5, "none", CLASSES_N + 1, "must lie in \\[0, 4\\]", None),
+    ({"name": "cross_entropy", "weight": [1.0, 2.0, 3.0]}, 5, "none", CLASSES_N, "`weight` .*C = 5 .*got 3", None),
+    ({"name": "nll", "weight": [1.0] * 6}, 5, "none", CLASSES_N, "`weight` .*C = 5 classes.*got 6 weights", None),
+    ({"name": "focal", "alpha": [0.5, 0.5]}, 5, "none", CLASSES_N, "`alpha` .*C = 5 classes.*got 2 weights", None),
 ]
 
 
@@ -229,6 +232,9 @@ ERROR_CASES = [
         "ce-n1",
         "nll-int32",
         "ce-range",
+        "ce-weight-length",
+        "nll-weight-length",
+        "focal-alpha-length",
     ],
 )
 def test_first_batch_errors(loss, out, transform, target, match, code):
@@ -279,8 +285,10 @@ def test_first_batch_warnings_once_with_finding(loss, out, transform, target, ma
         ("bce", 1, "sigmoid", BINARY_N),
         ("cross_entropy", 5, "none", CLASSES_N),
         ("cross_entropy", 5, "none", nn.functional.one_hot(CLASSES_N, 5).float()),  # soft labels are fine
+        ({"name": "cross_entropy", "weight": [1.0, 2.0, 1.0, 0.5, 1.0]}, 5, "none", CLASSES_N),
+        ({"name": "focal", "alpha": [1.0, 2.0, 1.0, 0.5, 1.0]}, 5, "none", CLASSES_N),
     ],
-    ids=["mse", "bce-logits", "bce-probs", "ce", "ce-soft"],
+    ids=["mse", "bce-logits", "bce-probs", "ce", "ce-soft", "ce-weight", "focal-alpha"],
 )
 def test_correct_inputs_pass_without_findings(loss, out, transform, target):
     model = _Probe(loss, out, transform)
@@ -323,6 +331,19 @@ def test_input_problems_composite_term_labels():
     target = {"ctr": torch.zeros(8), "cvr": torch.zeros(8)}
     with pytest.raises(ValueError, match="term 'ctr'.*broadcast"):
         model._check_first_batch(None, model.criterion, preds, target)
+
+
+def test_wrong_weight_length_is_our_error_before_torch_raises():
+    weighted = nn.CrossEntropyLoss(weight=torch.ones(2))
+    logits, target = torch.randn(8, 3), torch.arange(8) % 3
+    with pytest.raises(RuntimeError, match="weight"):  # what the user would see without the check
+        weighted(logits, target)
+    model = _Probe({"name": "cross_entropy", "weight": [1.0, 2.0]}, 3, "none")
+    with pytest.raises(ValueError, match=r"`weight` must hold one weight per class, C = 3 classes .*got 2 weights"):
+        model.compute_loss(logits, target, stage="val")
+    problems = input_problems(weighted, logits, target)
+    assert [p.is_error for p in problems] == [True]
+    assert input_problems(nn.CrossEntropyLoss(weight=torch.ones(3)), logits, target) == []
 
 
 # ---------------------------------------------------------------- construction and auto weights

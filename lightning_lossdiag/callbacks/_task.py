@@ -229,6 +229,7 @@ def step_parts(preds: Any, target: Any, criterion: nn.Module | None) -> list[tup
         return []
     losses = getattr(criterion, "losses", None)
     out_keys, tgt_keys = getattr(criterion, "output_keys", None), getattr(criterion, "target_keys", None)
+    terms: list[tuple[str, nn.Module | None, Any, Any]]
     if isinstance(losses, nn.ModuleDict) and isinstance(out_keys, Mapping) and isinstance(tgt_keys, Mapping):
         terms = [(str(n), losses[n], out_keys.get(n, n), tgt_keys.get(n, n)) for n in losses]
     else:

@@ -305,7 +305,7 @@ class MetricCurves(Callback):
         return sorted(s for s in self._modules if s == stage or s.startswith(f"{stage}/"))
 
     def compute_stage(self, stage: str) -> dict[str, Tensor]:
-        """The current values of ``stage`` as device tensors keyed ``metrics/<stage>[/<term>]/<name>`` (per class split)."""
+        """Current values of ``stage`` as device tensors keyed ``metrics/<stage>[/<term>]/<name>`` (per class split)."""
         values: dict[str, Tensor] = {}
         for slot in self._slots(stage):
             for name, metric in self._stage_metrics(slot).items():

@@ -1,6 +1,7 @@
 """ErrorDistributionMonitor on real small Trainers, read back from the TensorBoard event files."""
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from tensorboard.util import tensor_util
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_lossdiag.callbacks._error_states import regression_ranges
+from lightning_lossdiag.callbacks._task import TaskInfo
 from lightning_lossdiag.callbacks.error_distribution import ErrorDistributionMonitor
 from lightning_lossdiag.diagnosis.record import record_for
 from lightning_lossdiag.testing import HostReadCounter
@@ -288,3 +291,99 @@ def test_layout_state_and_bad_arguments(tmp_path):
         ErrorDistributionMonitor(stages=("predict",))
     with pytest.raises(ValueError, match="`task`"):
         ErrorDistributionMonitor(task="segmentation")
+
+
+# ---------------------------------------------------------------- multi-task (CompositeLoss over heads)
+
+
+def _multitask_val_outputs(model, dm):
+    model.eval()
+    preds, target = {"ctr": [], "cvr": []}, {"ctr": [], "cvr": []}
+    with torch.no_grad():
+        for x, y in dm.val_dataloader():
+            out = model(x)
+            for head in preds:
+                preds[head].append(out[head])
+                target[head].append(y[head])
+    return {h: torch.cat(v) for h, v in preds.items()}, {h: torch.cat(v) for h, v in target.items()}
+
+
+def test_multitask_writes_per_term_keys_equal_to_torchmetrics(tmp_path):
+    from lightning_lossdiag.examples import MultiTaskDataModule, MultiTaskMLP
+
+    dm = MultiTaskDataModule(num_samples=400, batch_size=32, seed=0)
+    torch.manual_seed(0)
+    model = MultiTaskMLP(in_features=6, hidden=8, depth=1)
+    trainer = _trainer(tmp_path, [ErrorDistributionMonitor(stages=("val",), thresholds=101, worst_k=5)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, dm)
+    assert not [w for w in caught if "handed no tensor" in str(w.message)]
+    preds, target = _multitask_val_outputs(model, dm)
+    n_val = target["ctr"].numel()
+    assert n_val == 64  # both val batches were seen (limit_val_batches=2)
+    acc = _events(trainer)
+
+    tensors, images, hists = set(acc.Tags()["tensors"]), set(acc.Tags()["images"]), set(acc.Tags()["histograms"])
+    for head in ("ctr", "cvr"):
+        assert f"errors/val/{head}/pr_curve/1" in tensors
+        assert f"errors/val/{head}/worst/text_summary" in tensors
+        assert f"errors/val/{head}/confusion_matrix" in images
+        assert {f"errors/val/{head}/true_class_prob", f"errors/val/{head}/target_dist"} <= hists
+        probs, labels = preds[head].sigmoid(), target[head].long()
+        precision, recall, _ = tmfc.binary_precision_recall_curve(probs, labels, thresholds=101)
+        data = tensor_util.make_ndarray(acc.Tensors(f"errors/val/{head}/pr_curve/1")[-1].tensor_proto)
+        ok = ~np.isnan(precision[:-1].numpy())
+        np.testing.assert_allclose(data[4][ok], precision[:-1].numpy()[ok], atol=1e-5)
+        np.testing.assert_allclose(data[5], recall[:-1].numpy(), atol=1e-5)
+        hist = acc.Histograms(f"errors/val/{head}/true_class_prob")[-1].histogram_value
+        true_prob = torch.where(labels == 1, probs, 1 - probs)
+        assert hist.num == n_val
+        assert hist.sum == pytest.approx(true_prob.sum().item(), rel=1e-4)
+        assert (
+            acc.Histograms(f"errors/val/{head}/target_dist")[-1].histogram_value.bucket
+            == np.bincount(labels, minlength=2).tolist()
+        )
+    assert not any(t.startswith(("errors/val/pr_curve", "errors/val/worst")) for t in tensors)  # no untermed keys
+    record = record_for(trainer)
+    assert record.last("errors/val/ctr/samples") == n_val
+    assert record.last("errors/val/cvr/samples") == n_val
+    assert record.notes["task"] == "binary"
+    heads = record.notes["data/class_counts"]["heads"]
+    assert heads == {h: np.bincount(target[h].long(), minlength=2).tolist() for h in ("ctr", "cvr")}
+    assert "Errors: val/ctr" in trainer.callbacks[0].layout_entries()
+
+
+def test_multitask_no_host_reads_in_validation_batches_after_the_first(tmp_path):
+    from lightning_lossdiag.examples import MultiTaskDataModule, MultiTaskMLP
+
+    counter = HostReadCounter()
+    probe = _ValReadProbe(counter)
+    monitor = ErrorDistributionMonitor(stages=("val",))
+    with counter:
+        trainer = _trainer(tmp_path, [probe, monitor], epochs=2, logger=False)
+        trainer.fit(MultiTaskMLP(in_features=6, hidden=8, depth=1), MultiTaskDataModule(num_samples=400, batch_size=32))
+    assert len(probe.reads) == 4
+    assert probe.reads[1:] == [0, 0, 0]
+    assert sorted(monitor.state_dict()["info"]) == ["val/ctr", "val/cvr"]
+
+
+# ---------------------------------------------------------------- DDP: per-rank sample keys
+
+
+def test_each_rank_draws_its_own_sample_keys():
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(64, generator=g)
+    p = t + 0.1 * torch.randn(64, generator=g)
+    monitor = ErrorDistributionMonitor(stages=("val",), sample_size=8)
+    monitor._info["val"] = TaskInfo("regression", "values")
+    monitor._ranges["val"] = regression_ranges(p, t, 4, None, lambda x: x.unsqueeze(0))
+    states = {rank: monitor._make_state("val", torch.device("cpu"), rank) for rank in (0, 1)}
+    again = monitor._make_state("val", torch.device("cpu"), 0)
+    for rank, state in [*states.items(), (0, again)]:
+        state.update(p, t, rank=rank, world=2)
+    keys0, keys1 = states[0].sample.keys, states[1].sample.keys
+    assert keys0.shape == keys1.shape == (8,)
+    assert not torch.equal(keys0, keys1)  # a shared seed would give both ranks the same keys
+    assert not torch.equal(states[0].sample.rows, states[1].sample.rows)  # and so the same sampled positions
+    assert torch.equal(again.sample.keys, keys0)  # the seed, not chance, makes the difference

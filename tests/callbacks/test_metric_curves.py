@@ -1,6 +1,7 @@
 """MetricCurves on real small Trainers: values equal torchmetrics' functional values on the full data."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -236,7 +237,11 @@ def test_layout_entries_and_bad_arguments():
     entries = cb.layout_entries()
     assert entries["AUROC"] == ["metrics/train/auroc", "metrics/val/auroc"]
     assert "MAE" not in entries
-    assert MetricCurves(task="regression").layout_entries()["MAE"] == ["metrics/train/mae", "metrics/val/mae", "metrics/test/mae"]
+    assert MetricCurves(task="regression").layout_entries()["MAE"] == [
+        "metrics/train/mae",
+        "metrics/val/mae",
+        "metrics/test/mae",
+    ]
     with pytest.raises(ValueError, match="`stages`"):
         MetricCurves(stages=("validation",))
     with pytest.raises(ValueError, match="`task` must be"):
@@ -257,3 +262,88 @@ def test_state_round_trip(tmp_path):
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state
     assert not math.isnan(len(state))
+
+
+# ---------------------------------------------------------------- multi-task (CompositeLoss over heads)
+
+
+class _ValCapture(Callback):
+    """Keeps the predictions and targets of each validation step (after the monitors, outside fit's sanity check)."""
+
+    def __init__(self):
+        self.preds, self.target = [], []
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.preds, self.target = [], []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        with torch.no_grad():
+            self.preds.append({k: v.detach().clone() for k, v in pl_module(x).items()})
+        self.target.append({k: v.clone() for k, v in y.items()})
+
+    def stacked(self):
+        heads = self.preds[0].keys()
+        return (
+            {h: torch.cat([p[h] for p in self.preds]) for h in heads},
+            {h: torch.cat([t[h] for t in self.target]) for h in heads},
+        )
+
+
+def test_multitask_metrics_per_term_equal_torchmetrics(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_lossdiag.examples import MultiTaskDataModule, MultiTaskMLP
+
+    torch.manual_seed(0)
+    model = MultiTaskMLP(in_features=6, hidden=8, depth=1)
+    capture = _ValCapture()
+    trainer = _trainer(
+        tmp_path,
+        [MetricCurves(stages=("val",), thresholds=101), capture],
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, MultiTaskDataModule(num_samples=400, batch_size=32, seed=0))
+    assert not [w for w in caught if "handed no tensor" in str(w.message)]
+    preds, target = capture.stacked()
+    assert target["ctr"].numel() == 64
+
+    acc = EventAccumulator(trainer.logger.log_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for head in ("ctr", "cvr"):
+        probs, labels = preds[head].sigmoid(), target[head].long()
+        expected = {
+            "auroc": tmf.auroc(probs, labels, task="binary", thresholds=101),
+            "average_precision": tmf.average_precision(probs, labels, task="binary", thresholds=101),
+            "f1": tmf.f1_score(probs, labels, task="binary"),
+            "accuracy": ((probs > 0.5).long() == labels).float().mean(),  # by hand
+        }
+        for name, value in expected.items():
+            key = f"metrics/val/{head}/{name}"
+            assert key in tags, sorted(tags)
+            events = acc.Scalars(key)
+            assert len(events) == 2  # one per epoch
+            assert events[-1].value == pytest.approx(value.item(), abs=1e-5), key
+            assert trainer.callback_metrics[key].item() == pytest.approx(value.item(), abs=1e-6), key
+    assert not any(t.startswith("metrics/val/") and t.count("/") == 2 for t in tags)  # no untermed keys
+    ctr_auroc = tmf.auroc(preds["ctr"].sigmoid(), target["ctr"].long(), task="binary", thresholds=101).item()
+    assert record_for(trainer).values("metrics/val/ctr/auroc")[-1] == pytest.approx(ctr_auroc, abs=1e-6)
+
+
+def test_multitask_no_host_reads_in_validation_batches_after_the_first(tmp_path):
+    from lightning_lossdiag.examples import MultiTaskDataModule, MultiTaskMLP
+
+    counter = HostReadCounter()
+    probe = _ValReadProbe(counter)
+    curves = MetricCurves(stages=("val",))
+    with counter:
+        trainer = _trainer(tmp_path, [probe, curves], epochs=2)
+        trainer.fit(MultiTaskMLP(in_features=6, hidden=8, depth=1), MultiTaskDataModule(num_samples=400, batch_size=32))
+    assert len(probe.reads) == 4
+    assert probe.reads[1:] == [0, 0, 0]
+    assert "metrics/val/cvr/balanced_accuracy" in trainer.callback_metrics
+    assert curves.layout_entries()["AUROC"] == ["metrics/val/auroc", "metrics/val/ctr/auroc", "metrics/val/cvr/auroc"]

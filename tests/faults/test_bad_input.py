@@ -162,6 +162,18 @@ CASES: dict[str, Case] = {
         _first_batch("cross_entropy", _LOGITS3, torch.tensor([0, 1, 2, 3, 0, 1, 2, 0])),
         r"class indices must lie in \[0, 2\] for 3 classes, got \[0, 3\]",
     ),
+    "ce_weight_wrong_length": Case(
+        _first_batch({"name": "cross_entropy", "weight": [1.0, 2.0]}, _LOGITS3, _CLASSES3),
+        r"`weight` must hold one weight per class, C = 3 classes .*got 2 weights",
+    ),
+    "nll_weight_wrong_length": Case(
+        _first_batch({"name": "nll", "weight": [1.0, 2.0, 3.0, 4.0]}, _LOGITS3.log_softmax(1), _CLASSES3),
+        r"`weight` must hold one weight per class, C = 3 classes .*got 4 weights",
+    ),
+    "focal_alpha_list_wrong_length": Case(
+        _first_batch({"name": "focal", "alpha": [1.0, 2.0]}, _LOGITS3, _CLASSES3),
+        r"`alpha` must hold one weight per class, C = 3 classes .*got 2 weights",
+    ),
     "mixin_bad_stage": Case(
         lambda: _Module("mse").compute_loss(torch.zeros(2), torch.zeros(2), stage="training"),
         r"`stage` must be one of .*got 'training'",
@@ -233,15 +245,7 @@ CASES: dict[str, Case] = {
 
 _OURS = (LossConfigError, ValueError, TypeError)
 
-_NOT_CAUGHT_YET = {
-    # torch raises at the first forward ("weight tensor should be defined either for all 3 classes ..."): neither
-    # build_loss (it cannot know the number of classes) nor the mixin's first-batch check compares the length of
-    # `weight` with preds.shape[1] yet.
-    "ce_weight_wrong_length": Case(
-        _first_batch({"name": "cross_entropy", "weight": [1.0, 2.0]}, _LOGITS3, _CLASSES3),
-        r"`weight`.*3 classes.*2",
-    ),
-}
+_NOT_CAUGHT_YET: dict[str, Case] = {}  # cases our code does not catch yet (strict xfail); none at the moment
 _PARAMS = [pytest.param(case, id=name) for name, case in CASES.items()] + [
     pytest.param(case, id=name, marks=pytest.mark.xfail(reason="not caught by lightning_lossdiag yet", strict=True))
     for name, case in _NOT_CAUGHT_YET.items()

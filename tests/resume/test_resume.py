@@ -150,25 +150,12 @@ def test_uninterrupted_run_has_something_to_resume(runs):
 def test_resumed_part_state_equals_uninterrupted(runs, part):
     full, resumed = _state(runs, "full"), _state(runs, "resumed")
     assert resumed["global_step"] == full["global_step"] == TOTAL_STEPS
-    if part == "doctor":
-        _assert_close(
-            _without_train_metrics(resumed["diagnostics"][part]),
-            _without_train_metrics(full["diagnostics"][part]),
-            part,
-        )
-    else:
-        _assert_close(resumed["diagnostics"][part], full["diagnostics"][part], part)
+    _assert_close(resumed["diagnostics"][part], full["diagnostics"][part], part)
 
 
-def _without_train_metrics(doctor: dict[str, Any]) -> dict[str, Any]:
-    scalars = doctor["record"]["scalars"]
-    return {
-        **doctor,
-        "record": {
-            **doctor["record"],
-            "scalars": {k: v for k, v in scalars.items() if not k.startswith(TRAIN_METRICS)},
-        },
-    }
+def _without(doctor: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
+    scalars = {k: v for k, v in doctor["record"]["scalars"].items() if not k.startswith(prefixes)}
+    return {**doctor, "record": {**doctor["record"], "scalars": scalars}}
 
 
 TRAIN_METRICS = "metrics/train/"
@@ -180,7 +167,7 @@ def test_resumed_doctor_record_and_findings_equal_uninterrupted(runs):
     assert any(k.startswith(TRAIN_METRICS) for k in doctor_resumed["record"]["scalars"])
     # every series (train/loss, grad/*, plateau/*, errors/*, metrics/val/*, val/loss, ...), the notes and findings;
     # the training metrics of the epoch the run was resumed in are checked by the xfail test below
-    _assert_close(_without_train_metrics(doctor_resumed), _without_train_metrics(doctor_full), "doctor")
+    _assert_close(_without(doctor_resumed, (TRAIN_METRICS,)), _without(doctor_full, (TRAIN_METRICS,)), "doctor")
     assert resumed["findings"] == full["findings"]
 
 
@@ -257,15 +244,31 @@ def runs_off_flush(tmp_path_factory, runs) -> Path:
     return tmp
 
 
+#: GradientMonitor keys over the steps since the last flush: its window accumulators are not in the checkpoint
+GRAD_WINDOW = ("grad/norm_total_max", "grad/clip_rate")
+
+
 @pytest.mark.parametrize("part", ["loss", "gradients", "scheduler", "nonfinite", "doctor"])
 def test_resume_from_a_checkpoint_between_flushes(runs, runs_off_flush, part):
     full, resumed = _state(runs, "full"), _state(runs_off_flush, "resumed")
     assert resumed["global_step"] == TOTAL_STEPS
-    if part == "doctor":
-        _assert_close(
-            _without_train_metrics(resumed["diagnostics"][part]),
-            _without_train_metrics(full["diagnostics"][part]),
-            part,
-        )
-    else:
-        _assert_close(resumed["diagnostics"][part], full["diagnostics"][part], part)
+    expected, actual = full["diagnostics"][part], resumed["diagnostics"][part]
+    if part == "doctor":  # every series but the two xfail cases (train metrics above, gradient window below)
+        expected, actual = (_without(d, (TRAIN_METRICS, *GRAD_WINDOW)) for d in (expected, actual))
+    _assert_close(actual, expected, part)
+
+
+@pytest.mark.xfail(
+    reason="GradientMonitor.state_dict holds values as of the last flush: the device accumulators since then "
+    "(norm_total_max, clip_count, steps, the non-finite count and first step) are not saved, so the first flush "
+    "after resuming from a checkpoint between flushes covers only the steps after the resume",
+    strict=True,
+)
+def test_gradient_window_survives_a_checkpoint_between_flushes(runs, runs_off_flush):
+    full, resumed = _state(runs, "full"), _state(runs_off_flush, "resumed")
+    key = "grad/norm_total_max"
+    _assert_close(
+        resumed["diagnostics"]["doctor"]["record"]["scalars"][key],
+        full["diagnostics"]["doctor"]["record"]["scalars"][key],
+        key,
+    )
