@@ -117,7 +117,11 @@ def regression_ranges(
 def _ranges_from(
     max_abs: float, low: float, high: float, edges: list[float], residual_range: tuple[float, float] | None
 ) -> dict[str, Any]:
-    span = high - low if math.isfinite(high - low) and high > low else max(1.0, abs(high))
+    finite_ends = [v for v in (low, high) if math.isfinite(v)]
+    if len(finite_ends) < 2:  # NaN/inf predictions (after a NaN step): a unit range around what is left
+        centre = finite_ends[0] if finite_ends else 0.0
+        low, high = centre - 1.0, centre + 1.0
+    span = high - low if high > low else max(1.0, abs(high))
     v_low, v_high = low - 0.5 * span, high + 0.5 * span
     big = max_abs * _RESIDUAL_MARGIN if math.isfinite(max_abs) and max_abs > 0 else max(span, 1e-6)
     r_low, r_high = residual_range if residual_range is not None else (-big, big)
@@ -231,6 +235,7 @@ class RegressionState:
     def refit_ranges(self, target_bins: int) -> dict[str, Any]:
         """Ranges for the next epoch from this epoch's merged sample (epoch end; one host read)."""
         rows = self.sample.rows
+        rows = rows[torch.isfinite(rows).all(dim=1)]  # epoch end: boolean mask on the host-bound sample is fine
         if rows.shape[0] < 2:
             return self.ranges
         t, p = rows[:, 0], rows[:, 1]
