@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import json
 import sys
 from pathlib import Path
 
@@ -90,6 +91,11 @@ def test_fit_each_config_writes_train_loss(config, tmp_path, monkeypatch, capsys
     assert f"TensorBoard logs in {run_dir}" in out  # the CLI says where to look
     assert f"diagnosis report in {run_dir / 'lossdiag_report.json'}" in out
     assert (run_dir / "lossdiag_report.json").is_file()
+    # `lossdiag report` on the finished run reads its event files back and prints the same kind of table
+    assert main(["report", str(run_dir), "--json"]) == 0
+    offline = json.loads(capsys.readouterr().out)
+    assert isinstance(offline["findings"], list)
+    assert offline["summary"]["last"]["train/loss"] == pytest.approx(acc.Scalars("train/loss")[-1].value)
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     tags = acc.Tags()["scalars"]
