@@ -204,7 +204,9 @@ class LossMixin(_Base):
             writes = any(getattr(cb, "writes_train_loss", False) is True for cb in getattr(trainer, "callbacks", []))
             opts: dict[str, Any] = {"on_step": True, "on_epoch": False, "logger": has_logger and not writes}
         else:
-            opts = {"on_step": False, "on_epoch": True, "logger": has_logger}
+            # sync_dist with on_epoch reduces once at epoch end (not per step): every rank, and rank 0's logger, sees
+            # the loss over the whole validation set under DDP, so schedulers and early stopping agree across ranks.
+            opts = {"on_step": False, "on_epoch": True, "logger": has_logger, "sync_dist": True}
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, **opts)
         for name, value in terms.items():
             self.log(f"{stage}/loss/{name}", value, batch_size=batch_size, **opts)

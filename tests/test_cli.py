@@ -91,11 +91,6 @@ def test_fit_each_config_writes_train_loss(config, tmp_path, monkeypatch, capsys
     assert f"TensorBoard logs in {run_dir}" in out  # the CLI says where to look
     assert f"diagnosis report in {run_dir / 'lossdiag_report.json'}" in out
     assert (run_dir / "lossdiag_report.json").is_file()
-    # `lossdiag report` on the finished run reads its event files back and prints the same kind of table
-    assert main(["report", str(run_dir), "--json"]) == 0
-    offline = json.loads(capsys.readouterr().out)
-    assert isinstance(offline["findings"], list)
-    assert offline["summary"]["last"]["train/loss"] == pytest.approx(acc.Scalars("train/loss")[-1].value)
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     tags = acc.Tags()["scalars"]
@@ -104,6 +99,11 @@ def test_fit_each_config_writes_train_loss(config, tmp_path, monkeypatch, capsys
     assert len(acc.Scalars("train/loss")) >= 1
     if config == "multitask":
         assert {"val/loss/ctr", "val/loss/cvr"} <= set(tags)
+    # `lossdiag report` on the finished run reads its event files back and prints the same kind of table
+    assert main(["report", str(run_dir), "--json"]) == 0
+    offline = json.loads(capsys.readouterr().out)
+    assert isinstance(offline["findings"], list)
+    assert offline["summary"]["last"]["train/loss"] == pytest.approx(acc.Scalars("train/loss")[-1].value)
 
 
 @pytest.mark.slow

@@ -207,11 +207,6 @@ def ddp_metric(task: str) -> str:
     return "mae" if task == "regression" else "accuracy"
 
 
-@pytest.mark.xfail(
-    reason="LossMixin logs `val/loss` per rank (self.log without sync_dist=True), so under DDP rank 0 writes its "
-    "own half's loss and each rank's ReduceLROnPlateau watches a different value",
-    strict=True,
-)
 def test_ddp_val_loss_is_the_mean_over_all_rows(validate_run):
     ranks = _ranks(validate_run, "validate_regression")
     expected = ranks[0]["reference"]["mse"]  # loss="mse": the validation loss over all rows is the MSE
