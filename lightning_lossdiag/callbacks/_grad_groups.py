@@ -62,11 +62,13 @@ def resolve_depth(module: nn.Module, depth: int | str, max_groups: int) -> int:
     if depth != AUTO_DEPTH:
         return int(depth)
     paths = [name.rpartition(".")[0] for name, _ in module.named_parameters()]
-    best = 1
+    best, count = 1, 0
     for d in range(1, _MAX_AUTO_DEPTH + 1):
-        if len({group_of(p, d) for p in paths}) > max_groups:
+        n = len({group_of(p, d) for p in paths})
+        if n > max_groups:
             break
-        best = d
+        if n > count:  # a deeper cut that splits nothing further is not taken
+            best, count = d, n
     return best
 
 
