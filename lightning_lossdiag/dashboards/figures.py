@@ -141,13 +141,19 @@ def pred_vs_true_figure(
     ax.set_title(f"{title} (n={target.size} sampled)")
     ax.legend(loc="upper left")
     ax2 = fig.add_subplot(1, 2, 2)
-    widths = np.diff(edges)
+    # Target bins are quantiles of the targets (about equally full), so they are drawn as equal-width categories
+    # labelled by their range; the outer bins are open-ended.
     safe = np.where(np.isfinite(mean_abs), mean_abs, 0.0)
-    bars = ax2.bar(edges[:-1], safe, width=widths, align="edge", edgecolor="black", alpha=0.7)
+    positions = np.arange(safe.size)
+    bars = ax2.bar(positions, safe, width=0.8, edgecolor="black", alpha=0.7)
     for bar, n in zip(bars, count, strict=True):
         ax2.annotate(
-            f"{int(n)}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7
+            f"n={int(n)}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7
         )
+    labels = [f"{edges[i]:.3g}..{edges[i + 1]:.3g}" for i in range(safe.size)]
+    if safe.size > 1:
+        labels[0], labels[-1] = f"< {edges[1]:.3g}", f">= {edges[-2]:.3g}"
+    ax2.set_xticks(positions, labels, rotation=45, ha="right", fontsize=7)
     ax2.set_xlabel("true value (bin)")
     ax2.set_ylabel("mean |error|")
     ax2.set_title("Absolute error by target bin")
