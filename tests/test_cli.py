@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+import json
 import re
 import subprocess
-import json
 import sys
 from pathlib import Path
 
@@ -16,17 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["regression", "binary_imbalanced", "multiclass", "multitask"]
 
 
-def _callbacks_override() -> list[str]:
-    """Drop LossDiagnostics from the configs while it cannot be built yet (parts written in parallel)."""
-    try:
-        from lightning_lossdiag import LossDiagnostics
-
-        LossDiagnostics()
-    except Exception:
-        return ["--trainer.callbacks=[]"]
-    return []
-
-
 def _short_fit_args(config: str, save_dir: Path) -> list[str]:
     return [
         "fit",
@@ -38,7 +27,6 @@ def _short_fit_args(config: str, save_dir: Path) -> list[str]:
         "--trainer.enable_progress_bar=false",
         "--trainer.log_every_n_steps=2",
         f"--trainer.logger.init_args.save_dir={save_dir}",
-        *_callbacks_override(),
     ]
 
 
