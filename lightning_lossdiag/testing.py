@@ -43,9 +43,7 @@ _READ_METHODS: dict[Any, str] = {
     Tensor.__index__: "__index__",
     Tensor.nonzero: "nonzero",
     torch.nonzero: "nonzero",
-    Tensor.any: None,  # placeholder keys removed below; kept for readability of what is *not* a read
 }
-_READ_METHODS = {k: v for k, v in _READ_METHODS.items() if v is not None}
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _THIS_FILE = os.path.abspath(__file__)
 
