@@ -54,6 +54,10 @@ def _compiled_ids(root: nn.Module) -> tuple[set[int], list[str]]:
     return ids, paths
 
 
+#: At most this many values of a layer's output are kept for its epoch-end histogram (the first ones: whole samples).
+HIST_VALUES = 1 << 16
+
+
 def _loss_module_ids(root: nn.Module) -> set[int]:
     """Ids of loss modules inside ``root`` (``torch.nn`` losses and the ``criterion`` of a LossMixin): not layers."""
     ids: set[int] = set()
@@ -129,7 +133,8 @@ class ActivationMonitor(Callback):
                                              Softsign only)
     ``act/dead_frac/<layer>``      flush     share of units (slices along ``unit_dim``: features, or channels of a
                                              conv) that are 0 for every sample of the batch (also in the run record)
-    ``act/hist/<layer>``           epoch end histogram (TensorBoard) of the last flush batch's values, ``hist_bins``
+    ``act/hist/<layer>``           epoch end histogram (TensorBoard) of the last flush batch's values (the first
+                                             ``HIST_VALUES`` = 65,536 of each layer's output), ``hist_bins``
                                              equal bins over the observed min/max
     ============================== ========= ======================================================================
 
@@ -228,12 +233,13 @@ class ActivationMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        hists, self._epoch_hists = self._epoch_hists, {}
+        values, self._epoch_hists = self._epoch_hists, {}
         writers = tensorboard_writers(trainer)
-        if not hists or not writers:
+        if not values or not writers:
             return
-        names = list(hists)
-        rows = torch.stack([hists[n] for n in names]).cpu().tolist()  # epoch end: one host transfer for all layers
+        names = list(values)
+        hists = [histogram(values[n], self.hist_bins) for n in names]
+        rows = torch.stack(hists).cpu().tolist()  # epoch end: one host transfer for all layers
         step = int(trainer.global_step)
         for name, row in zip(names, rows, strict=True):
             lo, hi, num, total, squares = row[:5]
@@ -289,8 +295,8 @@ class ActivationMonitor(Callback):
             stats = call_stats(x, self.unit_dim, bounds, self.saturation_tol)
             previous = self._pending.get(name)
             self._pending[name] = stats if previous is None else merge_stats(previous, stats)
-            if self.hist_bins:
-                self._step_hists[name] = histogram(x, self.hist_bins)
+            if self.hist_bins:  # keep (a bounded part of) the values; the histogram is made once, at epoch end
+                self._step_hists[name] = x.detach().reshape(-1)[:HIST_VALUES].clone()
 
         return hook
 

@@ -146,6 +146,7 @@ class GradientMonitor(Callback):
         self.first_nonfinite_step = -1
         self.nonfinite_params: list[str] = []
         self.dead_params: list[str] | None = None
+        self._windows: dict[int, dict[str, Any]] = {}  # restored accumulators since the last flush, per optimizer
 
     @property
     @override
@@ -170,6 +171,18 @@ class GradientMonitor(Callback):
         groups = [group_by_name.get(n, OTHER_GROUP) for n in names]
         state = _OptState(params, names, groups, params[0].device if params else torch.device("cpu"))
         state.nonfinite_count.fill_(self.nonfinite_counts.get(idx, 0))  # resumed counters continue
+        window = self._windows.pop(idx, None)
+        if window:  # resumed from a checkpoint written between flushes: the window goes on where it was
+            state.steps = int(window.get("steps", 0))
+            state.total_max.fill_(float(window.get("total_max", 0.0)))
+            state.clip_count.fill_(float(window.get("clip_count", 0)))
+            zero = window.get("zero_params")
+            if zero is not None and self.dead_params is None:
+                keep = set(zero)
+                mask = [n in keep for n in names]
+                state.zero_mask = torch.tensor(mask, dtype=torch.bool, device=state.zero_mask.device)  # one-time copy
+        if self.first_nonfinite_step >= 0:
+            state.first_nonfinite.fill_(self.first_nonfinite_step)
         return state
 
     @override
@@ -305,12 +318,44 @@ class GradientMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Plain data as of the last flush (no host read at checkpoint time)."""
+        """Plain data, including the accumulators since the last flush (read once, at checkpoint save).
+
+        ``windows`` holds, per optimizer index, what the next flush needs from the steps already done: ``steps``,
+        ``total_max``, ``clip_count`` and (before the first flush) ``zero_params``. The cumulative non-finite count,
+        first step and parameter names include the steps since the last flush.
+        """
+        windows = {str(i): dict(w) for i, w in self._windows.items()}  # restored, not yet rebuilt by `_setup`
+        counts = dict(self.nonfinite_counts)
+        first = self.first_nonfinite_step
+        bad_names = list(self.nonfinite_params)
+        live = [(i, st) for i, st in self._states.items() if st.steps]
+        parts: list[Tensor] = []
+        for _, st in live:
+            parts += [st.total_max, st.clip_count, st.nonfinite_count, st.first_nonfinite, st.nonfinite_mask]
+            parts += [st.zero_mask] if self.dead_params is None else []
+        host = iter(host_floats(parts))  # checkpoint save, not the per-step path: one host transfer
+        for i, st in live:
+            total_max, clip_count, nonfinite, first_dev = (next(host) for _ in range(4))
+            bad = [next(host) for _ in st.names]
+            zero = [n for n in st.names if next(host)] if self.dead_params is None else None
+            windows[str(i)] = {
+                "steps": st.steps,
+                "total_max": total_max,
+                "clip_count": int(clip_count),
+                "zero_params": zero,
+            }
+            counts[i] = int(nonfinite)
+            if first_dev < _NO_STEP and (first < 0 or first_dev < first):
+                first = int(first_dev)
+            for n, b in zip(st.names, bad, strict=True):
+                if b and n not in bad_names and len(bad_names) < _MAX_NAMES:
+                    bad_names.append(n)
         return {
-            "nonfinite_counts": {str(i): n for i, n in self.nonfinite_counts.items()},
-            "first_nonfinite_step": self.first_nonfinite_step,
-            "nonfinite_params": list(self.nonfinite_params),
+            "nonfinite_counts": {str(i): n for i, n in counts.items()},
+            "first_nonfinite_step": first,
+            "nonfinite_params": bad_names,
             "dead_params": None if self.dead_params is None else list(self.dead_params),
+            "windows": windows,
             "last_flushed": self._schedule._last_flushed,
         }
 
@@ -322,6 +367,15 @@ class GradientMonitor(Callback):
         self.nonfinite_params = list(state_dict.get("nonfinite_params", []))
         dead = state_dict.get("dead_params")
         self.dead_params = None if dead is None else list(dead)
+        self._windows = {}
+        for i, w in (state_dict.get("windows") or {}).items():
+            zero = w.get("zero_params")
+            self._windows[int(i)] = {
+                "steps": int(w.get("steps", 0)),
+                "total_max": float(w.get("total_max", 0.0)),
+                "clip_count": int(w.get("clip_count", 0)),
+                "zero_params": None if zero is None else [str(n) for n in zero],
+            }
         self._schedule._last_flushed = int(state_dict.get("last_flushed", -1))
         self._states = {}
 

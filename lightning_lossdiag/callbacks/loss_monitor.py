@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_lossdiag._outputs import clear_outputs, fetch_outputs
 from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, warn_no_logger_once
 from lightning_lossdiag.callbacks._grad_groups import host_floats, safe_tag
+from lightning_lossdiag.callbacks.nonfinite_guard import NO_STEP, merge_nonfinite
 from lightning_lossdiag.diagnosis.record import record_for
 
 _MIN_LOG_STD = 0.01  # floor of the spike detector's std of log(loss): a spike must rise > zscore * 1% at least
@@ -132,6 +133,11 @@ class LossMonitor(Callback):
 
     Notes in the run record: ``loss/first_nonfinite_step``, ``loss/first_spike_step`` (once set).
 
+    Under DDP every rank keeps its own losses (``train/loss`` and the EMA are rank 0's, the rank that writes), but
+    the non-finite count and first step are merged over all ranks at each flush and epoch end (one ``all_gather`` on
+    the device, read with the flush's one transfer), so ``train/nonfinite_count`` and ``loss/first_nonfinite_step``
+    count a NaN loss on any rank.
+
     Args:
         every_n_steps: flush interval in optimizer steps; ``None`` takes the Trainer's ``log_every_n_steps``.
         ema_decay: decay ``d`` of the EMA and of the spike detector's statistics, in ``(0, 1)``.
@@ -167,6 +173,7 @@ class LossMonitor(Callback):
         self._pending: list[Tensor] = []
         self._pending_steps: list[int] = []
         self._terms: dict[str, Tensor] = {}
+        self._unmerged_nonfinite = 0  # non-finite losses folded in at a checkpoint save, not yet merged over ranks
 
     @property
     @override
@@ -206,7 +213,7 @@ class LossMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._absorb()  # epoch end: one host transfer
+        self._absorb(trainer)  # epoch end: one host transfer
         if self.stats.epoch_count:
             log_scalars(trainer, {"train/loss_epoch": self.stats.epoch_sum / self.stats.epoch_count})
 
@@ -214,21 +221,54 @@ class LossMonitor(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush(trainer)
 
-    def _absorb(self) -> list[float]:
-        """Move pending losses (and the last terms) to the host in one transfer; return the term values."""
-        if not self._pending and not self._terms:
+    def _absorb(self, trainer: Trainer | None = None) -> list[float]:
+        """Move pending losses (and the last terms) to the host in one transfer; return the term values.
+
+        With a ``trainer`` under DDP (flush and epoch end, where every rank calls it at the same step), the
+        non-finite count and first step are merged over ranks on the device first and read in the same transfer.
+        """
+        merge = trainer is not None and trainer.world_size > 1
+        if not self._pending and not self._terms and not merge:
             return []
         losses = [t.reshape(-1) for t in self._pending]
         terms = [t.reshape(-1)[:1] for t in self._terms.values()]
-        host = host_floats(losses + terms)  # flush / epoch end: the one host read
-        n = len(host) - len(terms)  # == len(self._pending_steps): one step per batch, compacted or not
-        self.stats.update(host[:n], self._pending_steps, self.ema_decay, self.spike_zscore, self.spike_warmup)
+        extra = [self._nonfinite_all_ranks(trainer)] if merge else []
+        host = host_floats(losses + terms + extra)  # flush / epoch end: the one host read
+        n = len(host) - len(terms) - 2 * len(extra)  # == len(self._pending_steps): one step per batch
+        s = self.stats
+        before = s.nonfinite_count
+        s.update(host[:n], self._pending_steps, self.ema_decay, self.spike_zscore, self.spike_warmup)
+        if merge:  # replace this rank's count since the last merge by the count over all ranks
+            count, first = host[-2:]
+            s.nonfinite_count = before - self._unmerged_nonfinite + int(count)
+            if first < NO_STEP:
+                s.first_nonfinite_step = (
+                    int(first) if s.first_nonfinite_step < 0 else min(s.first_nonfinite_step, int(first))
+                )
+            self._unmerged_nonfinite = 0
+        else:
+            self._unmerged_nonfinite += s.nonfinite_count - before
         self._pending, self._pending_steps = [], []
-        return host[n:]
+        return host[n : n + len(terms)]
+
+    def _nonfinite_all_ranks(self, trainer: Any) -> Tensor:
+        """``[count, first step]`` of non-finite losses not yet merged, summed / min'ed over ranks (no host read)."""
+        if self._pending:
+            flat = torch.cat([t.reshape(-1).float() for t in self._pending])
+            steps = torch.tensor(self._pending_steps, dtype=torch.int64, device=flat.device)  # host ints, a copy up
+            bad = ~torch.isfinite(flat)
+            count = bad.sum() + self._unmerged_nonfinite
+            first = torch.where(bad, steps, NO_STEP).amin()
+        else:
+            count = torch.full((), self._unmerged_nonfinite, dtype=torch.int64, device=trainer.strategy.root_device)
+            first = torch.full_like(count, NO_STEP)
+        if self.stats.first_nonfinite_step >= 0:  # min is idempotent: sending a step every rank knows is harmless
+            first = first.clamp(max=self.stats.first_nonfinite_step)
+        return merge_nonfinite(trainer, count, first)
 
     def _flush(self, trainer: Trainer) -> None:
         names = list(self._terms)
-        term_values = self._absorb()
+        term_values = self._absorb(trainer)
         s = self.stats
         if s.window_n == 0 and not names:
             return
@@ -268,6 +308,7 @@ class LossMonitor(Callback):
             default = getattr(fresh, f.name)
             setattr(self.stats, f.name, type(default)(saved.get(f.name, default)))
         self._schedule._last_flushed = int(state_dict.get("last_flushed", -1))
+        self._unmerged_nonfinite = 0  # the loaded count is the merged one of the rank that saved it
 
 
 __all__ = ["LossMonitor", "LossStats"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import torch
 import torchmetrics.classification as tmc
 import torchmetrics.regression as tmr
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -97,6 +98,40 @@ def build_metrics(info: TaskInfo, thresholds: int, wanted: Sequence[str] | None,
     return {name: factories[name]() for name in names}
 
 
+def _encode_state(value: Any) -> dict[str, Any]:
+    """A torchmetrics state (tensor or list of tensors) as plain data. Checkpoint save only (host reads)."""
+    if isinstance(value, Tensor):
+        flat = value.detach().reshape(-1).cpu().tolist()  # checkpoint save, not the per-step path: a host read
+        return {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape), "values": flat}
+    return {"items": [_encode_state(v) for v in value]}
+
+
+def _decode_state(data: Mapping[str, Any], device: torch.device) -> Tensor | list[Tensor]:
+    """Inverse of :func:`_encode_state`, on ``device`` (a one-time copy when a resumed stage starts)."""
+    if "items" in data:
+        return [t for d in data["items"] for t in [_decode_state(d, device)] if isinstance(t, Tensor)]
+    dtype = getattr(torch, str(data.get("dtype", "float32")))
+    return torch.tensor(data.get("values", []), dtype=dtype, device=device).reshape(data.get("shape", [-1]))
+
+
+def _metric_states(metric: Metric) -> dict[str, Any]:
+    """Every state of ``metric`` as plain data (checkpoint save)."""
+    return {name: _encode_state(value) for name, value in metric.metric_state.items()}
+
+
+def _set_metric_states(metric: Metric, states: Mapping[str, Any], device: torch.device) -> None:
+    """Put saved states back into a freshly built ``metric``; a state whose shape no longer fits is left as is."""
+    for name, default in metric._defaults.items():
+        if name not in states:
+            continue
+        value = _decode_state(states[name], device)
+        if isinstance(default, Tensor) != isinstance(value, Tensor):
+            continue
+        if isinstance(default, Tensor) and isinstance(value, Tensor) and value.shape != default.shape:
+            continue
+        setattr(metric, name, value)
+
+
 def _label_inputs(info: TaskInfo, probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(labels, label_target, curve_probs, curve_target)`` for one batch, on the device."""
     values, labels, _ = as_rows(probs, target, info)
@@ -116,6 +151,13 @@ class MetricCurves(Callback):
     device every step with no host read, ``compute`` runs at epoch end (torchmetrics syncs DDP ranks there). Values
     go through ``pl_module.log`` (so ``ModelCheckpoint(monitor="metrics/val/mae")``, ``EarlyStopping`` and
     ``ReduceLROnPlateau`` can watch them) and into the run record (one host transfer per stage and epoch).
+
+    The checkpoint holds the training metrics' states of the epoch in progress, so a fit resumed from a mid-epoch
+    checkpoint logs metrics over the whole epoch. Not under DDP: rank 0 writes the checkpoint and cannot hold the
+    other ranks' states without a collective at save time, so there the interrupted epoch's training metrics cover
+    the steps after the resume. Validation and test restart from scratch on resume, so their states are not saved.
+    The values are the same on every rank (torchmetrics syncs them), so they are logged with ``sync_dist=True`` and
+    ``reduce_fx="max"``: the max of equal values is the value, exactly, and Lightning does not warn about syncing.
 
     The task comes from the criterion (``LossMixin``) or from the first batch's shapes; pass ``task`` to force it.
     Training metrics use the training steps' outputs (computed under the model's training mode, e.g. dropout on).
@@ -179,6 +221,9 @@ class MetricCurves(Callback):
         self._modules: dict[str, nn.ModuleDict] = {}
         self._updated: dict[str, bool] = {}
         self._warned: set[str] = set()
+        self._world_size = 1
+        self._epoch = 0
+        self._resumed: dict[str, Any] = {}  # training states of a checkpoint, put back when their slots are built
 
     @property
     def state_key(self) -> str:
@@ -236,6 +281,7 @@ class MetricCurves(Callback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_epoch(trainer, pl_module, "train")
+        self._resumed = {}  # states of a resumed epoch are used within that epoch or never
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -260,10 +306,12 @@ class MetricCurves(Callback):
                     '{"loss", "preds", "target"}); no metrics for this stage.'
                 )
             return
+        self._world_size, self._epoch = int(trainer.world_size), int(trainer.current_epoch)
         for term, criterion, preds, target in parts:
             slot = stage if term is None else f"{stage}/{term}"  # keys: metrics/<stage>[/<term>]/<name>
             if slot not in self._modules:
                 self._start_slot(slot, criterion, preds, target)
+                self._resume_slot(slot)
             self._update_slot(slot, preds, target)
         self._updated[stage] = True
 
@@ -276,6 +324,15 @@ class MetricCurves(Callback):
         self._info[slot] = info
         metrics = build_metrics(info, self.thresholds, self.metrics, sequence)
         self._modules[slot] = nn.ModuleDict(metrics).to(preds.device)
+
+    def _resume_slot(self, slot: str) -> None:
+        """Put back the saved training states of ``slot`` if they belong to this epoch (one-time, at resume)."""
+        saved = self._resumed.get("slots", {}).pop(slot, None)
+        if saved is None or self._resumed.get("epoch") != self._epoch or self._world_size != 1:
+            return
+        for name, metric in self._stage_metrics(slot).items():
+            if name in saved:
+                _set_metric_states(metric, saved[name], metric.device)
 
     def _update_slot(self, slot: str, preds: Tensor, target: Tensor) -> None:
         """Update the metrics of one stage (or term) with one batch, on the device."""
@@ -322,7 +379,8 @@ class MetricCurves(Callback):
             return
         values = self.compute_stage(stage)  # epoch end: torchmetrics syncs ranks here
         for key, value in values.items():
-            pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=False)
+            # equal on every rank (torchmetrics synced them): the max over ranks is the value itself, exactly
+            pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         record_for(trainer).add_scalars(int(trainer.global_step), to_host(values))  # one host transfer (epoch end)
         for slot in self._slots(stage):
             for metric in self._stage_metrics(slot).values():
@@ -352,18 +410,34 @@ class MetricCurves(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """Plain data: the task of each slot and, mid-epoch (one process), the training metrics' states."""
+        state: dict[str, Any] = {
             "info": {
                 s: {"task": i.task, "inputs": i.inputs, "num_classes": i.num_classes} for s, i in self._info.items()
             }
         }
+        if self._updated.get("train", False) and self._world_size == 1:
+            slots = {
+                slot: {n: _metric_states(m) for n, m in self._stage_metrics(slot).items()}
+                for slot in self._slots("train")
+            }
+            state["train_states"] = {"epoch": self._epoch, "slots": slots}
+        elif self._resumed.get("slots"):
+            state["train_states"] = {"epoch": self._resumed.get("epoch"), "slots": dict(self._resumed["slots"])}
+        return state
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; missing keys keep their defaults."""
         for stage, info in dict(state_dict.get("info", {})).items():
             self._info[stage] = TaskInfo(
                 info.get("task", "regression"), info.get("inputs", "values"), info.get("num_classes")
             )
+        saved = state_dict.get("train_states") or {}
+        self._resumed = {"epoch": saved.get("epoch"), "slots": dict(saved.get("slots") or {})} if saved else {}
+        if self._resumed:  # the metrics are rebuilt (and given these states) at the next training batch
+            self._modules = {s: m for s, m in self._modules.items() if s not in self._resumed["slots"]}
+            self._updated["train"] = False
 
 
 __all__ = ["METRIC_NAMES", "MetricCurves", "build_metrics"]

@@ -24,6 +24,7 @@ from lightning_lossdiag.diagnosis.record import record_for
 Policy = Literal["warn", "skip", "stop", "raise"]
 POLICIES: tuple[str, ...] = ("warn", "skip", "stop", "raise")
 STOP_CHECKPOINT = "nonfinite_stop.ckpt"
+NO_STEP = 2**62  # "no non-finite step" in a device minimum (exact in float64, so it survives the host transfer)
 
 
 class NonFiniteError(RuntimeError):
@@ -54,6 +55,25 @@ def finite_flags(grads: list[Tensor]) -> Tensor | None:
     return torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
 
 
+def merge_nonfinite(trainer: Any, count: Tensor, first: Tensor) -> Tensor:
+    """``[sum of count, min of first]`` over all ranks, on the device, with ONE collective (``all_gather``).
+
+    ``first`` is a step, ``NO_STEP`` meaning "none". Every rank must call this at the same point of training (a
+    flush or an epoch end: flushes happen at the same step on every rank). No host read; the caller reads the result
+    together with the rest of its flush.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> other_rank = torch.tensor([2, 7])  # a second rank saw 2 non-finite steps, the first at step 7
+        >>> trainer = SimpleNamespace(strategy=SimpleNamespace(all_gather=lambda t: torch.stack([t, other_rank])))
+        >>> merge_nonfinite(trainer, torch.tensor(1), torch.tensor(9)).tolist()
+        [3, 7]
+    """
+    local = torch.stack([count.to(torch.int64).reshape(()), first.to(torch.int64).reshape(())])
+    gathered = trainer.strategy.all_gather(local).reshape(-1, 2)  # the one collective: (world_size, 2)
+    return torch.stack([gathered[:, 0].sum(), gathered[:, 1].amin()])
+
+
 class NonFiniteGuard(Callback):
     """Watch for NaN/inf losses and gradients on the device and apply a policy.
 
@@ -81,6 +101,11 @@ class NonFiniteGuard(Callback):
     Notes in the run record (set at flushes, not overwritten when a monitor set them first):
     ``nonfinite/policy``, ``nonfinite/steps`` (count), ``loss/first_nonfinite_step``, ``grad/first_nonfinite_step``,
     ``grad/nonfinite_params``, ``nonfinite/stop_checkpoint`` (path, ``"stop"`` only).
+
+    Under DDP the losses differ between ranks (the gradients do not: they are all-reduced). At each flush the first
+    non-finite loss step is merged over all ranks (one ``all_gather``, read with the flush's one transfer), so the
+    note ``loss/first_nonfinite_step`` of rank 0 (the only rank that writes) knows about a NaN loss on any rank.
+    The guard's own counters and :meth:`state_dict` stay per rank (``first_loss_step`` is this rank's).
 
     Args:
         policy: ``"warn"``, ``"skip"``, ``"stop"`` or ``"raise"`` (see above).
@@ -193,14 +218,28 @@ class NonFiniteGuard(Callback):
         if flags is not None:
             d["bad_params"] |= ~flags
 
-    def _read(self) -> None:
-        """Fold the device counters into the host totals: ONE host transfer (flush, train end, checkpoint save)."""
+    def _read(self, trainer: Trainer | None = None) -> int | None:
+        """Fold the device counters into the host totals: ONE host transfer (flush, train end, checkpoint save).
+
+        With a ``trainer`` under DDP (flushes only: every rank calls it at the same step), the first non-finite loss
+        step over all ranks is merged on the device before that transfer and returned (``-1``: none); else ``None``.
+        """
         d = self._dev
-        if not d:
-            return
+        merge = trainer is not None and trainer.world_size > 1
+        if not d and not merge:
+            return None
         keys = ("bad", "skipped", "first_loss", "first_grad")
         flags = [d["bad_params"]] if "bad_params" in d else []
-        host = host_floats([d[k] for k in keys] + flags)  # flush: the one host read
+        parts = [d[k] for k in keys] + flags if d else []
+        if merge:
+            parts.append(self._first_loss_all_ranks(trainer))
+        host = host_floats(parts)  # flush: the one host read
+        merged: int | None = None
+        if merge:
+            merged = int(host[-1]) if host[-1] < NO_STEP else -1
+            host = host[:-2]
+        if not d:
+            return merged
         bad, skipped, first_loss, first_grad = (int(x) for x in host[:4])
         self.nonfinite_steps += bad
         self.skipped_steps += skipped
@@ -218,14 +257,27 @@ class NonFiniteGuard(Callback):
             d[k].fill_(-1)
         if flags:
             d["bad_params"].zero_()
+        return merged
+
+    def _first_loss_all_ranks(self, trainer: Any) -> Tensor:
+        """This rank's first non-finite loss step (host total and device counter) merged over ranks; no host read."""
+        d = self._dev
+        if d:
+            first = torch.where(d["first_loss"] >= 0, d["first_loss"], NO_STEP)
+        else:
+            first = torch.full((), NO_STEP, dtype=torch.int64, device=trainer.strategy.root_device)
+        if self.first_loss_step >= 0:
+            first = first.clamp(max=self.first_loss_step)
+        return merge_nonfinite(trainer, torch.zeros_like(first), first)
 
     def _flush(self, trainer: Trainer, act: bool) -> None:
-        self._read()
+        merged = self._read(trainer)
+        loss_step = self.first_loss_step if merged is None else merged  # under DDP: the first over all ranks
         notes = record_for(trainer).notes
         notes["nonfinite/policy"] = self.policy
         notes["nonfinite/steps"] = self.nonfinite_steps
-        if self.first_loss_step >= 0:
-            notes.setdefault("loss/first_nonfinite_step", self.first_loss_step)
+        if loss_step >= 0:
+            notes.setdefault("loss/first_nonfinite_step", loss_step)
         if self.first_grad_step >= 0:
             notes.setdefault("grad/first_nonfinite_step", self.first_grad_step)
         if self.bad_params:
@@ -309,4 +361,4 @@ class NonFiniteGuard(Callback):
         self._schedule._last_flushed = int(state_dict.get("last_flushed", -1))
 
 
-__all__ = ["POLICIES", "NonFiniteError", "NonFiniteGuard", "finite_flags"]
+__all__ = ["NO_STEP", "POLICIES", "NonFiniteError", "NonFiniteGuard", "finite_flags", "merge_nonfinite"]
