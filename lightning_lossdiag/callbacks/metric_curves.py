@@ -98,38 +98,30 @@ def build_metrics(info: TaskInfo, thresholds: int, wanted: Sequence[str] | None,
     return {name: factories[name]() for name in names}
 
 
-def _encode_state(value: Any) -> dict[str, Any]:
-    """A torchmetrics state (tensor or list of tensors) as plain data. Checkpoint save only (host reads)."""
-    if isinstance(value, Tensor):
-        flat = value.detach().reshape(-1).cpu().tolist()  # checkpoint save, not the per-step path: a host read
-        return {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape), "values": flat}
-    return {"items": [_encode_state(v) for v in value]}
+def _to_plain(value: Any) -> Any:
+    """A torchmetrics state (a tensor, or a list of them) as plain data: ``[dtype, shape, values]``."""
+    if isinstance(value, Tensor):  # checkpoint save, not the per-step path: a host read per state
+        return [str(value.dtype).removeprefix("torch."), list(value.shape), value.detach().reshape(-1).cpu().tolist()]
+    return {"items": [_to_plain(v) for v in value]}
 
 
-def _decode_state(data: Mapping[str, Any], device: torch.device) -> Tensor | list[Tensor]:
-    """Inverse of :func:`_encode_state`, on ``device`` (a one-time copy when a resumed stage starts)."""
-    if "items" in data:
-        return [t for d in data["items"] for t in [_decode_state(d, device)] if isinstance(t, Tensor)]
-    dtype = getattr(torch, str(data.get("dtype", "float32")))
-    return torch.tensor(data.get("values", []), dtype=dtype, device=device).reshape(data.get("shape", [-1]))
+def _restore_states(metric: Metric, saved: Mapping[str, Any]) -> None:
+    """Put :func:`_to_plain` states back into a fresh ``metric`` on its device (one-time, when a resumed slot starts).
 
-
-def _metric_states(metric: Metric) -> dict[str, Any]:
-    """Every state of ``metric`` as plain data (checkpoint save)."""
-    return {name: _encode_state(value) for name, value in metric.metric_state.items()}
-
-
-def _set_metric_states(metric: Metric, states: Mapping[str, Any], device: torch.device) -> None:
-    """Put saved states back into a freshly built ``metric``; a state whose shape no longer fits is left as is."""
+    A tensor state whose shape no longer fits (the options changed) is left at its default.
+    """
     for name, default in metric._defaults.items():
-        if name not in states:
-            continue
-        value = _decode_state(states[name], device)
-        if isinstance(default, Tensor) != isinstance(value, Tensor):
-            continue
-        if isinstance(default, Tensor) and isinstance(value, Tensor) and value.shape != default.shape:
-            continue
-        setattr(metric, name, value)
+        data = saved.get(name)
+        if isinstance(default, Tensor) and isinstance(data, list) and len(data) == 3:
+            value = torch.tensor(data[2], dtype=getattr(torch, data[0]), device=metric.device).reshape(data[1])
+            if value.shape == default.shape:
+                setattr(metric, name, value)
+        elif isinstance(default, list) and isinstance(data, dict):
+            items = [
+                torch.tensor(d[2], dtype=getattr(torch, d[0]), device=metric.device).reshape(d[1])
+                for d in data["items"]
+            ]
+            setattr(metric, name, items)
 
 
 def _label_inputs(info: TaskInfo, probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -332,7 +324,7 @@ class MetricCurves(Callback):
             return
         for name, metric in self._stage_metrics(slot).items():
             if name in saved:
-                _set_metric_states(metric, saved[name], metric.device)
+                _restore_states(metric, saved[name])
 
     def _update_slot(self, slot: str, preds: Tensor, target: Tensor) -> None:
         """Update the metrics of one stage (or term) with one batch, on the device."""
@@ -418,7 +410,10 @@ class MetricCurves(Callback):
         }
         if self._updated.get("train", False) and self._world_size == 1:
             slots = {
-                slot: {n: _metric_states(m) for n, m in self._stage_metrics(slot).items()}
+                slot: {
+                    n: {k: _to_plain(v) for k, v in m.metric_state.items()}
+                    for n, m in self._stage_metrics(slot).items()
+                }
                 for slot in self._slots("train")
             }
             state["train_states"] = {"epoch": self._epoch, "slots": slots}

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -283,3 +284,76 @@ def test_resume_continues_nonfinite_count(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientMonitor(**kwargs)
+
+
+# ------------------------------------------------------------------ a checkpoint between flushes
+#: total gradient norm of each step (the gradient of `a` is (c, 0, 0)); `b` gets a gradient on step 1 only
+NORMS = [1.0, 9.0, 3.0, 4.0, 2.0, 5.0, 2.0, 3.0]
+CLIP = 4.5
+
+
+def window_grads():
+    ga = [torch.tensor([[c, 0.0, 0.0]]) for c in NORMS]
+    gb = [torch.tensor([[0.5, 0.5]])] + [torch.zeros(1, 2)] * (len(NORMS) - 1)
+    return ga, gb
+
+
+def window_trainer(tmp_path, mon, ckpt_every=None):
+    callbacks = [mon]
+    if ckpt_every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1))
+    return Trainer(
+        max_epochs=1,
+        limit_train_batches=len(NORMS),
+        limit_val_batches=0,
+        gradient_clip_val=CLIP,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(ckpt_every),
+        logger=TensorBoardLogger(tmp_path, name="", version=""),
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+    )
+
+
+def test_window_survives_a_checkpoint_between_flushes(tmp_path):
+    ga, gb = window_grads()
+    # the flush at step 8 covers steps 1..8; the checkpoint at step 5 falls between (before the first flush)
+    full = window_trainer(tmp_path / "full", GradientMonitor(every_n_steps=8), ckpt_every=5)
+    full.fit(Scripted(ga, gb))
+    (ckpt,) = (tmp_path / "full" / "ckpt").glob("*step=5.ckpt")
+    resumed = window_trainer(tmp_path / "resumed", GradientMonitor(every_n_steps=8))
+    resumed.fit(Scripted(ga, gb), ckpt_path=ckpt)
+    assert resumed.global_step == 8
+    totals = [math.sqrt(float((a**2).sum() + (b**2).sum())) for a, b in zip(ga, gb, strict=True)]
+    clipped = [t + 1e-6 > CLIP for t in totals]  # what clip_grad_norm_ does
+    for trainer in (full, resumed):
+        rec = record_for(trainer)
+        assert rec.series("grad/norm_total_max") == [(8, pytest.approx(max(totals)))]  # step 2's, before the ckpt
+        assert rec.values("grad/clip_rate") == [pytest.approx(sum(clipped) / len(clipped))]
+        assert rec.notes["grad/dead_params"] == ["zero.weight"]  # `b` had a gradient on step 1, before the ckpt
+
+
+def test_nonfinite_between_flushes_survives_a_checkpoint(tmp_path):
+    ga, gb = window_grads()
+    ga[2] = torch.tensor([[float("nan"), 0.0, 0.0]])  # step 3, before the checkpoint of step 5
+    full = window_trainer(tmp_path / "full", GradientMonitor(every_n_steps=8), ckpt_every=5)
+    full.fit(Scripted(ga, gb))
+    (ckpt,) = (tmp_path / "full" / "ckpt").glob("*step=5.ckpt")
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("GradientMonitor")]
+    assert state["nonfinite_counts"] == {"0": 1}
+    assert state["first_nonfinite_step"] == 3
+    assert state["nonfinite_params"] == ["a.weight"]
+    assert state["windows"]["0"]["steps"] == 5
+    fresh = GradientMonitor(every_n_steps=8)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state  # plain data, round trip before the optimizer state is rebuilt
+    resumed = window_trainer(tmp_path / "resumed", GradientMonitor(every_n_steps=8))
+    resumed.fit(Scripted(ga, gb), ckpt_path=ckpt)
+    for trainer in (full, resumed):
+        rec = record_for(trainer)
+        assert rec.values("grad/nonfinite_count") == [1]
+        assert rec.notes["grad/first_nonfinite_step"] == 3
+        assert rec.notes["grad/nonfinite_params"] == ["a.weight"]

@@ -209,3 +209,86 @@ def test_state_key_differs_by_options():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossMonitor(**kwargs)
+
+
+# ------------------------------------------------------------------------ non-finite losses merged over ranks
+class TwoRanks:
+    """A Trainer seen by rank 0 of two: ``all_gather`` stacks this rank's vector with the other rank's.
+
+    The real collective runs in tests/distributed (two gloo processes); here the other rank is a fixed
+    ``[nonfinite_count, first_step]`` so the arithmetic of the merge is checked by hand.
+    """
+
+    world_size = 2
+    global_step = 0
+    is_global_zero = True
+    loggers = ()
+
+    def __init__(self, other):
+        self.other = torch.tensor(other)
+        self.gathered = []
+        self.strategy = self
+
+    @property
+    def root_device(self):
+        return torch.device("cpu")
+
+    def all_gather(self, local):
+        self.gathered.append(local.tolist())
+        return torch.stack([local, self.other])
+
+
+def _feed(monitor, losses, first_step):
+    for i, value in enumerate(losses):
+        monitor._pending.append(torch.tensor(value))
+        monitor._pending_steps.append(first_step + i)
+
+
+@pytest.mark.parametrize(
+    ("other", "count", "first"),
+    [([1, 3], 1, 3), ([0, 2**62], 0, -1), ([2, 7], 3, 6)],
+    ids=["nan_on_other_rank", "none", "both"],
+)
+def test_nonfinite_losses_are_merged_over_ranks_at_a_flush(other, count, first):
+    mon = LossMonitor(every_n_steps=4)
+    trainer = TwoRanks(other)
+    trainer.global_step = 8
+    losses = [1.0, 2.0, 3.0, 4.0] if count != 3 else [1.0, float("nan"), 3.0, 4.0]  # steps 5..8 on this rank
+    _feed(mon, losses, first_step=5)
+    mon._flush(trainer)
+    assert len(trainer.gathered) == 1  # one collective per flush
+    assert mon.stats.nonfinite_count == count
+    assert mon.stats.first_nonfinite_step == first
+    assert record_for(trainer).values("train/nonfinite_count") == [count]
+    assert record_for(trainer).notes.get("loss/first_nonfinite_step", -1) == first
+    finite = [v for v in losses if math.isfinite(v)]  # this rank's losses stay its own
+    assert record_for(trainer).values("train/loss_mean") == [pytest.approx(sum(finite) / len(finite))]
+
+
+def test_nonfinite_folded_in_at_a_checkpoint_is_merged_once_at_the_next_flush():
+    mon = LossMonitor(every_n_steps=4)
+    _feed(mon, [1.0, float("nan")], first_step=1)
+    mon.state_dict()  # checkpoint save between flushes: folded in on this rank only (no collective there)
+    assert mon.stats.nonfinite_count == 1
+    trainer = TwoRanks([1, 4])
+    trainer.global_step = 4
+    _feed(mon, [1.0, 2.0], first_step=3)
+    mon._flush(trainer)
+    assert trainer.gathered == [[1, 2]]  # this rank sends the NaN of step 2 it has not merged yet
+    assert mon.stats.nonfinite_count == 2  # 1 here + 1 there, not counted twice
+    assert mon.stats.first_nonfinite_step == 2
+    trainer.global_step = 8
+    _feed(mon, [1.0] * 4, first_step=5)
+    mon._flush(trainer)
+    assert trainer.gathered[-1] == [0, 2]  # nothing new here; the known first step is harmless under min
+    assert mon.stats.nonfinite_count == 3  # the fixed other rank reports one more
+
+
+def test_single_process_makes_no_collective(tmp_path):
+    script = smooth(8)
+    script[2] = float("nan")
+    mon = LossMonitor(every_n_steps=4)
+    trainer = make_trainer(tmp_path, [mon])
+    trainer.fit(ScriptedLoss(script))
+    assert mon._unmerged_nonfinite == 1  # counted, never sent anywhere
+    assert record_for(trainer).values("train/nonfinite_count") == [1, 1]

@@ -347,3 +347,96 @@ def test_multitask_no_host_reads_in_validation_batches_after_the_first(tmp_path)
     assert probe.reads[1:] == [0, 0, 0]
     assert "metrics/val/cvr/balanced_accuracy" in trainer.callback_metrics
     assert curves.layout_entries()["AUROC"] == ["metrics/val/auroc", "metrics/val/ctr/auroc", "metrics/val/cvr/auroc"]
+
+
+# ---------------------------------------------------------------- a mid-epoch checkpoint and resume
+class _StepModule(LightningModule):
+    """Regression whose training rows depend only on ``global_step`` (so a resumed fit sees the same rows)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.x, self.y = _regression_data()
+        self.rows = []  # (preds, target) of every training step of this process
+
+    def training_step(self, batch, batch_idx):
+        g = torch.Generator().manual_seed(100 + self.global_step)
+        idx = torch.randint(0, 400, (16,), generator=g)
+        x, y = self.x[idx], self.y[idx]
+        preds = self.net(x).squeeze(-1)
+        self.rows.append((self.current_epoch, preds.detach(), y))
+        return {"loss": nn.functional.mse_loss(preds, y), "preds": preds.detach(), "target": y}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.arange(6)), batch_size=1)
+
+
+def _step_trainer(tmp_path, curves, ckpt_every=None):
+    callbacks = [curves]
+    if ckpt_every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1))
+    return Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(ckpt_every),
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+    )
+
+
+def test_mid_epoch_resume_keeps_the_training_metrics_of_the_whole_epoch(tmp_path):
+    full_model = _StepModule()
+    full = _step_trainer(tmp_path / "full", MetricCurves(stages=("train",), task="regression"), ckpt_every=8)
+    full.fit(full_model)
+    (ckpt,) = (tmp_path / "full" / "ckpt").glob("*step=8.ckpt")  # epoch 1, after 2 of its 6 steps
+    saved = [v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if k.startswith("MetricCurves")]
+    assert saved[0]["train_states"]["epoch"] == 1
+    fresh = MetricCurves(stages=("train",), task="regression")
+    fresh.load_state_dict(saved[0])
+    assert fresh.state_dict() == saved[0]  # plain data that round-trips
+
+    resumed_model = _StepModule()
+    resumed = _step_trainer(tmp_path / "resumed", MetricCurves(stages=("train",), task="regression"))
+    resumed.fit(resumed_model, ckpt_path=ckpt)
+    assert [e for e, _, _ in resumed_model.rows] == [1] * 4  # only the last 4 steps ran in this process
+    # reference: plain torch over the 6 training steps of epoch 1 (from the uninterrupted run)
+    preds = torch.cat([p for e, p, _ in full_model.rows if e == 1])
+    target = torch.cat([t for e, _, t in full_model.rows if e == 1])
+    mae = (preds - target).abs().mean().item()
+    mse = ((preds - target) ** 2).mean().item()
+    for trainer in (full, resumed):
+        rec = record_for(trainer)
+        assert rec.values("metrics/train/mae")[-1] == pytest.approx(mae, rel=1e-5)
+        assert rec.values("metrics/train/mse")[-1] == pytest.approx(mse, rel=1e-5)
+        assert float(trainer.callback_metrics["metrics/train/mae"]) == pytest.approx(mae, rel=1e-5)
+
+
+def test_saved_training_states_of_another_epoch_are_not_used(tmp_path):
+    model = _StepModule()
+    curves = MetricCurves(stages=("train",), task="regression")
+    trainer = _step_trainer(tmp_path / "full", curves, ckpt_every=8)
+    trainer.fit(model)
+    (ckpt,) = (tmp_path / "full" / "ckpt").glob("*step=8.ckpt")
+    checkpoint = torch.load(ckpt, weights_only=False)
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("MetricCurves"))
+    state["train_states"]["epoch"] = 0  # as if saved in an earlier epoch than the one the fit resumes into
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    other = MetricCurves(stages=("train",), task="regression")
+    model2 = _StepModule()
+    trainer2 = _step_trainer(tmp_path / "resumed", other)
+    trainer2.fit(model2, ckpt_path=tmp_path / "edited.ckpt")
+    preds = torch.cat([p for _, p, _ in model2.rows])  # the 4 steps run after the resume, nothing else
+    target = torch.cat([t for _, _, t in model2.rows])
+    assert record_for(trainer2).values("metrics/train/mae")[-1] == pytest.approx(
+        (preds - target).abs().mean().item(), rel=1e-5
+    )
+    assert "train_states" not in other.state_dict()  # dropped at the end of that epoch

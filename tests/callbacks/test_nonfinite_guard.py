@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_lossdiag.callbacks._grad_groups import host_floats
 from lightning_lossdiag.callbacks.doctor import Doctor
 from lightning_lossdiag.callbacks.nonfinite_guard import STOP_CHECKPOINT, NonFiniteError, NonFiniteGuard, finite_flags
+from lightning_lossdiag.diagnosis.record import record_for
 from lightning_lossdiag.testing import HostReadCounter, StepReadProbe
 
 NAN_BATCH = 5  # batch index of epoch 0 whose inputs are NaN
@@ -214,3 +215,35 @@ def test_state_round_trip():
     guard.load_state_dict(state)
     assert guard.state_dict() == state
     assert math.isfinite(guard.first_loss_step)
+
+
+# ------------------------------------------------------------------------ the first NaN loss over ranks
+class TwoRanks:
+    """Rank 0 of two: ``all_gather`` stacks this rank's vector with a fixed one of the other rank (the real
+    collective runs in tests/distributed)."""
+
+    world_size = 2
+
+    def __init__(self, other_first):
+        self.other = torch.tensor([0, other_first])
+        self.calls = 0
+        self.strategy = self
+        self.root_device = torch.device("cpu")
+
+    def all_gather(self, local):
+        self.calls += 1
+        return torch.stack([local, self.other])
+
+
+@pytest.mark.parametrize(("here", "there", "note"), [(None, 6, 6), (4, 6, 4), (None, 2**62, None)])
+def test_flush_notes_the_first_nonfinite_loss_of_any_rank(here, there, note):
+    guard = NonFiniteGuard(policy="warn", every_n_steps=4)
+    ok, bad = torch.tensor(True), torch.tensor(False)
+    for step in range(1, 9):
+        loss_ok = bad if step == here else ok
+        guard._count(~loss_ok, loss_ok, ok, torch.ones(1, dtype=torch.bool), step, [(torch.zeros(1), None)])
+    trainer = TwoRanks(there)
+    guard._flush(trainer, act=False)
+    assert trainer.calls == 1
+    assert record_for(trainer).notes.get("loss/first_nonfinite_step") == note
+    assert guard.first_loss_step == (here if here is not None else -1)  # the guard's own state stays this rank's

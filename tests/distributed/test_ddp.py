@@ -259,11 +259,6 @@ def test_ddp_nan_on_one_rank_skip(nonfinite_run):
     assert Path(ranks[0]["report_path"]).is_file()
 
 
-@pytest.mark.xfail(
-    reason="non-finite losses are counted per rank and not merged: rank 0 (the only writer) never sees rank 1's "
-    "NaN loss, so its report has nonfinite_grad without nonfinite_loss and says the loss was finite",
-    strict=True,
-)
 def test_ddp_report_knows_about_nan_loss_on_another_rank(nonfinite_run):
     ranks = _ranks(nonfinite_run, "nonfinite_skip")
     assert "nonfinite_loss" in ranks[0]["findings"]

@@ -171,11 +171,6 @@ def test_resumed_doctor_record_and_findings_equal_uninterrupted(runs):
     assert resumed["findings"] == full["findings"]
 
 
-@pytest.mark.xfail(
-    reason="MetricCurves does not checkpoint its torchmetrics states: after a mid-epoch resume the training metrics "
-    "of that epoch cover only the steps after the resume",
-    strict=True,
-)
 def test_resumed_training_metrics_of_the_interrupted_epoch(runs):
     full, resumed = _state(runs, "full"), _state(runs, "resumed")
     key = f"{TRAIN_METRICS}mae"
@@ -258,12 +253,6 @@ def test_resume_from_a_checkpoint_between_flushes(runs, runs_off_flush, part):
     _assert_close(actual, expected, part)
 
 
-@pytest.mark.xfail(
-    reason="GradientMonitor.state_dict holds values as of the last flush: the device accumulators since then "
-    "(norm_total_max, clip_count, steps, the non-finite count and first step) are not saved, so the first flush "
-    "after resuming from a checkpoint between flushes covers only the steps after the resume",
-    strict=True,
-)
 def test_gradient_window_survives_a_checkpoint_between_flushes(runs, runs_off_flush):
     full, resumed = _state(runs, "full"), _state(runs_off_flush, "resumed")
     key = "grad/norm_total_max"
