@@ -1,13 +1,10 @@
-"""``MetricCurves``: torchmetrics per task, updated on the device every step and logged once per epoch."""
+"""``MetricCurves``: torchmetrics per task, updated on the device in batches of steps and logged once per epoch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import torch
-import torchmetrics.classification as tmc
-import torchmetrics.regression as tmr
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -16,131 +13,31 @@ from typing_extensions import override
 
 from lightning_lossdiag._outputs import clear_outputs, fetch_outputs
 from lightning_lossdiag.callbacks._base import to_host
-from lightning_lossdiag.callbacks._task import (
-    TASKS,
-    TaskInfo,
-    align_regression,
-    as_rows,
-    infer_task_info,
-    step_parts,
-    to_probabilities,
+from lightning_lossdiag.callbacks._metric_buffer import StepBuffer
+from lightning_lossdiag.callbacks._metric_sets import (
+    ALL_NAMES,
+    METRIC_NAMES,
+    TITLES,
+    build_metrics,
+    restore_states,
+    to_plain,
+    update_metrics,
 )
+from lightning_lossdiag.callbacks._task import TASKS, TaskInfo, align_regression, infer_task_info, step_parts
 from lightning_lossdiag.diagnosis.record import record_for
-from lightning_lossdiag.metrics import DirectionalAccuracy
 
-METRIC_NAMES: dict[str, tuple[str, ...]] = {
-    "regression": ("mae", "mse", "rmse", "r2", "explained_variance", "directional_accuracy"),
-    "binary": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "balanced_accuracy"),
-    "multiclass": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "recall_per_class"),
-    "multilabel": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "recall_per_class"),
-}
-_ALL_NAMES = sorted({n for names in METRIC_NAMES.values() for n in names})
-_TITLES = {"mae": "MAE", "mse": "MSE", "rmse": "RMSE", "r2": "R2", "auroc": "AUROC", "f1": "F1"}
-
-
-def _factories(info: TaskInfo, thresholds: int) -> dict[str, Callable[[], Metric]]:
-    kw: dict[str, Any] = {"validate_args": False}
-    c = int(info.num_classes or 2)
-    if info.task == "regression":
-        return {
-            "mae": tmr.MeanAbsoluteError,
-            "mse": tmr.MeanSquaredError,
-            "rmse": lambda: tmr.MeanSquaredError(squared=False),
-            "r2": tmr.R2Score,
-            "explained_variance": tmr.ExplainedVariance,
-            "directional_accuracy": DirectionalAccuracy,
-        }
-    if info.task == "binary":
-        return {
-            "accuracy": lambda: tmc.BinaryAccuracy(**kw),
-            "precision": lambda: tmc.BinaryPrecision(**kw),
-            "recall": lambda: tmc.BinaryRecall(**kw),
-            "f1": lambda: tmc.BinaryF1Score(**kw),
-            "auroc": lambda: tmc.BinaryAUROC(thresholds=thresholds, normalization=None, **kw),
-            "average_precision": lambda: tmc.BinaryAveragePrecision(thresholds=thresholds, normalization=None, **kw),
-            "balanced_accuracy": lambda: tmc.MulticlassRecall(num_classes=2, average="macro", **kw),
-        }
-    if info.task == "multiclass":
-        return {
-            "accuracy": lambda: tmc.MulticlassAccuracy(num_classes=c, average="micro", **kw),
-            "precision": lambda: tmc.MulticlassPrecision(num_classes=c, average="macro", **kw),
-            "recall": lambda: tmc.MulticlassRecall(num_classes=c, average="macro", **kw),
-            "f1": lambda: tmc.MulticlassF1Score(num_classes=c, average="macro", **kw),
-            "auroc": lambda: tmc.MulticlassAUROC(num_classes=c, thresholds=thresholds, **kw),
-            "average_precision": lambda: tmc.MulticlassAveragePrecision(num_classes=c, thresholds=thresholds, **kw),
-            "recall_per_class": lambda: tmc.MulticlassRecall(num_classes=c, average=None, **kw),
-        }
-    return {
-        "accuracy": lambda: tmc.MultilabelAccuracy(num_labels=c, average="micro", **kw),
-        "precision": lambda: tmc.MultilabelPrecision(num_labels=c, average="macro", **kw),
-        "recall": lambda: tmc.MultilabelRecall(num_labels=c, average="macro", **kw),
-        "f1": lambda: tmc.MultilabelF1Score(num_labels=c, average="macro", **kw),
-        "auroc": lambda: tmc.MultilabelAUROC(num_labels=c, thresholds=thresholds, **kw),
-        "average_precision": lambda: tmc.MultilabelAveragePrecision(num_labels=c, thresholds=thresholds, **kw),
-        "recall_per_class": lambda: tmc.MultilabelRecall(num_labels=c, average=None, **kw),
-    }
-
-
-def build_metrics(info: TaskInfo, thresholds: int, wanted: Sequence[str] | None, sequence: bool) -> dict[str, Metric]:
-    """The torchmetrics of one stage (pure: no Trainer).
-
-    Classification metrics take labels we threshold ourselves and curves take probabilities, all with
-    ``validate_args=False``, so their ``update`` does not read values on the host.
-
-    Example:
-        >>> sorted(build_metrics(TaskInfo("regression", "values"), 101, None, sequence=False))
-        ['explained_variance', 'mae', 'mse', 'r2', 'rmse']
-    """
-    names = [n for n in METRIC_NAMES[info.task] if wanted is None or n in wanted]
-    if info.task == "regression" and not sequence and wanted is None:
-        names.remove("directional_accuracy")
-    factories = _factories(info, thresholds)
-    return {name: factories[name]() for name in names}
-
-
-def _to_plain(value: Any) -> Any:
-    """A torchmetrics state (a tensor, or a list of them) as plain data: ``[dtype, shape, values]``."""
-    if isinstance(value, Tensor):  # checkpoint save, not the per-step path: a host read per state
-        return [str(value.dtype).removeprefix("torch."), list(value.shape), value.detach().reshape(-1).cpu().tolist()]
-    return {"items": [_to_plain(v) for v in value]}
-
-
-def _restore_states(metric: Metric, saved: Mapping[str, Any]) -> None:
-    """Put :func:`_to_plain` states back into a fresh ``metric`` on its device (one-time, when a resumed slot starts).
-
-    A tensor state whose shape no longer fits (the options changed) is left at its default.
-    """
-    for name, default in metric._defaults.items():
-        data = saved.get(name)
-        if isinstance(default, Tensor) and isinstance(data, list) and len(data) == 3:
-            value = torch.tensor(data[2], dtype=getattr(torch, data[0]), device=metric.device).reshape(data[1])
-            if value.shape == default.shape:
-                setattr(metric, name, value)
-        elif isinstance(default, list) and isinstance(data, dict):
-            items = [
-                torch.tensor(d[2], dtype=getattr(torch, d[0]), device=metric.device).reshape(d[1])
-                for d in data["items"]
-            ]
-            setattr(metric, name, items)
-
-
-def _label_inputs(info: TaskInfo, probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(labels, label_target, curve_probs, curve_target)`` for one batch, on the device."""
-    values, labels, _ = as_rows(probs, target, info)
-    if info.task == "binary":
-        values, labels = values.reshape(-1), labels.reshape(-1).long()
-        return (values > 0.5).long(), labels, values, labels
-    if info.task == "multiclass":
-        return values.argmax(dim=1), labels, values, labels
-    labels = labels.long()
-    return (values > 0.5).long(), labels, values, labels
+_DEFAULT_BUFFER_STEPS = 50
 
 
 class MetricCurves(Callback):
     """Task metrics from torchmetrics, per stage, logged at the end of each epoch with ``pl_module.log``.
 
-    The metrics live in this callback (moved to the model's device at the first batch); ``update`` runs on the
-    device every step with no host read, ``compute`` runs at epoch end (torchmetrics syncs DDP ranks there). Values
+    The metrics live in this callback (moved to the model's device at the first batch). A step only keeps references
+    to its detached ``preds``/``target`` (no kernel, no host read); every ``buffer_steps`` steps, or sooner when the
+    held tensors pass ``buffer_bytes``, and at epoch end and checkpoint save, the held steps are concatenated and each
+    metric gets ONE ``update`` on the device (no host read): the same states as per-step updates (sums and binned
+    counts) for a fraction of the per-step cost. ``compute`` runs at epoch end (torchmetrics syncs DDP ranks there).
+    A data loader that reuses its output tensors in place needs ``buffer_steps=1`` (held steps are references). Values
     go through ``pl_module.log`` (so ``ModelCheckpoint(monitor="metrics/val/mae")``, ``EarlyStopping`` and
     ``ReduceLROnPlateau`` can watch them) and into the run record (one host transfer per stage and epoch).
 
@@ -177,6 +74,10 @@ class MetricCurves(Callback):
         metrics: names to keep (default all of the task's), from ``mae``, ``mse``, ``rmse``, ``r2``,
             ``explained_variance``, ``directional_accuracy``, ``accuracy``, ``precision``, ``recall``, ``f1``,
             ``auroc``, ``average_precision``, ``balanced_accuracy``, ``recall_per_class``.
+        buffer_steps: steps held before one batched update of the metrics (default: the Trainer's
+            ``log_every_n_steps``, else 50); ``1`` updates every step.
+        buffer_bytes: bytes of held tensors (per stage and term) past which they are fed to the metrics at once,
+            whatever the step count (memory stays below this plus one step, plus one copy while concatenating).
 
     Example:
         >>> cb = MetricCurves(stages=("val",), task="regression")
@@ -191,6 +92,8 @@ class MetricCurves(Callback):
         num_classes: int | None = None,
         thresholds: int = 101,
         metrics: list[str] | None = None,
+        buffer_steps: int | None = None,
+        buffer_bytes: int = 8 * 2**20,
     ) -> None:
         bad = [s for s in stages if s not in ("train", "val", "test")]
         if not stages or bad:
@@ -201,14 +104,22 @@ class MetricCurves(Callback):
             raise ValueError(f"`num_classes` must be an integer >= 2 or None, got {num_classes!r}")
         if not isinstance(thresholds, int) or thresholds < 2:
             raise ValueError(f"`thresholds` must be an integer >= 2, got {thresholds!r}")
-        unknown = [m for m in metrics or [] if m not in _ALL_NAMES]
+        unknown = [m for m in metrics or [] if m not in ALL_NAMES]
         if metrics is not None and (not metrics or unknown):
-            raise ValueError(f"`metrics` must be a non-empty list of names from {_ALL_NAMES}, got {metrics!r}")
+            raise ValueError(f"`metrics` must be a non-empty list of names from {ALL_NAMES}, got {metrics!r}")
+        if buffer_steps is not None and (not isinstance(buffer_steps, int) or buffer_steps < 1):
+            raise ValueError(f"`buffer_steps` must be a positive integer or None, got {buffer_steps!r}")
+        if not isinstance(buffer_bytes, int) or buffer_bytes < 0:
+            raise ValueError(f"`buffer_bytes` must be a non-negative integer, got {buffer_bytes!r}")
         self.stages = tuple(stages)
         self.task = task
         self.num_classes = num_classes
         self.thresholds = thresholds
         self.metrics = list(metrics) if metrics is not None else None
+        self.buffer_steps = buffer_steps
+        self.buffer_bytes = buffer_bytes
+        self._buffers: dict[str, StepBuffer] = {}  # per slot: steps not yet fed to the metrics
+        self._state_key: tuple[Any, str] | None = None
         self._info: dict[str, TaskInfo] = {}
         self._modules: dict[str, nn.ModuleDict] = {}
         self._updated: dict[str, bool] = {}
@@ -220,7 +131,10 @@ class MetricCurves(Callback):
     @property
     def state_key(self) -> str:
         """Distinguishes instances with different stages or tasks in one checkpoint."""
-        return self._generate_state_key(stages=self.stages, task=self.task)
+        args = (self.stages, self.task)  # Lightning reads this at every hook call (a profiler label): cached
+        if self._state_key is None or self._state_key[0] != args:
+            self._state_key = (args, self._generate_state_key(stages=self.stages, task=self.task))
+        return self._state_key[1]
 
     # ---- hooks -----------------------------------------------------------------------------------------------
     @override
@@ -304,7 +218,14 @@ class MetricCurves(Callback):
             if slot not in self._modules:
                 self._start_slot(slot, criterion, preds, target)
                 self._resume_slot(slot)
-            self._update_slot(slot, preds, target)
+            if self._info[slot].task == "regression":
+                preds, _ = align_regression(preds, target)  # shapes only: a bad step still fails at its own step
+            buffer = self._buffers.get(slot)
+            if buffer is None:
+                steps = self.buffer_steps or int(getattr(trainer, "log_every_n_steps", 0) or _DEFAULT_BUFFER_STEPS)
+                buffer = self._buffers[slot] = StepBuffer(max(1, steps), self.buffer_bytes)
+            if buffer.add(preds, target):
+                self._drain(slot)
         self._updated[stage] = True
 
     def _start_slot(self, slot: str, criterion: Any, preds: Tensor, target: Tensor) -> None:
@@ -324,27 +245,20 @@ class MetricCurves(Callback):
             return
         for name, metric in self._stage_metrics(slot).items():
             if name in saved:
-                _restore_states(metric, saved[name])
+                restore_states(metric, saved[name])
 
-    def _update_slot(self, slot: str, preds: Tensor, target: Tensor) -> None:
-        """Update the metrics of one stage (or term) with one batch, on the device."""
-        info = self._info[slot]
+    def _drain(self, slot: str) -> None:
+        """Feed the held steps of ``slot`` to its metrics: one concatenation and one ``update`` each (no host read)."""
+        buffer = self._buffers.get(slot)
+        if buffer is None or not len(buffer):
+            return
         metrics = self._stage_metrics(slot)
-        if info.task == "regression":
-            preds, _ = align_regression(preds, target)
-            flat_p, flat_t = preds.reshape(-1).float(), target.reshape(-1).float()
-            for name, metric in metrics.items():
-                if name == "directional_accuracy":
-                    metric.update(preds.float(), target.float())
-                else:
-                    metric.update(flat_p, flat_t)
-        else:
-            labels, label_target, curve_probs, curve_target = _label_inputs(info, to_probabilities(preds, info), target)
-            for name, metric in metrics.items():
-                if name in ("auroc", "average_precision"):
-                    metric.update(curve_probs, curve_target)
-                else:
-                    metric.update(labels, label_target)
+        for preds, target in buffer.take():
+            update_metrics(self._info[slot], metrics, preds, target)
+
+    def _drain_stage(self, stage: str) -> None:
+        for slot in self._slots(stage):
+            self._drain(slot)
 
     def _stage_metrics(self, slot: str) -> dict[str, Metric]:
         return {name: m for name, m in self._modules.get(slot, nn.ModuleDict()).items() if isinstance(m, Metric)}
@@ -355,6 +269,7 @@ class MetricCurves(Callback):
 
     def compute_stage(self, stage: str) -> dict[str, Tensor]:
         """Current values of ``stage`` as device tensors keyed ``metrics/<stage>[/<term>]/<name>`` (per class split)."""
+        self._drain_stage(stage)
         values: dict[str, Tensor] = {}
         for slot in self._slots(stage):
             for name, metric in self._stage_metrics(slot).items():
@@ -396,13 +311,14 @@ class MetricCurves(Callback):
             if name == "recall_per_class":
                 entries["Recall per class"] = [f"metrics/{s}/recall/.*" for s in slots]
             else:
-                title = _TITLES.get(name, name.replace("_", " ").capitalize())
+                title = TITLES.get(name, name.replace("_", " ").capitalize())
                 entries[title] = [f"metrics/{s}/{name}" for s in slots]
         return entries
 
     @override
     def state_dict(self) -> dict[str, Any]:
         """Plain data: the task of each slot and, mid-epoch (one process), the training metrics' states."""
+        self._drain_stage("train")  # checkpoint save: the held steps go into the saved states
         state: dict[str, Any] = {
             "info": {
                 s: {"task": i.task, "inputs": i.inputs, "num_classes": i.num_classes} for s, i in self._info.items()
@@ -411,8 +327,7 @@ class MetricCurves(Callback):
         if self._updated.get("train", False) and self._world_size == 1:
             slots = {
                 slot: {
-                    n: {k: _to_plain(v) for k, v in m.metric_state.items()}
-                    for n, m in self._stage_metrics(slot).items()
+                    n: {k: to_plain(v) for k, v in m.metric_state.items()} for n, m in self._stage_metrics(slot).items()
                 }
                 for slot in self._slots("train")
             }
@@ -432,6 +347,7 @@ class MetricCurves(Callback):
         self._resumed = {"epoch": saved.get("epoch"), "slots": dict(saved.get("slots") or {})} if saved else {}
         if self._resumed:  # the metrics are rebuilt (and given these states) at the next training batch
             self._modules = {s: m for s, m in self._modules.items() if s not in self._resumed["slots"]}
+            self._buffers = {s: b for s, b in self._buffers.items() if s in self._modules}
             self._updated["train"] = False
 
 

@@ -440,3 +440,136 @@ def test_saved_training_states_of_another_epoch_are_not_used(tmp_path):
         (preds - target).abs().mean().item(), rel=1e-5
     )
     assert "train_states" not in other.state_dict()  # dropped at the end of that epoch
+
+
+# ---------------------------------------------------------------- batched updates (held steps fed at once)
+class _TrainCapture(Callback):
+    """Keeps each training step's (preds, target) of the last epoch, and the held steps of MetricCurves' buffer."""
+
+    def __init__(self, curves):
+        self.curves = curves
+        self.rows, self.held, self.held_bytes = [], [], []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.rows, self.held, self.held_bytes = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append((outputs["preds"].detach().clone(), outputs["target"].clone()))
+        buffer = self.curves._buffers.get("train")
+        self.held.append(len(buffer))
+        self.held_bytes.append(buffer.nbytes)
+
+
+def _binary_fit(tmp_path, **options):
+    from lightning.pytorch import seed_everything
+
+    seed_everything(7, verbose=False)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 3, generator=g)
+    y = (x[:, 0] + 0.5 * torch.randn(400, generator=g) > 0.3).float()
+    model = _Module(x, y, 1, nn.functional.binary_cross_entropy_with_logits)
+    curves = MetricCurves(stages=("train", "val"), **options)
+    capture = _TrainCapture(curves)
+    trainer = _trainer(tmp_path, [curves, capture], epochs=2)
+    trainer.fit(model)
+    return trainer, capture
+
+
+@pytest.mark.parametrize(
+    ("options", "held"),
+    [
+        ({"buffer_steps": 3}, [1, 2, 0, 1]),  # drained at the 3rd step, and the 4th at epoch end
+        ({"buffer_bytes": 300}, [1, 0, 1, 0]),  # a step holds 2 x 32 float32 (256 B): drained past 300 B
+        ({}, [1, 2, 3, 4]),  # default: the Trainer's log_every_n_steps (50): only epoch end drains
+    ],
+    ids=["steps", "bytes", "default"],
+)
+def test_buffered_updates_equal_per_step_updates(tmp_path, options, held):
+    per_step, _ = _binary_fit(tmp_path / "per_step", buffer_steps=1)
+    buffered, capture = _binary_fit(tmp_path / "buffered", **options)
+    assert capture.held == held
+    assert max(capture.held_bytes) <= options.get("buffer_bytes", 8 * 2**20)
+    assert capture.curves._buffers["train"].nbytes == 0  # epoch end drained what was left
+    keys = [k for k in per_step.callback_metrics if k.startswith("metrics/")]
+    assert len(keys) == 2 * 7
+    for key in keys:  # counts-based states: the very same numbers, not just close ones
+        assert buffered.callback_metrics[key].item() == per_step.callback_metrics[key].item(), key
+    # and both equal torchmetrics' functional values over the last epoch's 4 training steps
+    probs = torch.cat([p for p, _ in capture.rows]).sigmoid()
+    target = torch.cat([t for _, t in capture.rows]).long()
+    cm = buffered.callback_metrics
+    assert cm["metrics/train/auroc"].item() == pytest.approx(
+        tmf.auroc(probs, target, task="binary", thresholds=101).item(), abs=1e-6
+    )
+    assert cm["metrics/train/accuracy"].item() == pytest.approx(
+        ((probs > 0.5).long() == target).float().mean().item(), abs=1e-6
+    )
+
+
+def test_regression_buffer_drained_by_checkpoint_state(tmp_path):
+    class _SaveAtSecondStep(Callback):
+        def __init__(self, curves):
+            self.curves, self.rows, self.state = curves, [], None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.rows.append((outputs["preds"].detach().clone(), outputs["target"].clone()))
+            if batch_idx == 1:
+                assert len(self.curves._buffers["train"]) == 2  # held, not yet in the metrics
+                self.state = self.curves.state_dict()
+                assert len(self.curves._buffers["train"]) == 0
+
+    x, y = _regression_data()
+    curves = MetricCurves(stages=("train",), task="regression")
+    saver = _SaveAtSecondStep(curves)
+    trainer = _trainer(tmp_path, [curves, saver], epochs=1)
+    trainer.fit(_Module(x, y, 1, nn.functional.mse_loss))
+    preds = torch.cat([p for p, _ in saver.rows[:2]])
+    target = torch.cat([t for _, t in saver.rows[:2]])
+    mae = saver.state["train_states"]["slots"]["train"]["mae"]
+    assert mae["total"][2] == [64]  # the two steps of 32 rows
+    assert mae["sum_abs_error"][2][0] == pytest.approx((preds - target).abs().sum().item(), rel=1e-6)
+    # the epoch went on after the save: its value covers the 4 steps once each (nothing lost, nothing twice)
+    all_preds = torch.cat([p for p, _ in saver.rows])
+    all_target = torch.cat([t for _, t in saver.rows])
+    assert len(saver.rows) == 4
+    assert trainer.callback_metrics["metrics/train/mae"].item() == pytest.approx(
+        (all_preds - all_target).abs().mean().item(), rel=1e-5
+    )
+
+
+def test_no_host_reads_in_training_batches_including_the_batched_updates(tmp_path):
+    from lightning_lossdiag.testing import StepReadProbe
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 4, generator=g)
+    y = (x.sum(1) > 0).float()
+    model = _Module(x, y, 1, nn.functional.binary_cross_entropy_with_logits)
+    counter = HostReadCounter()
+    probe = StepReadProbe(counter)
+    curves = MetricCurves(stages=("train",), task="binary", buffer_steps=2)
+    with counter:
+        _trainer(tmp_path, [probe, curves], epochs=2).fit(model)
+    assert len(probe.reads) == 8  # 4 batches x 2 epochs; batches 2, 4, 6, 8 run the batched update
+    assert probe.reads[1:] == [0] * 7
+    assert probe.reads[0] <= 1  # one-time inference of the kind of predictions
+
+
+def test_step_buffer_counts_storage_bytes_and_concatenates_in_order():
+    from lightning_lossdiag.callbacks._metric_buffer import StepBuffer
+
+    buffer = StepBuffer(max_steps=10, max_bytes=1000)
+    big = torch.arange(300.0)  # 1200 B of float32
+    assert not buffer.add(torch.ones(4), torch.zeros(4))  # 16 + 16 B
+    assert buffer.nbytes == 32
+    assert buffer.add(big[:2], torch.zeros(2))  # a view keeps all of `big` alive: counted whole, past 1000 B
+    assert buffer.nbytes == 32 + 1200 + 8
+    ((preds, target),) = buffer.take()
+    assert preds.tolist() == [1.0] * 4 + [0.0, 1.0]
+    assert target.tolist() == [0.0] * 6
+    assert (len(buffer), buffer.nbytes) == (0, 0)
+    with pytest.raises(ValueError, match="`max_steps`"):
+        StepBuffer(max_steps=0, max_bytes=1)
+    with pytest.raises(ValueError, match="`buffer_steps`"):
+        MetricCurves(buffer_steps=0)
+    with pytest.raises(ValueError, match="`buffer_bytes`"):
+        MetricCurves(buffer_bytes=-1)
