@@ -1,8 +1,9 @@
 """GradientMonitor: fused gradient norms before and after clipping, clip rate, dead and non-finite parameters.
 
-Everything per step runs on the device: one ``torch._foreach_norm`` over the optimizer's gradients, a handful of
-scalar kernels, and no host read. Per-layer norms are combined from the per-parameter norms with a precomputed
-index tensor (``scatter_add_`` of ``norm ** p``), only on the optimizer steps that end in a flush.
+Per optimizer step only one fused ``torch._foreach_norm`` runs (two with clipping by value, or by norm with a
+non-L2 ``norm_type``); its per-parameter row is kept by reference in a per-optimizer window
+(:mod:`~lightning_lossdiag.callbacks._grad_window`). At a flush the rows are stacked once and the totals, the clip
+rate, the non-finite and dead parameters and the group norms come from a few batched kernels and one host transfer.
 """
 
 from __future__ import annotations
@@ -23,52 +24,10 @@ from lightning_lossdiag.callbacks._grad_groups import (
     host_floats,
     resolve_depth,
 )
+from lightning_lossdiag.callbacks._grad_window import NO_STEP, ClipSpec, OptWindow, combine, param_norms
 from lightning_lossdiag.diagnosis.record import record_for
 
-_NO_STEP = 2**62  # "no non-finite step yet" inside the device minimum
 _MAX_NAMES = 64  # names kept in the notes (bounded)
-
-
-def _norms(tensors: list[Tensor], p: float) -> Tensor:
-    """Per-tensor norms in float32, stacked (fused ``_foreach_norm``; a per-tensor fallback for sparse grads)."""
-    if any(t.is_sparse for t in tensors):
-        return torch.stack([torch.linalg.vector_norm(t.coalesce().values(), p).float() for t in tensors])
-    devices = {t.device for t in tensors}
-    if len(devices) == 1:
-        return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
-    first = tensors[0].device  # model parallel: fuse per device, gather the norms on the first device (no host read)
-    return torch.stack([n.to(first) for n in torch._foreach_norm(tensors, p, dtype=torch.float32)])
-
-
-def _combine(per_param: Tensor, index: Tensor, n_groups: int, p: float) -> Tensor:
-    """Group norms from per-parameter norms: ``(sum_i n_i ** p) ** (1/p)`` per group (``max`` for p = inf)."""
-    out = per_param.new_zeros(n_groups)
-    if math.isinf(p):
-        return out.scatter_reduce_(0, index, per_param, reduce="amax", include_self=True)
-    return out.scatter_add_(0, index, per_param.pow(p)).pow(1.0 / p)
-
-
-class _OptState:
-    """Per-optimizer parameters, names, group index and device accumulators."""
-
-    def __init__(self, params: list[Tensor], names: list[str], groups: list[str], device: torch.device) -> None:
-        self.params, self.names = params, names
-        self.group_names = list(dict.fromkeys(groups))
-        pos = {g: i for i, g in enumerate(self.group_names)}
-        self.index = torch.tensor([pos[g] for g in groups], dtype=torch.long, device=device)  # one-time H2D copy
-        self.subset_index: dict[tuple[int, ...], Tensor] = {}
-        n = len(params)
-        self.nonfinite_mask = torch.zeros(n, dtype=torch.bool, device=device)
-        self.zero_mask = torch.ones(n, dtype=torch.bool, device=device)
-        self.total = torch.zeros((), device=device)
-        self.total_max = torch.zeros((), device=device)
-        self.clipped = torch.zeros((), device=device)
-        self.clip_count = torch.zeros((), device=device)
-        self.nonfinite_count = torch.zeros((), device=device)
-        self.first_nonfinite = torch.full((), _NO_STEP, dtype=torch.long, device=device)
-        self.group_norms: Tensor | None = None
-        self.param_norms: Tensor | None = None
-        self.steps = 0
 
 
 class GradientMonitor(Callback):
@@ -141,25 +100,26 @@ class GradientMonitor(Callback):
         self.depth, self.max_groups = depth, max_groups
         self.norm_type = float(norm_type)
         self.param_norms = param_norms
-        self._states: dict[int, _OptState] = {}
+        self._states: dict[int, OptWindow] = {}
         self.nonfinite_counts: dict[int, int] = {}
         self.first_nonfinite_step = -1
         self.nonfinite_params: list[str] = []
         self.dead_params: list[str] | None = None
         self._windows: dict[int, dict[str, Any]] = {}  # restored accumulators since the last flush, per optimizer
+        self._key_cache: tuple[tuple[Any, ...], str] | None = None  # (options, state_key)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps,
-            depth=self.depth,
-            max_groups=self.max_groups,
-            norm_type=self.norm_type,
-            param_norms=self.param_norms,
-        )
+        # Lightning builds this for every hook call (the profiler's label): cache it while the options stay the same
+        opts = (self.every_n_steps, self.depth, self.max_groups, self.norm_type, self.param_norms)
+        cached = getattr(self, "_key_cache", None)
+        if cached is None or cached[0] != opts:
+            names = ("every_n_steps", "depth", "max_groups", "norm_type", "param_norms")
+            cached = self._key_cache = (opts, self._generate_state_key(**dict(zip(names, opts, strict=True))))
+        return cached[1]
 
-    def _setup(self, pl_module: LightningModule, optimizer: Any, idx: int) -> _OptState:
+    def _setup(self, pl_module: LightningModule, optimizer: Any, idx: int) -> OptWindow:
         """One-time: the optimizer's parameters, their names and groups, the group index tensor."""
         names_by_id = {id(p): n for n, p in pl_module.named_parameters()}
         depth = resolve_depth(pl_module, self.depth, self.max_groups)
@@ -169,21 +129,24 @@ class GradientMonitor(Callback):
             params.extend(p for p in pg["params"] if all(p is not q for q in params))
         names = [names_by_id.get(id(p), f"opt{idx}.param{i}") for i, p in enumerate(params)]
         groups = [group_by_name.get(n, OTHER_GROUP) for n in names]
-        state = _OptState(params, names, groups, params[0].device if params else torch.device("cpu"))
+        device = params[0].device if params else torch.device("cpu")
+        state = OptWindow(params, names, groups, device, self.norm_type)
         state.nonfinite_count.fill_(self.nonfinite_counts.get(idx, 0))  # resumed counters continue
         window = self._windows.pop(idx, None)
         if window:  # resumed from a checkpoint written between flushes: the window goes on where it was
-            state.steps = int(window.get("steps", 0))
-            state.total_max.fill_(float(window.get("total_max", 0.0)))
-            state.clip_count.fill_(float(window.get("clip_count", 0)))
-            zero = window.get("zero_params")
-            if zero is not None and self.dead_params is None:
-                keep = set(zero)
-                mask = [n in keep for n in names]
-                state.zero_mask = torch.tensor(mask, dtype=torch.bool, device=state.zero_mask.device)  # one-time copy
+            state.restore(window, dead_known=self.dead_params is not None)
         if self.first_nonfinite_step >= 0:
             state.first_nonfinite.fill_(self.first_nonfinite_step)
         return state
+
+    @staticmethod
+    def _clip_spec(trainer: Trainer, pl_module: LightningModule) -> ClipSpec:
+        """The Trainer's clipping (``None`` when off, and in manual optimization where Lightning forbids it)."""
+        clip_val = trainer.gradient_clip_val if pl_module.automatic_optimization else None
+        if clip_val is None or not clip_val > 0:
+            return None
+        algo = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
+        return ("value" if algo == "value" else "norm", float(clip_val))
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -195,56 +158,26 @@ class GradientMonitor(Callback):
         present = [i for i, p in enumerate(st.params) if p.grad is not None]
         if not present:
             return
-        grads = [st.params[i].grad for i in present]
+        grads: list[Tensor] = [st.params[i].grad for i in present]  # type: ignore[misc]
         p = self.norm_type
-        pn = _norms(grads, p)  # type: ignore[arg-type]
-        full = len(present) == len(st.params)
-        sub = st.index if full else st.subset_index.get(tuple(present))
-        if sub is None:
-            sub = st.subset_index[tuple(present)] = st.index[torch.tensor(present, device=st.index.device)]
-        total = torch.linalg.vector_norm(pn, p)
+        clip = self._clip_spec(trainer, pl_module)
+        aux = None  # what the clip decision needs when the logged norm is not it: max-abs ("value") or L2 ("norm")
+        if clip is not None and (math.inf if clip[0] == "value" else 2.0) != p:
+            aux = st.full_row(present, param_norms(grads, math.inf if clip[0] == "value" else 2.0))
         step = int(trainer.global_step) + 1  # the step this optimizer step completes (global_step after the batch)
-        st.steps += 1
-        st.total = total
-        torch.maximum(st.total_max, total, out=st.total_max)
-        bad = ~torch.isfinite(pn)
-        any_bad = bad.any()
-        st.nonfinite_count.add_(any_bad)
-        torch.minimum(st.first_nonfinite, torch.where(any_bad, step, _NO_STEP), out=st.first_nonfinite)
-        if full:
-            st.nonfinite_mask.logical_or_(bad)
-        else:
-            pos = torch.tensor(present, device=st.index.device)
-            st.nonfinite_mask.index_copy_(0, pos, st.nonfinite_mask[pos] | bad)
-        if self.dead_params is None:
-            if full:
-                st.zero_mask.logical_and_(pn == 0)
-            else:
-                st.zero_mask.index_copy_(0, pos, st.zero_mask[pos] & (pn == 0))
+        st.push(st.full_row(present, param_norms(grads, p)), aux, step, clip)
         # automatic optimization: exactly one optimizer step per batch, so the flush step is known in advance;
-        # manual optimization may step several times per batch: per-group norms are then combined on every step
-        flush_step = not pl_module.automatic_optimization or self._schedule.next_step_flushes(trainer)
-        st.clipped = total
-        clip_val = trainer.gradient_clip_val if pl_module.automatic_optimization else None
-        if clip_val is not None and clip_val > 0:
-            algo = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
-            if algo == "value":
-                maxabs = pn if math.isinf(p) else _norms(grads, math.inf)  # type: ignore[arg-type]
-                st.clip_count.add_((maxabs > clip_val).any())
-                if flush_step:
-                    kept = torch._foreach_clamp_min(grads, -float(clip_val))  # type: ignore[arg-type]
-                    torch._foreach_clamp_max_(kept, float(clip_val))  # what clip_grad_value_ leaves, on copies
-                    st.clipped = torch.linalg.vector_norm(_norms(list(kept), p), p)
-            else:
-                l2 = total if p == 2.0 else torch.linalg.vector_norm(_norms(grads, 2.0), 2.0)  # type: ignore[arg-type]
-                coef = torch.clamp(float(clip_val) / (l2 + 1e-6), max=1.0)  # what clip_grad_norm_ multiplies by
-                st.clipped = total * coef
-                st.clip_count.add_(coef < 1.0)
-        if flush_step:
-            st.group_norms = _combine(pn, sub, len(st.group_names), p)
-            if self.param_norms:
-                weights = [st.params[i].detach() for i in present]
-                st.param_norms = _combine(_norms(weights, p), sub, len(st.group_names), p)
+        # manual optimization may step several times per batch: every step may be the last before a flush
+        st.last_is_flush = not pl_module.automatic_optimization or self._schedule.next_step_flushes(trainer)
+        if not st.last_is_flush:
+            return
+        if clip is not None and clip[0] == "value":
+            kept = torch._foreach_clamp_min(grads, -clip[1])
+            torch._foreach_clamp_max_(kept, clip[1])  # what clip_grad_value_ leaves, on copies
+            st.last_clipped = torch.linalg.vector_norm(param_norms(list(kept), p), p)
+        if self.param_norms:
+            weights = st.full_row(present, param_norms([st.params[i].detach() for i in present], p))
+            st.param_norms = combine(weights, st.index, len(st.group_names), p)
 
     @override
     def on_train_batch_end(
@@ -260,16 +193,19 @@ class GradientMonitor(Callback):
         self._flush(trainer)
 
     def _flush(self, trainer: Trainer) -> None:
-        active = {i: st for i, st in self._states.items() if st.steps}
+        active = {i: st for i, st in self._states.items() if st.steps and st.last is not None}
         if not active:
             return
         resolve_dead = self.dead_params is None
         parts: list[Tensor] = []
-        for st in active.values():
-            scalars = [st.total, st.total_max, st.clipped, st.clip_count, st.nonfinite_count, st.first_nonfinite]
-            parts += [*scalars, st.nonfinite_mask]
-            parts += [g for g in (st.group_norms, st.param_norms) if g is not None]
+        shown: dict[int, tuple[bool, bool]] = {}  # per optimizer: group norms / parameter norms in the transfer
+        for i, st in active.items():
+            st.fold()
+            last_total, last_clipped, groups = st.latest()
+            parts += [last_total, st.total_max, last_clipped, st.clip_count, st.nonfinite_count, st.first_nonfinite]
+            parts += [st.nonfinite_mask, *(g for g in (groups, st.param_norms) if g is not None)]
             parts += [st.zero_mask] if resolve_dead else []
+            shown[i] = (groups is not None, st.param_norms is not None)
         host = iter(host_floats(parts))  # flush: one host transfer for all optimizers and layers
         several = len(trainer.optimizers) > 1
         values: dict[str, float] = {}
@@ -283,26 +219,28 @@ class GradientMonitor(Callback):
             values[f"grad/norm_total_clipped{sfx}"] = clipped
             values[f"grad/clip_rate{sfx}"] = clip_count / st.steps
             values[f"grad/nonfinite_count{sfx}"] = nonfinite
-            for prefix, g in (("grad/norm", st.group_norms), ("param/norm", st.param_norms)):
-                if g is not None:
+            for prefix, present in zip(("grad/norm", "param/norm"), shown[i], strict=True):
+                if present:
                     for name in st.group_names:
                         values[f"{prefix}/{name}{sfx}"] = next(host)
             if resolve_dead:
                 zero = [next(host) for _ in st.names]
                 dead += [n for n, z in zip(st.names, zero, strict=True) if z]  # grad None or 0 on every step
             self.nonfinite_counts[i] = int(nonfinite)
-            if first < _NO_STEP and (self.first_nonfinite_step < 0 or first < self.first_nonfinite_step):
+            if first < NO_STEP and (self.first_nonfinite_step < 0 or first < self.first_nonfinite_step):
                 self.first_nonfinite_step = int(first)
-            for n, b in zip(st.names, bad, strict=True):
-                if b and n not in self.nonfinite_params and len(self.nonfinite_params) < _MAX_NAMES:
-                    self.nonfinite_params.append(n)
-            st.clip_count.zero_()
-            st.total_max.zero_()
-            st.group_norms = st.param_norms = None
-            st.steps = 0
+            self._add_bad_names(self.nonfinite_params, st.names, bad)
+            st.restart()
         warn_no_logger_once(trainer, type(self).__name__)
         log_scalars(trainer, values)
         self._write_notes(trainer, dead if resolve_dead else None)
+
+    @staticmethod
+    def _add_bad_names(out: list[str], names: list[str], bad: list[float]) -> None:
+        """Append (bounded, no duplicates) the names whose non-finite flag is set (host values)."""
+        for n, b in zip(names, bad, strict=True):
+            if b and n not in out and len(out) < _MAX_NAMES:
+                out.append(n)
 
     def _write_notes(self, trainer: Trainer, dead: list[str] | None) -> None:
         notes = record_for(trainer).notes
@@ -331,6 +269,7 @@ class GradientMonitor(Callback):
         live = [(i, st) for i, st in self._states.items() if st.steps]
         parts: list[Tensor] = []
         for _, st in live:
+            st.fold()  # the same batched reduction a flush runs; the rows kept so far end up in the accumulators
             parts += [st.total_max, st.clip_count, st.nonfinite_count, st.first_nonfinite, st.nonfinite_mask]
             parts += [st.zero_mask] if self.dead_params is None else []
         host = iter(host_floats(parts))  # checkpoint save, not the per-step path: one host transfer
@@ -345,11 +284,9 @@ class GradientMonitor(Callback):
                 "zero_params": zero,
             }
             counts[i] = int(nonfinite)
-            if first_dev < _NO_STEP and (first < 0 or first_dev < first):
+            if first_dev < NO_STEP and (first < 0 or first_dev < first):
                 first = int(first_dev)
-            for n, b in zip(st.names, bad, strict=True):
-                if b and n not in bad_names and len(bad_names) < _MAX_NAMES:
-                    bad_names.append(n)
+            self._add_bad_names(bad_names, st.names, bad)
         return {
             "nonfinite_counts": {str(i): n for i, n in counts.items()},
             "first_nonfinite_step": first,

@@ -357,3 +357,56 @@ def test_nonfinite_between_flushes_survives_a_checkpoint(tmp_path):
         assert rec.values("grad/nonfinite_count") == [1]
         assert rec.notes["grad/first_nonfinite_step"] == 3
         assert rec.notes["grad/nonfinite_params"] == ["a.weight"]
+
+
+# ------------------------------------------------------------------ the per-step window, folded in batches
+def test_window_folded_in_small_blocks_gives_the_same_flush(tmp_path, monkeypatch):
+    from lightning_lossdiag.callbacks import _grad_window
+
+    ga, gb = scripted_grads()
+    ga[2] = torch.tensor([[float("nan"), 0.0, 0.0]])  # step 3
+    gb[6] = torch.tensor([[float("inf"), 0.0]])  # step 7
+    monkeypatch.setattr(_grad_window, "FOLD_ROWS", 3)  # 8 steps per flush: folded after steps 3, 6 and at the flush
+    trainer = trainer_for(tmp_path, [GradientMonitor(every_n_steps=8)], gradient_clip_val=2.0)
+    trainer.fit(Scripted(ga, gb))
+    rec = record_for(trainer)
+    totals = [math.sqrt(float((a.double() ** 2).sum() + (b.double() ** 2).sum())) for a, b in zip(ga, gb, strict=True)]
+    clipped = [t + 1e-6 > 2.0 for t in totals]  # NaN: clip_grad_norm_'s coefficient is NaN, not < 1
+    assert rec.values("grad/clip_rate") == [pytest.approx(sum(clipped) / 8)]
+    assert rec.values("grad/nonfinite_count") == [2]
+    assert rec.notes["grad/first_nonfinite_step"] == 3
+    assert rec.notes["grad/nonfinite_params"] == ["a.weight", "b.weight"]
+    assert math.isnan(rec.values("grad/norm_total_max")[0])  # a NaN total poisons the max, as torch.maximum does
+    assert rec.values("grad/norm_total") == [pytest.approx(totals[7], rel=1e-6)]
+
+
+class Sometimes(Scripted):
+    """`b` takes part in the loss on even steps only: its gradient is None on odd steps (set_to_none)."""
+
+    def training_step(self, batch, batch_idx):
+        t = self.trainer.global_step
+        loss = (self.a.weight * self.ga[t]).sum() + batch[0].sum() * 0.0
+        return loss + (self.b.weight * self.gb[t]).sum() if t % 2 == 0 else loss
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_parameters_without_gradient_on_some_steps(tmp_path, algorithm):
+    ga, gb = scripted_grads()
+    cap = Capture()
+    clip = 2.0 if algorithm == "norm" else 1.0
+    mon = GradientMonitor(every_n_steps=1, norm_type=1.0)
+    trainer = trainer_for(tmp_path, [cap, mon], gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    trainer.fit(Sometimes(ga, gb))
+    rec = record_for(trainer)
+    assert [sorted(g) for g in cap.pre[:2]] == [["a.weight", "b.weight"], ["a.weight"]]
+    expected = [float(torch.nn.utils.get_total_norm(list(g.values()), norm_type=1.0)) for g in cap.pre]
+    assert rec.values("grad/norm_total") == pytest.approx(expected, rel=1e-6)
+    for t, grads in enumerate(cap.pre):
+        if algorithm == "norm":
+            was_clipped = float(torch.nn.utils.get_total_norm(list(grads.values()))) + 1e-6 > clip
+        else:
+            was_clipped = any(bool((g.abs() > clip).any()) for g in grads.values())
+        assert rec.values("grad/clip_rate")[t] == float(was_clipped)
+        left = torch.nn.utils.get_total_norm(list(cap.post[t].values()), norm_type=1.0)
+        assert rec.values("grad/norm_total_clipped")[t] == pytest.approx(float(left), rel=1e-5)
+    assert rec.notes["grad/dead_params"] == ["zero.weight"]

@@ -1,0 +1,202 @@
+"""The per-optimizer window of ``GradientMonitor``: per-step norm rows kept as references, reduced in one batch.
+
+An optimizer step only appends its fused per-parameter norms (a ``[params]`` row, plus a second row of max-abs or
+L2 norms when the Trainer's clipping needs one) to the window, and its global step to a host list. At a flush, a
+checkpoint, or when the window grows past :data:`FOLD_ROWS` rows, the rows are stacked once and every statistic is
+derived from the ``[steps, params]`` matrix with a few batched kernels and folded into device accumulators. Nothing
+here reads the host: the callback moves the accumulators in its one flush transfer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+NO_STEP = 2**62  # "no non-finite step yet" inside the device minimum
+FOLD_ROWS = 512  # rows kept before they are folded into the accumulators (flushes rarer than this many steps)
+
+#: the Trainer's clipping as the window sees it: ``("norm" | "value", clip_val)``, or ``None`` when it is off
+ClipSpec = tuple[str, float] | None
+
+
+def param_norms(tensors: list[Tensor], p: float) -> Tensor:
+    """Per-tensor norms in float32, stacked (fused ``_foreach_norm``; a per-tensor fallback for sparse grads).
+
+    Example:
+        >>> param_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0])], 2.0)
+        tensor([5., 2.])
+    """
+    if any(t.is_sparse for t in tensors):
+        return torch.stack([torch.linalg.vector_norm(t.coalesce().values(), p).float() for t in tensors])
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
+    first = tensors[0].device  # model parallel: fuse per device, gather the norms on the first device (no host read)
+    return torch.stack([n.to(first) for n in torch._foreach_norm(tensors, p, dtype=torch.float32)])
+
+
+def combine(per_param: Tensor, index: Tensor, n_groups: int, p: float) -> Tensor:
+    """Group norms from per-parameter norms: ``(sum_i n_i ** p) ** (1/p)`` per group (``max`` for p = inf).
+
+    Example:
+        >>> combine(torch.tensor([3.0, 4.0, 1.0]), torch.tensor([0, 0, 1]), 2, 2.0)
+        tensor([5., 1.])
+    """
+    out = per_param.new_zeros(n_groups)
+    if math.isinf(p):
+        return out.scatter_reduce_(0, index, per_param, reduce="amax", include_self=True)
+    return out.scatter_add_(0, index, per_param.pow(p)).pow(1.0 / p)
+
+
+def clip_coef(l2: Tensor, clip_val: float) -> Tensor:
+    """What ``clip_grad_norm_`` multiplies the gradients by: ``min(1, clip_val / (l2 + 1e-6))``, elementwise."""
+    return torch.clamp(float(clip_val) / (l2 + 1e-6), max=1.0)
+
+
+def reduce_rows(norms: Tensor, aux: Tensor | None, steps: Tensor, p: float, clip: ClipSpec) -> list[Tensor]:
+    """Batched statistics of a ``[steps, params]`` block of per-parameter ``p``-norms, all on the device.
+
+    ``aux`` holds per-parameter max-abs values (``"value"`` clipping) or L2 norms (``"norm"`` clipping with
+    ``p != 2``), or is ``None`` when ``norms`` already serves. Returns ``[total_max, clip_count, nonfinite_count,
+    first_nonfinite_step, nonfinite_per_param, zero_per_param]``: the largest total norm, the steps clipping changed
+    (``l2 + 1e-6 > clip_val`` / any ``|g| > clip_val``), the steps with a NaN/inf norm, the first such step
+    (:data:`NO_STEP` if none), and per parameter whether it was ever non-finite / zero on every row.
+
+    Example:
+        >>> rows = torch.tensor([[3.0, 4.0], [0.0, float("inf")], [0.0, 1.0]])
+        >>> out = reduce_rows(rows, None, torch.tensor([7, 8, 9]), 2.0, ("norm", 2.0))
+        >>> [t.tolist() for t in out]
+        [inf, 2, 1, 8, [False, True], [False, False]]
+    """
+    totals = torch.linalg.vector_norm(norms, p, dim=1)
+    bad = ~torch.isfinite(norms)
+    bad_step = bad.any(dim=1)
+    first = torch.where(bad_step, steps, NO_STEP).amin()
+    if clip is None:
+        clipped = totals.new_zeros((), dtype=torch.long)
+    elif clip[0] == "value":
+        clipped = ((norms if aux is None else aux) > clip[1]).any(dim=1).sum()
+    else:
+        l2 = totals if aux is None else torch.linalg.vector_norm(aux, 2.0, dim=1)
+        clipped = (clip_coef(l2, clip[1]) < 1.0).sum()
+    return [totals.amax(), clipped, bad_step.sum(), first, bad.any(dim=0), (norms == 0).all(dim=0)]
+
+
+def _steps_tensor(steps: list[int], device: torch.device) -> Tensor:
+    """Host step numbers onto the device (a host-to-device copy, never a read; pinned + async on CUDA)."""
+    host = torch.tensor(steps, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class OptWindow:
+    """One optimizer's parameters, names and group index, its rows since the last fold, and device accumulators.
+
+    ``steps`` counts the optimizer steps since the last flush (folded or not); ``nonfinite_count``,
+    ``first_nonfinite`` and ``nonfinite_mask`` are cumulative over the run; ``zero_mask`` covers every step so far.
+    """
+
+    def __init__(
+        self, params: list[Tensor], names: list[str], groups: list[str], device: torch.device, p: float
+    ) -> None:
+        self.params, self.names, self.device, self.p = params, names, device, p
+        self.group_names = list(dict.fromkeys(groups))
+        pos = {g: i for i, g in enumerate(self.group_names)}
+        self.index = torch.tensor([pos[g] for g in groups], dtype=torch.long, device=device)  # one-time H2D copy
+        self.positions: dict[tuple[int, ...], Tensor] = {}  # present-parameter subsets -> their positions
+        n = len(params)
+        self.nonfinite_mask = torch.zeros(n, dtype=torch.bool, device=device)
+        self.zero_mask = torch.ones(n, dtype=torch.bool, device=device)
+        self.total_max = torch.zeros((), device=device)
+        self.clip_count = torch.zeros((), device=device)
+        self.nonfinite_count = torch.zeros((), device=device)
+        self.first_nonfinite = torch.full((), NO_STEP, dtype=torch.long, device=device)
+        self.rows: list[Tensor] = []
+        self.aux_rows: list[Tensor] = []
+        self.step_numbers: list[int] = []
+        self.clip: ClipSpec = None
+        self.last: Tensor | None = None  # the latest step's row, kept across folds for the flush
+        self.last_aux: Tensor | None = None
+        self.last_clipped: Tensor | None = None  # "value" clipping: post-clip total norm, computed on flush steps
+        self.last_is_flush = False  # the latest step was known to end in a flush (group and parameter norms)
+        self.param_norms: Tensor | None = None
+        self.steps = 0
+
+    def full_row(self, present: list[int], values: Tensor) -> Tensor:
+        """Norms of the present parameters as a row over all parameters (absent ones: 0, like a zero gradient)."""
+        if len(present) == len(self.params):
+            return values
+        pos = self.positions.get(tuple(present))
+        if pos is None:
+            pos = self.positions[tuple(present)] = torch.tensor(present, device=values.device)  # H2D, once per set
+        return values.new_zeros(len(self.params)).index_copy_(0, pos, values)
+
+    def push(self, row: Tensor, aux: Tensor | None, step: int, clip: ClipSpec) -> None:
+        """Append one optimizer step (tensor references only; folds first if the clipping changed)."""
+        if clip != self.clip and self.rows:
+            self.fold()
+        self.clip = clip
+        self.rows.append(row)
+        if aux is not None:
+            self.aux_rows.append(aux)
+        self.step_numbers.append(step)
+        self.last, self.last_aux, self.last_clipped = row, aux, None
+        self.steps += 1
+        if len(self.rows) >= FOLD_ROWS:
+            self.fold()
+
+    def fold(self) -> None:
+        """Reduce the kept rows in one batch into the accumulators and drop them (no host read)."""
+        if not self.rows:
+            return
+        aux = torch.stack(self.aux_rows) if len(self.aux_rows) == len(self.rows) else None
+        steps = _steps_tensor(self.step_numbers, self.rows[0].device)
+        top, clipped, bad, first, bad_params, zero = reduce_rows(torch.stack(self.rows), aux, steps, self.p, self.clip)
+        torch.maximum(self.total_max, top, out=self.total_max)
+        self.clip_count.add_(clipped)
+        self.nonfinite_count.add_(bad)
+        torch.minimum(self.first_nonfinite, first, out=self.first_nonfinite)
+        self.nonfinite_mask.logical_or_(bad_params)
+        self.zero_mask.logical_and_(zero)
+        self.rows, self.aux_rows, self.step_numbers = [], [], []
+
+    def latest(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Total norm of the latest step before and after the Trainer's clipping, and its group norms if known."""
+        if self.last is None:
+            raise RuntimeError("OptWindow.latest() needs at least one optimizer step")
+        p = self.p
+        total = torch.linalg.vector_norm(self.last, p)
+        clipped = total
+        if self.clip is not None and self.clip[0] == "norm":
+            l2 = total if self.last_aux is None else torch.linalg.vector_norm(self.last_aux, 2.0)
+            clipped = total * clip_coef(l2, self.clip[1])
+        elif self.clip is not None and self.last_clipped is not None:
+            clipped = self.last_clipped
+        groups = combine(self.last, self.index, len(self.group_names), p) if self.last_is_flush else None
+        return total, clipped, groups
+
+    def restart(self) -> None:
+        """After a flush: the window statistics start again (cumulative ones go on)."""
+        self.total_max.zero_()
+        self.clip_count.zero_()
+        self.param_norms = None
+        self.last_is_flush = False
+        self.steps = 0
+
+    def restore(self, window: dict[str, Any], dead_known: bool) -> None:
+        """Continue a window saved in a checkpoint between flushes (one-time host-to-device fills)."""
+        self.steps = int(window.get("steps", 0))
+        self.total_max.fill_(float(window.get("total_max", 0.0)))
+        self.clip_count.fill_(float(window.get("clip_count", 0)))
+        zero = window.get("zero_params")
+        if zero is not None and not dead_known:
+            keep = set(zero)
+            mask = [n in keep for n in self.names]
+            self.zero_mask = torch.tensor(mask, dtype=torch.bool, device=self.device)  # one-time H2D copy
+
+
+__all__ = ["FOLD_ROWS", "NO_STEP", "ClipSpec", "OptWindow", "clip_coef", "combine", "param_norms", "reduce_rows"]
