@@ -6,12 +6,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossdiag._outputs import clear_outputs, fetch_outputs
+from lightning_lossdiag._outputs import fetch_outputs
 from lightning_lossdiag.callbacks._base import log_scalars, to_host
 from lightning_lossdiag.callbacks._error_states import (
     ClassificationState,
@@ -19,6 +19,7 @@ from lightning_lossdiag.callbacks._error_states import (
     StageState,
     regression_ranges,
 )
+from lightning_lossdiag.callbacks._staged import StagedOutputsCallback
 from lightning_lossdiag.callbacks._task import TASKS, TaskInfo, align_regression, infer_task_info, step_parts
 from lightning_lossdiag.dashboards.writers import tensorboard_writers
 from lightning_lossdiag.diagnosis.findings import Finding
@@ -34,7 +35,7 @@ def make_gather(trainer: Any, pl_module: LightningModule) -> Gather:
     return lambda t: t.unsqueeze(0)
 
 
-class ErrorDistributionMonitor(Callback):
+class ErrorDistributionMonitor(StagedOutputsCallback):
     """Distributions of the errors of each evaluated stage, as TensorBoard histograms, images, PR curves and text.
 
     Every batch updates fixed-size statistics on the model's device (histograms with fixed edges, a bounded uniform
@@ -144,53 +145,6 @@ class ErrorDistributionMonitor(Callback):
         return self._generate_state_key(stages=self.stages, task=self.task)
 
     # ---- hooks -----------------------------------------------------------------------------------------------
-    @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        clear_outputs(pl_module, "train")
-
-    @override
-    def on_validation_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        clear_outputs(pl_module, "val")
-
-    @override
-    def on_test_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        clear_outputs(pl_module, "test")
-
-    @override
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._update(trainer, pl_module, outputs, "train")
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not trainer.sanity_checking:
-            self._update(trainer, pl_module, outputs, "val")
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._update(trainer, pl_module, outputs, "test")
-
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish_epoch(trainer, pl_module, "train")

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_lossdiag._outputs import clear_outputs, fetch_outputs
+from lightning_lossdiag._outputs import fetch_outputs
 from lightning_lossdiag.callbacks._base import to_host
 from lightning_lossdiag.callbacks._metric_buffer import StepBuffer
 from lightning_lossdiag.callbacks._metric_sets import (
@@ -23,13 +23,14 @@ from lightning_lossdiag.callbacks._metric_sets import (
     to_plain,
     update_metrics,
 )
+from lightning_lossdiag.callbacks._staged import StagedOutputsCallback
 from lightning_lossdiag.callbacks._task import TASKS, TaskInfo, align_regression, infer_task_info, step_parts
 from lightning_lossdiag.diagnosis.record import record_for
 
 _DEFAULT_BUFFER_STEPS = 50
 
 
-class MetricCurves(Callback):
+class MetricCurves(StagedOutputsCallback):
     """Task metrics from torchmetrics, per stage, logged at the end of each epoch with ``pl_module.log``.
 
     The metrics live in this callback (moved to the model's device at the first batch). A step only keeps references
@@ -137,53 +138,6 @@ class MetricCurves(Callback):
         return self._state_key[1]
 
     # ---- hooks -----------------------------------------------------------------------------------------------
-    @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        clear_outputs(pl_module, "train")
-
-    @override
-    def on_validation_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        clear_outputs(pl_module, "val")
-
-    @override
-    def on_test_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        clear_outputs(pl_module, "test")
-
-    @override
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._update(trainer, pl_module, outputs, "train")
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not trainer.sanity_checking:
-            self._update(trainer, pl_module, outputs, "val")
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._update(trainer, pl_module, outputs, "test")
-
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_epoch(trainer, pl_module, "train")
