@@ -59,6 +59,7 @@ class GradientMonitor(Callback):
     | ``grad/norm_total`` | flush | total gradient norm (``norm_type``) before clipping |
     | ``grad/norm_total_max`` | flush | largest pre-clip total norm since the last flush |
     | ``grad/norm_total_clipped`` | flush | total norm after the Trainer's clipping |
+    | ``grad/clip_val`` | flush | the Trainer's ``gradient_clip_val`` (when set), charted with the two norms |
     | ``grad/clip_rate`` | flush | fraction of optimizer steps since the last flush that clipping changed |
     | ``grad/norm/<group>`` | flush | norm of the gradients of one layer group (module path cut to ``depth``) |
     | ``grad/nonfinite_count`` | flush | cumulative optimizer steps with a NaN/inf gradient |
@@ -231,6 +232,9 @@ class GradientMonitor(Callback):
                 self.first_nonfinite_step = int(first)
             self._add_bad_names(self.nonfinite_params, st.names, bad)
             st.restart()
+        clip_val = trainer.gradient_clip_val
+        if clip_val is not None and float(clip_val) > 0:  # host config value: drawn beside the norms it bounds
+            values["grad/clip_val"] = float(clip_val)
         warn_no_logger_once(trainer, type(self).__name__)
         log_scalars(trainer, values)
         self._write_notes(trainer, dead if resolve_dead else None)

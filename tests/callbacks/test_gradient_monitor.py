@@ -169,6 +169,7 @@ def test_clipping_matches_what_torch_leaves(tmp_path, algorithm):
         [max(float(torch.nn.utils.get_total_norm([ga[t], gb[t]])) for t in r) for r in (range(4), range(4, 8))]
     )
     assert rec.notes["grad/clip"] == {"val": clip, "algorithm": algorithm}
+    assert rec.values("grad/clip_val") == [clip, clip]  # charted beside the pre/post-clip norms at each flush
 
 
 def test_dead_and_nonfinite_params(tmp_path):
