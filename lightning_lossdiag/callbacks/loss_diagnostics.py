@@ -46,9 +46,7 @@ def _build_part(name: str, option: PartOption, every_n_steps: int | None) -> Cal
     if option is False or option is None:
         return None
     if option is not True and not isinstance(option, Mapping):
-        raise ValueError(
-            f"`{name}` must be True, False or a mapping of options for {_PARTS[name][1]}, got {option!r}"
-        )
+        raise ValueError(f"`{name}` must be True, False or a mapping of options for {_PARTS[name][1]}, got {option!r}")
     kwargs = dict(option) if isinstance(option, Mapping) else {}
     if every_n_steps is not None and name in _FLUSHING_PARTS:
         kwargs.setdefault("every_n_steps", every_n_steps)
