@@ -18,25 +18,25 @@ def _last(record: RunRecord, key: str) -> tuple[int, float] | None:
     return points[-1] if points else None
 
 
-def _first_stage_value(record: RunRecord, template: str) -> tuple[str, int, float] | None:
-    """The newest value of ``template.format(stage=...)`` for the first stage (val, test, train) that has one."""
+def _first_stage_value(record: RunRecord, template: str, term: str = "") -> tuple[str, int, float] | None:
+    """The newest value of ``template.format(stage=..., term=...)`` for the first stage (val, test, train) with one."""
     for stage in _STAGE_ORDER:
-        found = _last(record, template.format(stage=stage))
+        found = _last(record, template.format(stage=stage, term=term))
         if found is not None:
             return stage, found[0], found[1]
     return None
 
 
-def _minority_recall(record: RunRecord, minority: int, n_classes: int) -> tuple[str, float] | None:
+def _minority_recall(record: RunRecord, minority: int, n_classes: int, term: str = "") -> tuple[str, float] | None:
     for stage in _STAGE_ORDER:
-        for key in (f"metrics/{stage}/recall/{minority}",):
+        for key in (f"metrics/{stage}/{term}recall/{minority}",):
             found = _last(record, key)
             if found is not None:
                 return key, found[1]
         if n_classes == 2 and minority == 1:
-            found = _last(record, f"metrics/{stage}/recall")
+            found = _last(record, f"metrics/{stage}/{term}recall")
             if found is not None:
-                return f"metrics/{stage}/recall", found[1]
+                return f"metrics/{stage}/{term}recall", found[1]
     return None
 
 
@@ -57,23 +57,38 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     note = record.notes.get("data/class_counts")
     if not isinstance(note, dict) or record.notes.get("task") == "multilabel":
         return []
-    counts = [float(c) for c in note.get("counts") or [] if isinstance(c, (int, float))]
+    stage = str(note.get("stage", "train"))
+    heads = note.get("heads")
+    if isinstance(heads, dict) and heads:  # multi-task: one verdict per classification head
+        found = [_imbalance(record, cfg, counts, stage, str(term)) for term, counts in heads.items()]
+        return [f for f in found if f is not None]
+    single = _imbalance(record, cfg, note.get("counts"), stage, None)
+    return [single] if single is not None else []
+
+
+def _imbalance(record: RunRecord, cfg: DoctorConfig, raw: Any, stage: str, term: str | None) -> Finding | None:
+    """The ``class_imbalance`` verdict for one set of class counts (``term``: the head of a multi-task model)."""
+    if not isinstance(raw, list):
+        return None
+    counts = [float(c) for c in raw if isinstance(c, (int, float))]
     total = sum(counts)
     if len(counts) < 2 or total <= 0:
-        return []
+        return None
     minority = min(range(len(counts)), key=counts.__getitem__)
     share = counts[minority] / total
     if share >= cfg.imbalance_share:
-        return []
-    stage = str(note.get("stage", "train"))
+        return None
+    prefix = f"{term}/" if term else ""
     evidence: dict[str, Any] = {"stage": stage, "counts": counts, "minority_class": minority, "share": share}
+    if term:
+        evidence["term"] = term
     symptoms = []
-    recall = _minority_recall(record, minority, len(counts))
+    recall = _minority_recall(record, minority, len(counts), prefix)
     if recall is not None:
         evidence["minority_recall"] = recall[1]
         if recall[1] <= cfg.recall_zero:
             symptoms.append(f"its recall is {fmt(recall[1])} (`{recall[0]}`)")
-    majority = _first_stage_value(record, "errors/{stage}/majority_pred_share")
+    majority = _first_stage_value(record, "errors/{stage}/{term}majority_pred_share", prefix)
     if majority is not None:
         evidence["majority_pred_share"] = majority[2]
         if majority[2] >= cfg.majority_share_one:
@@ -90,12 +105,13 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
         if binary
         else "class weights in the cross-entropy, or the `focal` loss"
     )
+    where = f"the {stage} samples of head `{term}`" if term else f"the {stage} samples"
     msg = (
-        f"Class {minority} holds only {fmt(share * 100)}% of the {stage} samples (counts {[int(c) for c in counts]}). "
+        f"Class {minority} holds only {fmt(share * 100)}% of {where} (counts {[int(c) for c in counts]}). "
         f"{seen} A model can reach high accuracy by always predicting the majority class. Try: {fix}, or a "
         "balanced sampler; watch recall/F1 per class rather than accuracy."
     )
-    return [Finding("class_imbalance", severity, msg, None, evidence)]
+    return Finding("class_imbalance", severity, msg, None, evidence)
 
 
 def _relative_pred_std(record: RunRecord, cfg: DoctorConfig) -> tuple[str, int, float, str] | None:

@@ -89,3 +89,23 @@ def test_doctor_notes_the_early_stopping_that_ended_a_real_run(tmp_path):
     assert stopper.stopped_epoch > 0
     notes = record_for(trainer).notes["callbacks/early_stopped"]
     assert notes == [{"monitor": "val/loss", "stopped_epoch": stopper.stopped_epoch}]
+
+
+def test_class_imbalance_is_judged_per_head_of_a_multitask_model():
+    from lightning_lossdiag.diagnosis.rules.data import class_imbalance
+
+    record = RunRecord()
+    record.notes["data/class_counts"] = {
+        "stage": "train",
+        "counts": [500, 500],
+        "heads": {"ctr": [500, 500], "cvr": [970, 30]},
+    }
+    record.add_scalars(100, {"metrics/val/cvr/recall": 0.0, "metrics/val/ctr/recall": 0.8})
+    (found,) = class_imbalance(record, DoctorConfig())
+    assert found.severity == "warning"
+    assert found.evidence["term"] == "cvr"
+    assert "head `cvr`" in found.message
+    assert "`metrics/val/cvr/recall`" in found.message
+    record.add_scalars(200, {"metrics/val/cvr/recall": 0.6})
+    (found,) = class_imbalance(record, DoctorConfig())
+    assert found.severity == "info"
