@@ -73,6 +73,10 @@ class LossMixin(_Base):
         **kwargs: passed on to the next base.
 
     Attributes:
+        loss_in_progress_bar: class attribute, ``False`` by default. ``True`` puts every step's ``train/loss`` in the
+            progress bar, which costs one host synchronisation per step (Lightning reads the value back after each
+            batch). With ``LossMonitor`` (part of ``LossDiagnostics``) the bar shows the loss of each flush for free.
+            ``val/loss`` and ``test/loss`` are always in the bar (epoch values: no per-step read).
         loss_spec: the spec as given.
         criterion: the loss module (an ``nn.Module`` attribute, so learnable loss parameters are trained and
             checkpointed); ``None`` until ``setup`` when the spec has automatic weights.
@@ -85,7 +89,7 @@ class LossMixin(_Base):
     ========================  ==========================================================================
     key                       when
     ========================  ==========================================================================
-    ``train/loss``            each step (progress bar; not sent to loggers when a callback with
+    ``train/loss``            each step (not sent to loggers when a callback with
                               ``writes_train_loss = True`` writes it at its flush)
     ``val/loss``              epoch mean of the validation steps
     ``test/loss``             epoch mean of the test steps
@@ -101,6 +105,8 @@ class LossMixin(_Base):
         >>> Tiny(loss="huber").criterion is not None
         True
     """
+
+    loss_in_progress_bar: bool = False
 
     def __init__(self, *args: Any, loss: LossSpec = "mse", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -207,7 +213,10 @@ class LossMixin(_Base):
             # sync_dist with on_epoch reduces once at epoch end (not per step): every rank, and rank 0's logger, sees
             # the loss over the whole validation set under DDP, so schedulers and early stopping agree across ranks.
             opts = {"on_step": False, "on_epoch": True, "logger": has_logger, "sync_dist": True}
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, **opts)
+        # A step-level value in the progress bar is read back to the host after every batch (Lightning turns it into a
+        # number): only on request. LossMonitor shows the training loss there at each flush instead, for free.
+        prog_bar = stage != "train" or bool(self.loss_in_progress_bar)
+        self.log(f"{stage}/loss", loss, prog_bar=prog_bar, batch_size=batch_size, **opts)
         for name, value in terms.items():
             self.log(f"{stage}/loss/{name}", value, batch_size=batch_size, **opts)
 

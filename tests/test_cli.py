@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -123,7 +124,7 @@ def test_console_entry_point_exit_status(tmp_path):
 @pytest.mark.parametrize("command", ["report", "cv"])
 def test_report_and_cv_are_dispatched(command, capsys):
     module = {"report": "lightning_lossdiag.diagnosis.offline", "cv": "lightning_lossdiag.cv"}[command]
-    pytest.importorskip(module)
+    importlib.import_module(module)
     try:
         status = main([command, "--help"])
     except SystemExit as exc:  # argparse's --help exits

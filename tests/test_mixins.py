@@ -64,7 +64,8 @@ def test_logs_stage_loss_and_val_loss_matches_reference(tmp_path):
     scalars = read_scalars(trainer.logger.log_dir)
     assert len(scalars["train/loss"]) == 4
     assert len(scalars["val/loss"]) == 1
-    assert {"train/loss", "val/loss"} <= set(trainer.progress_bar_metrics)
+    assert "val/loss" in trainer.progress_bar_metrics
+    assert "train/loss" not in trainer.progress_bar_metrics  # a step value there is read back every batch: opt-in
     # validation ran after the last optimizer step: the weights are the final ones
     model.eval()
     total, n = 0.0, 0
@@ -99,7 +100,16 @@ def test_train_loss_not_sent_to_logger_when_a_callback_writes_it(tmp_path):
     scalars = read_scalars(trainer.logger.log_dir)
     assert "train/loss" not in scalars
     assert "val/loss" in scalars
-    assert "train/loss" in trainer.progress_bar_metrics  # still on the progress bar
+    assert "train/loss" in trainer.callback_metrics  # still seen by ModelCheckpoint/EarlyStopping
+
+
+def test_loss_in_progress_bar_opt_in(tmp_path):
+    class Shown(MLPRegressor):
+        loss_in_progress_bar = True
+
+    trainer = make_trainer(tmp_path)
+    trainer.fit(Shown(hidden=8, depth=1), LinearRegressionDataModule(num_samples=200, batch_size=16))
+    assert {"train/loss", "val/loss"} <= set(trainer.progress_bar_metrics)
 
 
 def test_composite_terms_logged_and_sum_to_val_loss(tmp_path):

@@ -89,6 +89,18 @@ def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int | None = N
             logger.log_metrics(clean, step=step)
 
 
+def show_in_progress_bar(trainer: Any, values: Mapping[str, float]) -> None:
+    """Show host floats in Lightning's progress bar until they are next updated (flush-time values).
+
+    The bar reads a dict of plain numbers that Lightning keeps; a value put there costs nothing per step, whereas a
+    tensor logged with ``self.log(..., on_step=True, prog_bar=True)`` is read back to the host after every batch.
+    Silently does nothing where that dict does not exist (another Trainer, a future Lightning).
+    """
+    shown = getattr(getattr(trainer, "_logger_connector", None), "_progress_bar_metrics", None)
+    if isinstance(shown, dict):
+        shown.update({k: float(v) for k, v in values.items()})
+
+
 def warn_no_logger_once(trainer: Any, owner: str) -> bool:
     """Warn once per Trainer that there is no logger (numbers still reach the diagnosis). Returns True if none."""
     if getattr(trainer, "loggers", None):

@@ -85,9 +85,17 @@ def reduce_rows(norms: Tensor, aux: Tensor | None, steps: Tensor, p: float, clip
     return [totals.amax(), clipped, bad_step.sum(), first, bad.any(dim=0), (norms == 0).all(dim=0)]
 
 
-def _steps_tensor(steps: list[int], device: torch.device) -> Tensor:
-    """Host step numbers onto the device (a host-to-device copy, never a read; pinned + async on CUDA)."""
-    host = torch.tensor(steps, dtype=torch.long)
+def host_to_device(values: list[int] | list[bool], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+    """Host numbers onto the device: a host-to-device copy, never a read.
+
+    Pinned and asynchronous on CUDA, so it does not wait for the device (a plain ``torch.tensor(..., device="cuda")``
+    synchronises).
+
+    Example:
+        >>> host_to_device([3, 1], torch.device("cpu"))
+        tensor([3, 1])
+    """
+    host = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
@@ -106,7 +114,7 @@ class OptWindow:
         self.params, self.names, self.device, self.p = params, names, device, p
         self.group_names = list(dict.fromkeys(groups))
         pos = {g: i for i, g in enumerate(self.group_names)}
-        self.index = torch.tensor([pos[g] for g in groups], dtype=torch.long, device=device)  # one-time H2D copy
+        self.index = host_to_device([pos[g] for g in groups], device)  # one-time H2D copy
         self.positions: dict[tuple[int, ...], Tensor] = {}  # present-parameter subsets -> their positions
         n = len(params)
         self.nonfinite_mask = torch.zeros(n, dtype=torch.bool, device=device)
@@ -132,7 +140,7 @@ class OptWindow:
             return values
         pos = self.positions.get(tuple(present))
         if pos is None:
-            pos = self.positions[tuple(present)] = torch.tensor(present, device=values.device)  # H2D, once per set
+            pos = self.positions[tuple(present)] = host_to_device(present, values.device)  # H2D, once per set
         return values.new_zeros(len(self.params)).index_copy_(0, pos, values)
 
     def push(self, row: Tensor, aux: Tensor | None, step: int, clip: ClipSpec) -> None:
@@ -154,7 +162,7 @@ class OptWindow:
         if not self.rows:
             return
         aux = torch.stack(self.aux_rows) if len(self.aux_rows) == len(self.rows) else None
-        steps = _steps_tensor(self.step_numbers, self.rows[0].device)
+        steps = host_to_device(self.step_numbers, self.rows[0].device)
         top, clipped, bad, first, bad_params, zero = reduce_rows(torch.stack(self.rows), aux, steps, self.p, self.clip)
         torch.maximum(self.total_max, top, out=self.total_max)
         self.clip_count.add_(clipped)
@@ -196,7 +204,17 @@ class OptWindow:
         if zero is not None and not dead_known:
             keep = set(zero)
             mask = [n in keep for n in self.names]
-            self.zero_mask = torch.tensor(mask, dtype=torch.bool, device=self.device)  # one-time H2D copy
+            self.zero_mask = host_to_device(mask, self.device, torch.bool)  # one-time H2D copy
 
 
-__all__ = ["FOLD_ROWS", "NO_STEP", "ClipSpec", "OptWindow", "clip_coef", "combine", "param_norms", "reduce_rows"]
+__all__ = [
+    "FOLD_ROWS",
+    "NO_STEP",
+    "ClipSpec",
+    "OptWindow",
+    "clip_coef",
+    "combine",
+    "host_to_device",
+    "param_norms",
+    "reduce_rows",
+]

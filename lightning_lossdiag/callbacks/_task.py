@@ -69,7 +69,7 @@ def _first_batch_facts(preds: Tensor, target: Tensor) -> dict[str, float]:
         facts.append((p.sum(1) - 1).abs().max())
         facts.append((p.exp().sum(1) - 1).abs().max())
     else:
-        facts += [torch.tensor(float("inf"), device=p.device)] * 2
+        facts += [torch.full((), float("inf"), device=p.device)] * 2
     host = torch.stack([f.reshape(()) for f in facts]).tolist()  # one-time host read (first batch)
     return dict(zip(["min", "max", "binary_target", "row_sum_err", "exp_row_sum_err"], host, strict=True))
 

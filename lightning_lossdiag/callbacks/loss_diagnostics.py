@@ -82,9 +82,10 @@ class LossDiagnostics(Callback):
         errors: :class:`~lightning_lossdiag.ErrorDistributionMonitor` options (residuals, confusion, PR, worst).
         metrics: :class:`~lightning_lossdiag.MetricCurves` options (torchmetrics for train and val).
         doctor: :class:`~lightning_lossdiag.Doctor` options (findings and the end-of-fit report).
-        on_nonfinite: what to do when a loss or gradient is NaN/inf: ``"warn"`` (default: record it, never stop),
-            ``"skip"`` (drop that update on the device, no host read), ``"stop"`` (save a checkpoint and stop at the
-            next flush), ``"raise"`` (check every step; costs one host synchronisation per step).
+        on_nonfinite: what to do when a loss or gradient is NaN/inf: ``"skip"`` (default: drop that update on the
+            device, no host read, so the weights and checkpoints stay finite; the run goes on), ``"warn"`` (only
+            record it: the update is applied and the weights turn NaN), ``"stop"`` (skip, then save a checkpoint and
+            stop at the next flush), ``"raise"`` (check every step; costs one host synchronisation per step).
         every_n_steps: flush interval for every part (default: the Trainer's ``log_every_n_steps``).
 
     Logged keys: the union of the parts' keys (see each part's docstring and the README):
@@ -98,7 +99,7 @@ class LossDiagnostics(Callback):
     ``act/<stat>/<layer>``, ``act/hist/*``      ActivationMonitor (flush, epoch end)
     ``errors/<stage>/*``                        ErrorDistributionMonitor (epoch end)
     ``metrics/<stage>/<name>``                  MetricCurves (epoch end)
-    ``nonfinite/skipped_steps``                 NonFiniteGuard (flush; policies other than "warn")
+    ``nonfinite/skipped_steps``                 NonFiniteGuard (flush; "skip" and "stop")
     ``diagnosis``                               Doctor (end of fit)
     ==========================================  =========================================
 
@@ -120,7 +121,7 @@ class LossDiagnostics(Callback):
         errors: PartOption = True,
         metrics: PartOption = True,
         doctor: PartOption = True,
-        on_nonfinite: Literal["warn", "skip", "stop", "raise"] = "warn",
+        on_nonfinite: Literal["warn", "skip", "stop", "raise"] = "skip",
         every_n_steps: int | None = None,
     ) -> None:
         if on_nonfinite not in _NONFINITE_POLICIES:

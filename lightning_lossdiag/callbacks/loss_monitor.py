@@ -18,8 +18,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossdiag._outputs import clear_outputs, fetch_outputs
-from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, warn_no_logger_once
+from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, show_in_progress_bar, warn_no_logger_once
 from lightning_lossdiag.callbacks._grad_groups import host_floats, safe_tag
+from lightning_lossdiag.callbacks._grad_window import host_to_device
 from lightning_lossdiag.callbacks.nonfinite_guard import NO_STEP, merge_nonfinite
 from lightning_lossdiag.diagnosis.record import record_for
 
@@ -130,6 +131,8 @@ class LossMonitor(Callback):
     | ``train/nonfinite_count`` | flush | cumulative number of batches whose loss was NaN/inf |
     | ``train/loss_spikes`` | flush | cumulative number of spike batches |
     | ``train/loss_epoch`` | train epoch end | mean of the epoch's finite losses |
+
+    The progress bar shows ``train/loss`` as of the last flush (a host number: no per-step read).
 
     Notes in the run record: ``loss/first_nonfinite_step``, ``loss/first_spike_step`` (once set).
 
@@ -255,7 +258,7 @@ class LossMonitor(Callback):
         """``[count, first step]`` of non-finite losses not yet merged, summed / min'ed over ranks (no host read)."""
         if self._pending:
             flat = torch.cat([t.reshape(-1).float() for t in self._pending])
-            steps = torch.tensor(self._pending_steps, dtype=torch.int64, device=flat.device)  # host ints, a copy up
+            steps = host_to_device(self._pending_steps, flat.device)  # host ints, a copy up (never a read)
             bad = ~torch.isfinite(flat)
             count = bad.sum() + self._unmerged_nonfinite
             first = torch.where(bad, steps, NO_STEP).amin()
@@ -286,6 +289,8 @@ class LossMonitor(Callback):
         self._terms = {}
         warn_no_logger_once(trainer, type(self).__name__)
         log_scalars(trainer, values)
+        if "train/loss" in values:
+            show_in_progress_bar(trainer, {"train/loss": values["train/loss"]})
         notes = record_for(trainer).notes
         if s.first_nonfinite_step >= 0:
             notes["loss/first_nonfinite_step"] = s.first_nonfinite_step

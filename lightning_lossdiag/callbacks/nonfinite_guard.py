@@ -79,12 +79,14 @@ class NonFiniteGuard(Callback):
 
     Policies:
 
-    * ``"warn"`` (default): only the device check and counters; nothing else on the hot path. The notes
+    * ``"skip"`` (default): a step with a non-finite loss or gradient gets all its gradients zeroed on the device
+      (``masked_fill_``; ``NaN * 0`` would stay NaN), with no host read, so the update is dropped and the weights,
+      and every checkpoint saved later, stay finite. With plain SGD the parameters do not move; optimizers with
+      momentum or weight decay still move them by their own (finite) state. The run never stops.
+    * ``"warn"``: only the device check and counters; the update is applied as it is, so one NaN gradient makes the
+      weights NaN for the rest of the run (and in the checkpoints saved after it). The notes
       ``loss/first_nonfinite_step`` / ``grad/first_nonfinite_step`` and ``grad/nonfinite_params`` reach the run
       record at the next flush (one host read) and the Doctor reports them. The run never stops.
-    * ``"skip"``: a step with a non-finite loss or gradient gets all its gradients zeroed on the device
-      (``masked_fill_``; ``NaN * 0`` would stay NaN), with no host read, so the update is dropped. With plain SGD the
-      parameters do not move; optimizers with momentum or weight decay still move them by their own state.
     * ``"stop"``: as ``"skip"``, and at the next flush (one read) if a non-finite step was seen: save
       ``<log_dir>/nonfinite_stop.ckpt`` (finite weights, thanks to the skip) and set ``trainer.should_stop``. Under
       DDP the decision is reduced with ``reduce_boolean_decision(all=False)``, so every rank stops together.
@@ -102,13 +104,16 @@ class NonFiniteGuard(Callback):
     ``nonfinite/policy``, ``nonfinite/steps`` (count), ``loss/first_nonfinite_step``, ``grad/first_nonfinite_step``,
     ``grad/nonfinite_params``, ``nonfinite/stop_checkpoint`` (path, ``"stop"`` only).
 
-    Under DDP the losses differ between ranks (the gradients do not: they are all-reduced). At each flush the first
+    Under DDP the losses differ between ranks (the gradients do not: they are all-reduced). So that every rank makes
+    the same decision without a collective, ``"skip"``, ``"stop"`` and ``"raise"`` act on the gradients alone when
+    ``world_size > 1`` (a NaN loss on any rank makes the all-reduced gradients NaN on every rank); a non-finite loss
+    whose gradients stay finite is only counted. At each flush the first
     non-finite loss step is merged over all ranks (one ``all_gather``, read with the flush's one transfer), so the
     note ``loss/first_nonfinite_step`` of rank 0 (the only rank that writes) knows about a NaN loss on any rank.
     The guard's own counters and :meth:`state_dict` stay per rank (``first_loss_step`` is this rank's).
 
     Args:
-        policy: ``"warn"``, ``"skip"``, ``"stop"`` or ``"raise"`` (see above).
+        policy: ``"skip"`` (default), ``"warn"``, ``"stop"`` or ``"raise"`` (see above).
         every_n_steps: flush interval in optimizer steps; ``None`` takes the Trainer's ``log_every_n_steps``.
 
     Example:
@@ -116,7 +121,7 @@ class NonFiniteGuard(Callback):
         "NonFiniteGuard{'policy': 'skip'}"
     """
 
-    def __init__(self, policy: Policy = "warn", every_n_steps: int | None = None) -> None:
+    def __init__(self, policy: Policy = "skip", every_n_steps: int | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}")
         self.policy: Policy = policy
@@ -167,7 +172,9 @@ class NonFiniteGuard(Callback):
         device = flags.device if flags is not None else loss_ok.device  # type: ignore[union-attr]
         grad_ok = flags.all() if flags is not None else torch.ones((), dtype=torch.bool, device=device)
         loss_ok = loss_ok.to(device) if loss_ok is not None else torch.ones((), dtype=torch.bool, device=device)
-        bad = ~(grad_ok & loss_ok)
+        # Under DDP act on the all-reduced gradients only: the same on every rank, so no rank skips, stops or raises
+        # alone (the replicas would drift apart, or the others would wait forever on the next collective).
+        bad = ~grad_ok if trainer.world_size > 1 else ~(grad_ok & loss_ok)
         step = int(trainer.global_step) + 1
         if self.policy == "raise":
             self._raise_if_bad(trainer, bad, loss_ok, flags, pairs, step)

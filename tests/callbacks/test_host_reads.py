@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_lossdiag.callbacks.gradient_monitor import GradientMonitor
 from lightning_lossdiag.callbacks.loss_monitor import LossMonitor
 from lightning_lossdiag.callbacks.scheduler_monitor import SchedulerMonitor
+from lightning_lossdiag.examples import MLPRegressor
 from lightning_lossdiag.testing import HostReadCounter, StepReadProbe
 
 EVERY = 4
@@ -59,12 +60,9 @@ def monitors():
 
 
 def bundle():
-    try:
-        from lightning_lossdiag import LossDiagnostics
+    from lightning_lossdiag import LossDiagnostics
 
-        return [LossDiagnostics()]
-    except ImportError as err:  # the bundle and its parts are written by other parts of the project
-        pytest.skip(f"LossDiagnostics is not importable yet: {err}")
+    return [LossDiagnostics()]
 
 
 def reads_per_batch(tmp_path, depth, make_callbacks):
@@ -241,3 +239,66 @@ def test_no_cuda_sync_between_flushes(tmp_path, make_callbacks):
     # raises RuntimeError on any synchronising call inside the guarded hooks (training and validation batches)
     guard, _ = guarded_fit(tmp_path, make_callbacks, "cuda", cuda_sync_errors)
     assert guard.guarded_calls == 9 * 6 + 2 * 2
+
+
+# ------------------------------------------------------------- the whole loop: reads made by Lightning on our behalf
+class MixinRegressor(MLPRegressor):
+    """The package's own example model: LossMixin logs the loss and hands preds/targets to the callbacks."""
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(13 * 8, 4, generator=g)
+        return DataLoader(TensorDataset(x, x.sum(-1)), batch_size=8)
+
+
+class PlainRegressor(MixinRegressor):
+    """The same network trained with a bare step: no mixin logging, no hand-over."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+
+def all_reads_per_step(tmp_path, model, callbacks):
+    """Reads per training batch from ANY code (Lightning's included), from one batch start to the next."""
+    counter = HostReadCounter(only_package=None)
+    probe = StepReadProbe(counter)
+    trainer = Trainer(
+        max_epochs=1,
+        limit_val_batches=0,
+        log_every_n_steps=EVERY,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=TensorBoardLogger(tmp_path, name="", version=type(model).__name__ + str(len(callbacks))),
+        accelerator="cpu",
+        devices=1,
+        callbacks=[probe, *callbacks],
+    )
+    with counter:
+        trainer.fit(model)
+    batches = list(zip(probe.reads, probe.steps_after, strict=False))[1:-1]  # first: one-time checks; last: end
+    return [r for r, s in batches if s % EVERY], trainer
+
+
+def test_mixin_model_with_diagnostics_reads_no_more_than_a_bare_loop(tmp_path):
+    # Lightning itself turns every step-level value logged with prog_bar=True into a host number after each batch;
+    # the package must not make it do so, nor anything else, on non-flush steps.
+    torch.manual_seed(0)
+    bare, _ = all_reads_per_step(tmp_path, PlainRegressor(in_features=4), [])
+    torch.manual_seed(0)
+    ours, trainer = all_reads_per_step(tmp_path, MixinRegressor(in_features=4), bundle())
+    assert len(ours) == len(bare) >= 6
+    assert ours == bare
+    assert trainer.progress_bar_metrics["train/loss"] == trainer.lossdiag_record.values("train/loss")[-1]
+
+
+def test_loss_in_progress_bar_costs_one_read_per_step(tmp_path):
+    class Shown(MixinRegressor):
+        loss_in_progress_bar = True
+
+    torch.manual_seed(0)
+    quiet, _ = all_reads_per_step(tmp_path, MixinRegressor(in_features=4), bundle())
+    torch.manual_seed(0)
+    shown, _ = all_reads_per_step(tmp_path, Shown(in_features=4), bundle())
+    assert [s - q for s, q in zip(shown, quiet, strict=True)] == [1] * len(quiet)  # as documented

@@ -110,9 +110,28 @@ def test_rejects_bad_arguments(bad):
         NonFiniteGuard(**bad)
 
 
-def test_default_policy_finishes_and_names_the_step(tmp_path):
+def test_default_policy_finishes_keeps_the_work_and_names_the_step(tmp_path):
     model, doctor = NaNRegressor(), Doctor(print_report=False)
-    trainer = make_trainer(tmp_path, [NonFiniteGuard(), doctor])
+    guard = NonFiniteGuard()
+    assert guard.policy == "skip"
+    trainer = make_trainer(tmp_path, [guard, doctor])
+    trainer.fit(model, *loaders())
+    assert trainer.global_step == 16  # the run finished: two epochs of 8 batches
+    codes = {f.code: f for f in doctor.findings}
+    assert codes["nonfinite_loss"].step == NAN_STEP
+    assert f"step {NAN_STEP}" in codes["nonfinite_loss"].message
+    ckpts = list((tmp_path / "run" / "version_0" / "checkpoints").glob("*.ckpt"))
+    assert len(ckpts) == 1
+    ckpt = torch.load(ckpts[0], weights_only=False)
+    assert ckpt["global_step"] == 16
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())  # no work lost: the weights are usable
+    assert all(math.isfinite(v) for _, v in scalars(trainer.logger.log_dir, "val_loss"))  # and still learning
+    assert scalars(trainer.logger.log_dir, "nonfinite/skipped_steps")[-1] == (16, 1.0)
+
+
+def test_warn_applies_the_update_and_names_the_step(tmp_path):
+    model, doctor = NaNRegressor(), Doctor(print_report=False)
+    trainer = make_trainer(tmp_path, [NonFiniteGuard(policy="warn"), doctor])
     trainer.fit(model, *loaders())
     assert trainer.global_step == 16  # the run finished: two epochs of 8 batches
     codes = {f.code: f for f in doctor.findings}
@@ -125,6 +144,8 @@ def test_default_policy_finishes_and_names_the_step(tmp_path):
     ckpt = torch.load(ckpts[0], weights_only=False)
     assert ckpt["global_step"] == 16
     assert set(ckpt["state_dict"]) == set(model.state_dict())
+    assert not any(torch.isfinite(v).all() for v in ckpt["state_dict"].values())  # documented: "warn" applies NaNs
+    assert not scalars(trainer.logger.log_dir, "nonfinite/skipped_steps")
     logged = scalars(trainer.logger.log_dir, "train_loss")
     assert [s for s, _ in logged] == [3, 7, 11, 15]  # Lightning logs training steps every 4 batches
     report = json.loads((tmp_path / "run" / "version_0" / "lossdiag_report.json").read_text())

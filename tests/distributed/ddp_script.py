@@ -8,8 +8,9 @@ Scenarios:
 * ``validate``: a regression and a multiclass module with identical seeded weights are validated (no training) on a
   fixed validation set whose size divides by 2 and by the batch size (no DistributedSampler padding); then a short
   fit of each under the same strategy, with every part of ``LossDiagnostics`` on.
-* ``nonfinite``: a NaN is put into rank 1's input at a known step, once under ``on_nonfinite="stop"`` and once under
-  ``"skip"``; each rank dumps where it stopped, what it skipped and a checksum of its weights.
+* ``nonfinite``: a NaN is put into rank 1's input at a known step, once under each ``on_nonfinite`` policy
+  (``"stop"``, ``"skip"``, ``"warn"``, ``"raise"``); each rank dumps where it stopped, what it skipped, whether it
+  raised, and a checksum of its weights.
 
 ``devices=1`` runs the same scenario in one process (``validate`` is also imported and called in-process by the
 test for the single-process reference).
@@ -32,6 +33,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossdiag import LossDiagnostics
+from lightning_lossdiag.callbacks.nonfinite_guard import NonFiniteError
 from lightning_lossdiag.examples import MLPClassifier, MLPRegressor
 
 N_VAL = 64  # divisible by 2 ranks * BATCH: every rank gets 4 full batches, no padding
@@ -149,13 +151,17 @@ class NaNOnRankOne(MLPRegressor):
 def run_nonfinite(out: Path, devices: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     train = make_data("regression", N_TRAIN, seed=2)
-    for policy in ("stop", "skip"):
+    for policy in ("stop", "skip", "warn", "raise"):
         L.seed_everything(0, verbose=False)
         model = NaNOnRankOne(in_features=4, hidden=16, depth=1, loss="mse", lr=0.01)
         diag = LossDiagnostics(on_nonfinite=policy, every_n_steps=FLUSH_EVERY, activations=False)
         trainer = trainer_for(devices, out, "nonfinite", policy, callbacks=[diag], max_epochs=1, limit_val_batches=0)
-        trainer.fit(model, DataLoader(train, batch_size=BATCH))
-        guard = diag.parts["nonfinite"]
+        raised = None
+        try:
+            trainer.fit(model, DataLoader(train, batch_size=BATCH))
+        except NonFiniteError as err:  # "raise": every rank must raise at the same step (none left waiting)
+            raised = str(err)
+        guard = diag.parts.get("nonfinite")
         doctor = diag.parts["doctor"]
         dump(
             out,
@@ -164,9 +170,11 @@ def run_nonfinite(out: Path, devices: int) -> None:
             {
                 "global_step": trainer.global_step,
                 "should_stop": trainer.should_stop,
-                "guard": guard.state_dict(),
+                "raised": raised,
+                "guard": guard.state_dict() if guard is not None else None,
                 "report_path": getattr(doctor, "report_path", None),
                 "findings": [f.code for f in doctor.findings],
+                "finding_steps": {f.code: f.step for f in doctor.findings},
                 "param_sum": sum(p.detach().double().sum().item() for p in model.parameters()),
                 "params_finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
             },

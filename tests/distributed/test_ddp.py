@@ -259,6 +259,35 @@ def test_ddp_nan_on_one_rank_skip(nonfinite_run):
     assert Path(ranks[0]["report_path"]).is_file()
 
 
+def test_ddp_nan_on_one_rank_warn(nonfinite_run):
+    ranks = _ranks(nonfinite_run, "nonfinite_warn")
+    steps = ddp.N_TRAIN // (2 * ddp.BATCH)
+    for r in ranks:  # documented: "warn" only reports; the all-reduced NaN update reaches both replicas alike
+        assert r["global_step"] == steps
+        assert r["raised"] is None
+        assert r["guard"] is None  # no guard on the hot path, the monitors count on the device
+        assert r["params_finite"] is False
+    report = json.loads(Path(ranks[0]["report_path"]).read_text())
+    assert report["summary"]["status"] == "finished"
+    assert ranks[0]["finding_steps"]["nonfinite_grad"] == ddp.NAN_STEP + 1
+    assert ranks[0]["finding_steps"]["nonfinite_loss"] == ddp.NAN_STEP + 1  # rank 1's NaN loss, merged at a flush
+    assert ranks[1]["report_path"] is None
+
+
+def test_ddp_nan_on_one_rank_raise(nonfinite_run):
+    ranks = _ranks(nonfinite_run, "nonfinite_raise")
+    for r in ranks:  # both ranks raised at the same step, before the update: nobody was left waiting
+        assert r["raised"] is not None
+        assert f"global step {ddp.NAN_STEP + 1}" in r["raised"]
+        assert r["global_step"] == ddp.NAN_STEP
+        assert r["params_finite"] is True
+    assert ranks[0]["param_sum"] == pytest.approx(ranks[1]["param_sum"], rel=1e-12)
+    report = json.loads(Path(ranks[0]["report_path"]).read_text())
+    assert report["summary"]["status"] == "interrupted"
+    assert "NonFiniteError" in report["summary"]["exception"]
+    assert ranks[1]["report_path"] is None
+
+
 def test_ddp_report_knows_about_nan_loss_on_another_rank(nonfinite_run):
     ranks = _ranks(nonfinite_run, "nonfinite_skip")
     assert "nonfinite_loss" in ranks[0]["findings"]

@@ -7,8 +7,6 @@ our message, not one from deep inside torch).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import re
 import subprocess
@@ -279,9 +277,6 @@ def test_report_on_an_empty_folder_exits_2_with_a_message(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("lightning_lossdiag.cv") is None, reason="lightning_lossdiag.cv is not written yet"
-)
 def test_cv_with_one_fold_exits_2_naming_folds(capsys):
     from lightning_lossdiag.cli import main
 
