@@ -52,6 +52,36 @@ class FlushSchedule:
         """True when the optimizer step about to run will be a flush step (used to arm forward hooks)."""
         return (int(trainer.global_step) + 1) % self.interval(trainer) == 0
 
+    def next_step_is_flushed(self, trainer: Any) -> bool:
+        """True when the optimizer step about to run will be flushed, at a flush step or at train end.
+
+        The fit's last step is known in advance by ``max_steps`` or as the last batch of the last epoch.
+
+        Used by callbacks that flush at train end to arm per-step work (group norms, the post-clip norm).
+        """
+        return self.next_step_flushes(trainer) or fit_ends_after_next_step(trainer)
+
+
+def fit_ends_after_next_step(trainer: Any) -> bool:
+    """True when the optimizer step about to run is the fit's last by ``max_steps`` or by ``max_epochs``.
+
+    By ``max_epochs``: the last batch of the last epoch. A stop decided later (EarlyStopping, ``should_stop``)
+    cannot be known here.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> fit_ends_after_next_step(SimpleNamespace(global_step=9, max_steps=10))
+        True
+    """
+    step = int(getattr(trainer, "global_step", 0)) + 1
+    max_steps = getattr(trainer, "max_steps", -1)
+    if max_steps is not None and max_steps > 0 and step >= max_steps:
+        return True
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    last_batch = getattr(getattr(epoch_loop, "batch_progress", None), "is_last_batch", False) is True
+    max_epochs = getattr(trainer, "max_epochs", None)
+    return last_batch and max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
+
 
 def to_host(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
     """Move a mapping of scalar tensors to host floats in ONE transfer. Flush/epoch-end only (one host sync).

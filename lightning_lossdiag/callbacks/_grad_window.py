@@ -172,17 +172,21 @@ class OptWindow:
         self.zero_mask.logical_and_(zero)
         self.rows, self.aux_rows, self.step_numbers = [], [], []
 
-    def latest(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Total norm of the latest step before and after the Trainer's clipping, and its group norms if known."""
+    def latest(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Total norm of the latest step before and after the Trainer's clipping, and its group norms if known.
+
+        The post-clip norm is ``None`` when it is not known: "value" clipping on a step that was not expected to be
+        flushed.
+        """
         if self.last is None:
             raise RuntimeError("OptWindow.latest() needs at least one optimizer step")
         p = self.p
         total = torch.linalg.vector_norm(self.last, p)
-        clipped = total
+        clipped: Tensor | None = total
         if self.clip is not None and self.clip[0] == "norm":
             l2 = total if self.last_aux is None else torch.linalg.vector_norm(self.last_aux, 2.0)
             clipped = total * clip_coef(l2, self.clip[1])
-        elif self.clip is not None and self.last_clipped is not None:
+        elif self.clip is not None:
             clipped = self.last_clipped
         groups = combine(self.last, self.index, len(self.group_names), p) if self.last_is_flush else None
         return total, clipped, groups

@@ -169,7 +169,7 @@ class GradientMonitor(Callback):
         st.push(st.full_row(present, param_norms(grads, p)), aux, step, clip)
         # automatic optimization: exactly one optimizer step per batch, so the flush step is known in advance;
         # manual optimization may step several times per batch: every step may be the last before a flush
-        st.last_is_flush = not pl_module.automatic_optimization or self._schedule.next_step_flushes(trainer)
+        st.last_is_flush = not pl_module.automatic_optimization or self._schedule.next_step_is_flushed(trainer)
         if not st.last_is_flush:
             return
         if clip is not None and clip[0] == "value":
@@ -199,14 +199,16 @@ class GradientMonitor(Callback):
             return
         resolve_dead = self.dead_params is None
         parts: list[Tensor] = []
-        shown: dict[int, tuple[bool, bool]] = {}  # per optimizer: group norms / parameter norms in the transfer
+        shown: dict[int, tuple[bool, bool, bool]] = {}  # per optimizer: group norms / parameter norms in the transfer
         for i, st in active.items():
             st.fold()
             last_total, last_clipped, groups = st.latest()
-            parts += [last_total, st.total_max, last_clipped, st.clip_count, st.nonfinite_count, st.first_nonfinite]
+            known = last_clipped is not None
+            parts += [last_total, st.total_max, last_total if last_clipped is None else last_clipped, st.clip_count]
+            parts += [st.nonfinite_count, st.first_nonfinite]
             parts += [st.nonfinite_mask, *(g for g in (groups, st.param_norms) if g is not None)]
             parts += [st.zero_mask] if resolve_dead else []
-            shown[i] = (groups is not None, st.param_norms is not None)
+            shown[i] = (groups is not None, st.param_norms is not None, known)
         host = iter(host_floats(parts))  # flush: one host transfer for all optimizers and layers
         several = len(trainer.optimizers) > 1
         values: dict[str, float] = {}
@@ -217,10 +219,11 @@ class GradientMonitor(Callback):
             bad = [next(host) for _ in st.names]
             values[f"grad/norm_total{sfx}"] = total
             values[f"grad/norm_total_max{sfx}"] = total_max
-            values[f"grad/norm_total_clipped{sfx}"] = clipped
+            if shown[i][2]:  # else the run ended on a step not expected to be flushed: no post-clip norm to show
+                values[f"grad/norm_total_clipped{sfx}"] = clipped
             values[f"grad/clip_rate{sfx}"] = clip_count / st.steps
             values[f"grad/nonfinite_count{sfx}"] = nonfinite
-            for prefix, present in zip(("grad/norm", "param/norm"), shown[i], strict=True):
+            for prefix, present in zip(("grad/norm", "param/norm"), shown[i][:2], strict=True):
                 if present:
                     for name in st.group_names:
                         values[f"{prefix}/{name}{sfx}"] = next(host)

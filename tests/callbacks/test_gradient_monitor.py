@@ -172,6 +172,30 @@ def test_clipping_matches_what_torch_leaves(tmp_path, algorithm):
     assert rec.values("grad/clip_val") == [clip, clip]  # charted beside the pre/post-clip norms at each flush
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+@pytest.mark.parametrize("limit", ["max_epochs", "max_steps"])
+def test_last_step_of_a_fit_off_the_flush_grid_is_complete(tmp_path, algorithm, limit):
+    # 6 steps, flushes every 4: step 6 is flushed at train end; its post-clip and group norms must be right too
+    ga, gb = scripted_grads()
+    clip = 2.0 if algorithm == "norm" else 1.0
+    cap = Capture()
+    ends = {"batches": 6} if limit == "max_epochs" else {"epochs": -1, "max_steps": 6}
+    trainer = trainer_for(
+        tmp_path,
+        [cap, GradientMonitor(every_n_steps=4)],
+        gradient_clip_val=clip,
+        gradient_clip_algorithm=algorithm,
+        **ends,
+    )
+    trainer.fit(Scripted(ga, gb))
+    rec = record_for(trainer)
+    assert [s for s, _ in rec.series("grad/norm_total_clipped")] == [4, 6]
+    left = float(torch.nn.utils.get_total_norm(list(cap.post[5].values())))
+    assert rec.values("grad/norm_total_clipped")[-1] == pytest.approx(left, rel=1e-5)
+    assert [s for s, _ in rec.series("grad/norm/a")] == [4, 6]
+    assert rec.values("grad/norm/a")[-1] == pytest.approx(float(ga[5].norm()), rel=1e-5)
+
+
 def test_dead_and_nonfinite_params(tmp_path):
     ga, gb = scripted_grads()
     gb[5] = torch.tensor([[float("inf"), 1.0]])  # step 6: b.weight has an inf gradient
