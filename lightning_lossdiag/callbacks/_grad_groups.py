@@ -130,33 +130,39 @@ def group_parameters(module: nn.Module, depth: int = 1, max_groups: int = 32) ->
 
 
 def group_modules(module: nn.Module, depth: int = 1, max_groups: int = 32) -> dict[str, list[nn.Module]]:
-    """Group the submodules of ``module`` at path length ``depth``: ``group -> [modules]``.
+    """Group the submodules of ``module`` at path length ``depth`` into the groups of :func:`group_parameters`.
 
     The modules of a group are the submodules whose path has exactly ``depth`` components, plus leaves with shorter
-    paths (a ``ReLU`` at depth 1 when ``depth=2``). Parameter-free modules (activations) are included, so this is what
-    forward hooks should be put on. Group names agree with :func:`group_parameters` for modules that hold parameters;
-    the ``other`` group lists every merged module. The root module itself is never listed.
+    paths (a ``ReLU`` at depth 1 when ``depth=2``). A module without parameters (an activation, a dropout) joins the
+    group of the module with parameters registered before it, so a flat ``Sequential(Linear, ReLU, Linear, ...)``
+    gives one group per ``Linear`` + ``ReLU`` pair, named like its ``grad/norm/<layer>`` and capped the same way.
+    Only parameter-free modules registered before any parameter get groups of their own. This is what forward hooks
+    should be put on. The root module itself is never listed.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Sequential(nn.Linear(3, 3), nn.Tanh()))
         >>> {k: [type(m).__name__ for m in v] for k, v in group_modules(net, depth=1).items()}
-        {'0': ['Linear'], '1': ['ReLU'], '2': ['Sequential']}
-        >>> {k: [type(m).__name__ for m in v] for k, v in group_modules(net, depth=2, max_groups=3).items()}
-        {'0': ['Linear'], '1': ['ReLU'], 'other': ['Linear', 'Tanh']}
+        {'0': ['Linear', 'ReLU'], '2': ['Sequential']}
+        >>> {k: [type(m).__name__ for m in v] for k, v in group_modules(net, depth=2).items()}
+        {'0': ['Linear', 'ReLU'], '2.0': ['Linear', 'Tanh']}
+        >>> deep = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(2, 2), nn.ReLU())])
+        >>> {k: len(v) for k, v in group_modules(deep, depth=1, max_groups=2).items()}
+        {'0': 2, 'other': 4}
     """
     _check(depth, max_groups)
-    picked: list[tuple[str, nn.Module]] = []
+    final = cap_groups([group_of(name.rpartition(".")[0], depth) for name, _ in module.named_parameters()], max_groups)
+    out: dict[str, list[nn.Module]] = {}
+    current: str | None = None
     for path, sub in module.named_modules():
         if not path:
             continue
         n = len(path.split("."))
-        if n == depth or (n < depth and not any(True for _ in sub.children())):
-            picked.append((path, sub))
-    raw = [group_of(path, depth) for path, _ in picked]
-    final = cap_groups(raw, max_groups)
-    out: dict[str, list[nn.Module]] = {}
-    for (_, sub), g in zip(picked, raw, strict=True):
-        out.setdefault(final[g], []).append(sub)
+        if not (n == depth or (n < depth and not any(True for _ in sub.children()))):
+            continue
+        raw = group_of(path, depth)
+        if raw in final:
+            current = final[raw]
+        out.setdefault(current if current is not None else raw, []).append(sub)
     return out
 
 

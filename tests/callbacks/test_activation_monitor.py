@@ -21,6 +21,8 @@ from lightning_lossdiag.callbacks._activation_stats import (
     merge_stats,
 )
 from lightning_lossdiag.callbacks.activation_monitor import ActivationMonitor, _is_compiled, select_modules
+from lightning_lossdiag.callbacks.doctor import Doctor
+from lightning_lossdiag.callbacks.gradient_monitor import GradientMonitor
 from lightning_lossdiag.diagnosis.record import record_for
 from lightning_lossdiag.testing import HostReadCounter, StepReadProbe
 
@@ -167,7 +169,8 @@ def test_no_reads_and_no_hooks_off_flush_steps(tmp_path):
             assert reads == 0, f"batch {i} made {reads} host reads"
     assert all(probe.reads[i] > 0 for i in flush_batches)  # the flush does transfer (the probe really counts)
     # hooks: on exactly the group outputs before a flush step, on nothing otherwise, and never after a batch
-    expected = {f"net.{i}" for i in range(5)}  # depth 2: each child is its own group
+    # depth 2: one group per Linear (the ReLU after it belongs to it), hooked on the group's activation output
+    expected = {"net.1", "net.3", "net.4"}
     armed = [hooked for flush_next, hooked in checker.at_start if flush_next]
     idle = [hooked for flush_next, hooked in checker.at_start if not flush_next]
     assert len(armed) == 2
@@ -175,7 +178,7 @@ def test_no_reads_and_no_hooks_off_flush_steps(tmp_path):
     assert all(h == expected for h in armed)
     assert all(h == set() for h in idle)
     assert all(h == set() for h in checker.at_end)
-    assert record_for(trainer).keys("act/mean/") == sorted(f"act/mean/net.{i}" for i in range(5))
+    assert record_for(trainer).keys("act/mean/") == ["act/mean/net.0", "act/mean/net.2", "act/mean/net.4"]
 
 
 def test_flush_reads_do_not_grow_with_depth(tmp_path):
@@ -200,10 +203,11 @@ def test_statistics_equal_direct_computation(tmp_path):
         ref = Model()
         ref.load_state_dict(state)
         outs = _layers(ref.net, x)
-        for i, h in enumerate(outs):
-            for stat, value in _direct(h).items():
-                got = dict(record.series(f"act/{stat}/net.{i}"))[step]
-                assert got == pytest.approx(value, rel=1e-5, abs=1e-6), (stat, i, step)
+        for group, i in (("net.0", 1), ("net.2", 2)):  # Linear+ReLU: the ReLU's output; the head: its output
+            for stat, value in _direct(outs[i]).items():
+                got = dict(record.series(f"act/{stat}/{group}"))[step]
+                assert got == pytest.approx(value, rel=1e-5, abs=1e-6), (stat, group, step)
+    assert record.keys("act/mean/") == ["act/mean/net.0", "act/mean/net.2"]  # the grad/norm/<layer> names
     assert not record.keys("act/saturated_frac/")  # no bounded activation in this model
 
 
@@ -220,7 +224,7 @@ def test_gradient_accumulation_keeps_last_micro_batch(tmp_path):
     ref = Model()
     ref.load_state_dict(state)
     relu = _layers(ref.net, x)[1]
-    got = dict(record_for(trainer).series("act/mean/net.1"))[2]
+    got = dict(record_for(trainer).series("act/mean/net.0"))[2]
     assert got == pytest.approx(relu.mean().item(), rel=1e-5)
 
 
@@ -233,9 +237,9 @@ def test_dead_relu_layer(tmp_path):
         warnings.simplefilter("ignore")
         trainer.fit(Model(net=net))
     record = record_for(trainer)
-    assert record.values("act/dead_frac/net.1") == [1.0] * 4
-    assert record.values("act/zero_frac/net.1") == [1.0] * 4
-    assert all(v < 1.0 for v in record.values("act/dead_frac/net.0"))
+    assert record.values("act/dead_frac/net.0") == [1.0] * 4
+    assert record.values("act/zero_frac/net.0") == [1.0] * 4
+    assert all(v < 1.0 for v in record.values("act/dead_frac/net.2"))
 
 
 def test_saturated_sigmoid(tmp_path):
@@ -246,10 +250,10 @@ def test_saturated_sigmoid(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Model(net=net))
-    values = record_for(trainer).values("act/saturated_frac/net.1")
+    values = record_for(trainer).values("act/saturated_frac/net.0")
     assert len(values) == 4
     assert all(v > 0.95 for v in values)
-    assert not record_for(trainer).keys("act/saturated_frac/net.0")
+    assert not record_for(trainer).keys("act/saturated_frac/net.2")  # the linear head has no bounds
 
 
 def test_histogram_in_event_files(tmp_path):
@@ -259,8 +263,8 @@ def test_histogram_in_event_files(tmp_path):
     trainer.fit(Model())
     acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0})
     acc.Reload()
-    assert "act/hist/net.1" in acc.Tags()["histograms"]
-    events = acc.Histograms("act/hist/net.1")
+    assert "act/hist/net.0" in acc.Tags()["histograms"]
+    events = acc.Histograms("act/hist/net.0")
     assert [e.step for e in events] == [8, 16]
     # the epoch-2 histogram comes from the last flush batch of epoch 2 (step 15)
     state, x, _ = capture.snaps[15]
@@ -427,3 +431,53 @@ def test_select_modules_groups_line_up_with_gradient_groups():
     net = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)))
     picked = select_modules(net, depth=1, max_groups=32, mode="groups")
     assert [(n, type(m).__name__) for n, m in picked] == [("0", "Linear"), ("1", "ReLU")]
+
+
+@pytest.mark.parametrize(("blocks", "max_groups"), [(10, 32), (24, 32), (40, 32), (6, 4)])
+def test_activation_groups_are_the_gradient_groups(tmp_path, blocks, max_groups):
+    # a flat Sequential of Linear/ReLU pairs: same names, same number, same cap as grad/norm/<layer>
+    options = {"every_n_steps": 2, "depth": 2, "max_groups": max_groups}
+    trainer = _trainer(tmp_path, [GradientMonitor(**options), ActivationMonitor(**options)], limit_train_batches=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Model(net=_deep_net(blocks)))
+    record = record_for(trainer)
+    grad_groups = [k.removeprefix("grad/norm/") for k in record.keys("grad/norm/")]
+    act_groups = [k.removeprefix("act/mean/") for k in record.keys("act/mean/")]
+    assert act_groups == grad_groups
+    assert len(grad_groups) == min(blocks + 1, max_groups)
+
+
+# ----------------------------------------------------------------- findings from real runs
+def _diagnose(tmp_path, net):
+    doctor = Doctor(print_report=False)
+    trainer = _trainer(tmp_path, [ActivationMonitor(every_n_steps=2, depth=2), doctor], logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Model(net=net))
+    return {f.code: f for f in doctor.findings}
+
+
+def test_a_layer_made_dead_is_named_by_dead_units(tmp_path):
+    net = _deep_net(2)
+    with torch.no_grad():
+        net[2].bias.fill_(-1000.0)  # the second Linear's ReLU never fires
+    found = _diagnose(tmp_path, net)
+    assert set(found["dead_units"].evidence["layers"]) == {"net.2"}
+    assert found["dead_units"].evidence["layers"]["net.2"] == 1.0
+    assert "`net.2` (100%)" in found["dead_units"].message
+    assert "saturated_activations" not in found
+
+
+def test_a_sigmoid_driven_to_saturation_is_named_by_saturated_activations(tmp_path):
+    net = nn.Sequential(nn.Linear(IN, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    with torch.no_grad():
+        net[0].weight.mul_(1000.0)
+    found = _diagnose(tmp_path, net)
+    assert set(found["saturated_activations"].evidence["layers"]) == {"net.0"}  # the tanh layer is not named
+    assert "dead_units" not in found
+
+
+def test_a_healthy_network_gets_no_activation_finding(tmp_path):
+    found = _diagnose(tmp_path, nn.Sequential(nn.Linear(IN, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)))
+    assert not {"dead_units", "saturated_activations"} & set(found)
