@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -50,7 +51,9 @@ class LossDiagCLI(LightningCLI):
       :mod:`lightning_lossdiag.examples`;
     * ``TensorBoardLogger(save_dir="runs", name=<config file stem>)`` (``"lossdiag"`` without a config);
     * ``log_every_n_steps=10`` (also the flush interval of the lossdiag callbacks), no model summary table;
-    * ``seed_everything=0``.
+    * ``seed_everything=0``;
+    * checkpoints also saved as ``<log dir>/checkpoints/last.ckpt`` (``save_last``, when a ``ModelCheckpoint`` leaves
+      it unset), so ``lossdiag test --ckpt_path runs/<name>/version_<n>/checkpoints/last.ckpt`` always has a file.
 
     Args:
         *args: passed to ``LightningCLI``.
@@ -75,6 +78,12 @@ class LossDiagCLI(LightningCLI):
         kwargs["trainer_defaults"] = defaults
         super().__init__(*args, **kwargs)
 
+    def before_fit(self) -> None:
+        """Called by LightningCLI before ``fit``: keep a ``last.ckpt`` beside the other checkpoints."""
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last is None:
+                callback.save_last = True
+
     def _print_where(self) -> None:
         """Say where the logs and the report went (global rank 0), so a newcomer knows what to open."""
         trainer = self.trainer
@@ -82,6 +91,11 @@ class LossDiagCLI(LightningCLI):
             return
         for folder in log_dirs(trainer):
             print(f"lossdiag: TensorBoard logs in {folder} (view: tensorboard --logdir {os.path.dirname(folder)})")
+        for callback in trainer.checkpoint_callbacks:
+            last = getattr(callback, "last_model_path", "")
+            if self.subcommand == "fit" and last and os.path.exists(last):
+                print(f"lossdiag: last checkpoint in {last} (evaluate: lossdiag test --ckpt_path {last} ...)")
+        for folder in log_dirs(trainer):
             report = os.path.join(folder, "lossdiag_report.json")
             if os.path.exists(report):
                 print(f"lossdiag: diagnosis report in {report}")

@@ -41,6 +41,7 @@ from typing_extensions import override
 
 from lightning_lossdiag._input_checks import Problem, input_problems
 from lightning_lossdiag._outputs import StepOutputs, stash_outputs
+from lightning_lossdiag.callbacks._base import log_scalars
 from lightning_lossdiag.diagnosis.findings import Finding, Severity
 from lightning_lossdiag.diagnosis.record import record_for
 from lightning_lossdiag.losses import (
@@ -51,6 +52,7 @@ from lightning_lossdiag.losses import (
     needs_auto_weights,
     resolve_auto_weights,
 )
+from lightning_lossdiag.losses.auto_weights import auto_weight_scalars
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning.pytorch import LightningModule
@@ -94,6 +96,8 @@ class LossMixin(_Base):
     ``val/loss``              epoch mean of the validation steps
     ``test/loss``             epoch mean of the test steps
     ``<stage>/loss/<term>``   named terms of a composite loss, as above
+    ``loss/pos_weight``,      what ``auto`` weights became, once at step 0 (``loss/pos_weight/<i>`` per
+    ``loss/weight/<class>``   column; ``loss/<term>/...`` for the terms of a composite loss)
     ========================  ==========================================================================
 
     Example:
@@ -143,7 +147,11 @@ class LossMixin(_Base):
         resolved, info = resolve_auto_weights(self.loss_spec, targets)
         self.criterion = build_loss(resolved)
         self._lossdiag_resolved = resolved
-        rank_zero_info(f"lossdiag: automatic loss weights from the training targets: {info}")
+        weights = auto_weight_scalars(self.loss_spec, resolved)
+        shown = ", ".join(f"{k} = {v:.4g}" for k, v in weights.items())
+        rank_zero_info(f"lossdiag: automatic loss weights from the training targets: {shown} (from {info})")
+        if weights and self._trainer is not None:
+            log_scalars(self.trainer, weights, step=0)  # once, before the first step: charted and in the report
         _note_class_counts(self.trainer, targets)
 
     def _note_class_counts_if_cheap(self) -> None:

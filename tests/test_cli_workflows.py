@@ -60,8 +60,8 @@ def test_multiclass_config_writes_confusion_matrix_pr_curves_and_f1(tmp_path):
 
 def test_lossdiag_test_with_a_checkpoint_reports_on_the_test_split(tmp_path, capsys):
     run_dir = _fit("regression", tmp_path, *SHORT)
-    (ckpt,) = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-    capsys.readouterr()
+    ckpt = run_dir / "checkpoints" / "last.ckpt"  # the path the README's `lossdiag test` command uses
+    assert f"last checkpoint in {ckpt}" in capsys.readouterr().out
     args = [
         "test",
         "--config",

@@ -384,6 +384,38 @@ def test_pos_weight_auto_resolved_from_datamodule_and_checkpointed(tmp_path):
     assert float(loaded.criterion.pos_weight) == pytest.approx(neg / pos)
 
 
+def test_auto_weights_logged_and_printed_once(tmp_path, caplog):
+    dm = ImbalancedBinaryDataModule(num_samples=300, batch_size=32)
+    model = MLPClassifier(hidden=8, depth=1, loss={"name": "bce_with_logits", "pos_weight": "auto"})
+    trainer = make_trainer(tmp_path, max_epochs=2, limit_val_batches=1)
+    with caplog.at_level("INFO"):
+        trainer.fit(model, dm)
+        trainer.validate(model, dm)  # a later stage does not resolve (or say) it again
+    y = dm.train_targets().numpy()
+    expected = float((y == 0).sum() / (y == 1).sum())
+    assert read_scalars(trainer.logger.log_dir)["loss/pos_weight"] == [(0, pytest.approx(expected))]
+    said = [r.getMessage() for r in caplog.records if "automatic loss weights" in r.getMessage()]
+    assert len(said) == 1
+    assert f"loss/pos_weight = {expected:.4g}" in said[0]
+
+
+def test_auto_class_weights_of_composite_terms_are_logged_per_term(tmp_path):
+    spec = {
+        "name": "composite",
+        "terms": {
+            "ctr": {"loss": {"name": "bce_with_logits", "pos_weight": "auto"}, "weight": 0.7},
+            "cvr": {"loss": "bce_with_logits", "weight": 0.3},
+        },
+    }
+    dm = MultiTaskDataModule(num_samples=200, batch_size=16)
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(MultiTaskMLP(hidden=8, depth=1, loss=spec), dm)
+    scalars = read_scalars(trainer.logger.log_dir)
+    ctr = dm.train_targets()["ctr"]
+    assert scalars["loss/ctr/pos_weight"] == [(0, pytest.approx(float((ctr == 0).sum() / (ctr == 1).sum())))]
+    assert not [k for k in scalars if k.startswith("loss/cvr/")]  # not auto: nothing to report
+
+
 class _NoTargetsDM(L.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()

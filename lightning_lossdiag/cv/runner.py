@@ -235,6 +235,7 @@ def run_cv(
     sizes = [(len(f.train), len(f.val)) for f in splits]
     extra: dict[str, Any] = {
         "config": str(config),
+        "config_text": Path(config).read_text(encoding="utf-8"),  # the file as it was, so the summary stands alone
         "overrides": list(overrides),
         "seed": seed,
         "folds": folds,
@@ -261,7 +262,7 @@ def _print_fold(
         parts.append(f"val/loss {loss:.4g}")
     if codes is not None:
         parts.append(f"findings: {', '.join(sorted(set(codes))) or 'none'}")
-    console.print(f"[bold]fold {i}/{k - 1}[/]: " + " · ".join(parts))
+    console.print(f"[bold]fold {i}[/] ({i + 1} of {k}): " + " · ".join(parts))
 
 
 def _parser() -> argparse.ArgumentParser:

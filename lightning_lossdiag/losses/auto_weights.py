@@ -215,4 +215,35 @@ def resolve_auto_weights(
     return resolved, info
 
 
-__all__ = ["needs_auto_weights", "resolve_auto_weights"]
+def auto_weight_scalars(spec: Any, resolved: Any, prefix: str = "loss") -> dict[str, float]:
+    """The weights that ``auto`` became, as loggable scalars.
+
+    ``loss/pos_weight`` (or ``loss/pos_weight/<i>`` per column), ``loss/weight/<class>``; composite terms as
+    ``loss/<term>/...``. Arguments that were not ``auto`` are left out.
+
+    Example:
+        >>> spec = {"name": "ce", "weight": "auto"}
+        >>> auto_weight_scalars(spec, resolve_auto_weights(spec, torch.tensor([0, 0, 0, 1]))[0])
+        {'loss/weight/0': 0.5, 'loss/weight/1': 1.5}
+    """
+    if not isinstance(spec, Mapping) or not isinstance(resolved, Mapping):
+        return {}
+    out: dict[str, float] = {}
+    if _is_composite(spec):
+        for term_name, term in spec.get("terms", {}).items():
+            done = resolved.get("terms", {}).get(term_name)
+            if isinstance(term, Mapping) and isinstance(done, Mapping):
+                out.update(auto_weight_scalars(term.get("loss"), done.get("loss"), f"{prefix}/{term_name}"))
+        return out
+    for argument in AUTO_ARGUMENTS:
+        if not is_auto(spec.get(argument)):
+            continue
+        values = torch.as_tensor(resolved[argument], dtype=torch.float64).reshape(-1).tolist()  # host numbers
+        if len(values) == 1 and argument == "pos_weight":
+            out[f"{prefix}/{argument}"] = float(values[0])
+        else:
+            out.update({f"{prefix}/{argument}/{i}": float(v) for i, v in enumerate(values)})
+    return out
+
+
+__all__ = ["auto_weight_scalars", "needs_auto_weights", "resolve_auto_weights"]

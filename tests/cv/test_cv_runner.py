@@ -56,7 +56,7 @@ def test_regression_cv_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mean ± std" in out
     for i in range(3):
-        assert f"fold {i}" in out
+        assert f"fold {i} ({i + 1} of 3)" in out
     assert "val/loss" in out
     assert "ddof=1" in out
     assert "lightning-lossdiag" not in out  # the Doctor's own table is not printed without --fold-reports
@@ -67,6 +67,7 @@ def test_regression_cv_end_to_end(tmp_path, capsys):
     assert data["stratified"] is False
     assert data["std_ddof"] == 1
     assert data["config"] == REGRESSION
+    assert data["config_text"] == Path(REGRESSION).read_text(encoding="utf-8")  # readable without the file
     assert data["overrides"] == args[4:]
 
     dm = NonlinearRegressionDataModule(num_features=6, num_samples=1600, seed=0)
