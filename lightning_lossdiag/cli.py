@@ -17,7 +17,9 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_lossdiag._cli_parser import LossDiagParser
 from lightning_lossdiag.dashboards.writers import log_dirs
 
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -42,6 +44,10 @@ Package commands:
 Defaults of the training commands: TensorBoard logs under runs/<config file name>/, log_every_n_steps=10,
 seed_everything=0. A loss spec that cannot be built exits with status 2 and says what to fix.
 """
+
+
+class ConfigurationError(ValueError):
+    """A value of the configuration that the Trainer, the model, the data or a callback refused at construction."""
 
 
 class LossDiagCLI(LightningCLI):
@@ -74,9 +80,17 @@ class LossDiagCLI(LightningCLI):
         }
         defaults.update(kwargs.pop("trainer_defaults", None) or {})
         kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_class", LossDiagParser)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs["trainer_defaults"] = defaults
         super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        """Build the Trainer, model and data; a value they refuse is a configuration error, not a crash."""
+        try:
+            super().instantiate_classes()
+        except (MisconfigurationException, ValueError) as err:
+            raise ConfigurationError(str(err)) from err
 
     def before_fit(self) -> None:
         """Called by LightningCLI before ``fit``: keep a ``last.ckpt`` beside the other checkpoints."""
@@ -207,11 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"lossdiag: unknown command {args[0]!r}", file=sys.stderr)
             return 2
         LossDiagCLI(args=None if argv is None else args, run_name=config_stem(args))  # None: LightningCLI reads argv
+    except ConfigurationError as exc:
+        error = _loss_config_error(exc) or exc
+        print(f"lossdiag: bad configuration: {error}", file=sys.stderr)
+        return 2
     except Exception as exc:
-        error = _loss_config_error(exc)
-        if error is None:
+        loss_error = _loss_config_error(exc)
+        if loss_error is None:
             raise
-        print(f"lossdiag: {error}", file=sys.stderr)
+        print(f"lossdiag: {loss_error}", file=sys.stderr)
         return 2
     return 0
 

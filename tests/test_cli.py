@@ -107,6 +107,46 @@ def test_misspelt_loss_exits_2_without_traceback(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs" / "multiclass" / "version_0" / "checkpoints").exists()
 
 
+def _loss_three(tmp_path: Path) -> list[str]:
+    text = (ROOT / "configs" / "regression.yaml").read_text()
+    config = tmp_path / "bad.yaml"
+    config.write_text(re.sub(r"    loss:\n      name: huber\n      delta: 1.0\n", "    loss: 3\n", text))
+    assert "loss: 3" in config.read_text()
+    return ["--config", str(config)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (_loss_three, r"^error: `loss` \(under model\) got 3 \(int\); it must be a loss name .*lossdiag losses"),
+        (["--trainer.max_epochs=abc"], r"^error: `trainer.max_epochs` got abc \(str\); it must be int or None"),
+        (
+            ["--trainer.gradient_clip_algorithm=sideways"],
+            r"^lossdiag: bad configuration: `gradient_clip_algorithm` sideways is invalid. Allowed .*'value', 'norm'",
+        ),
+        (
+            ["--trainer.callbacks+=lightning_lossdiag.LossDiagnostics", "--trainer.callbacks.on_nonfinite=ignore"],
+            r"^error: `on_nonfinite` \(under trainer.callbacks\) got ignore; it must be one of 'warn', 'skip'",
+        ),
+    ],
+    ids=["loss-of-wrong-type", "trainer-int", "trainer-choice", "callback-option"],
+)
+def test_bad_values_get_one_short_message(tmp_path, monkeypatch, capsys, extra, expected):
+    monkeypatch.chdir(tmp_path)
+    extra = extra(tmp_path) if callable(extra) else extra
+    monkeypatch.setattr(sys, "argv", ["lossdiag", *_short_fit_args("regression", tmp_path / "runs"), *extra])
+    try:
+        status = main()
+    except SystemExit as exc:  # jsonargparse exits by itself on a value it cannot parse
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "Traceback" not in err
+    assert re.search(expected, err, flags=re.MULTILINE), err
+    assert len(err.strip().splitlines()) <= 4, err  # not the 50 lines of every Trainer option
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_console_entry_point_exit_status(tmp_path):
     config = tmp_path / "bad.yaml"
