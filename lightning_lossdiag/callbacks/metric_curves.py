@@ -94,7 +94,7 @@ class MetricCurves(StagedOutputsCallback):
         thresholds: int = 101,
         metrics: list[str] | None = None,
         buffer_steps: int | None = None,
-        buffer_bytes: int = 8 * 2**20,
+        buffer_bytes: int = 256 * 2**10,
     ) -> None:
         bad = [s for s in stages if s not in ("train", "val", "test")]
         if not stages or bad:
@@ -209,6 +209,22 @@ class MetricCurves(StagedOutputsCallback):
         metrics = self._stage_metrics(slot)
         for preds, target in buffer.take():
             update_metrics(self._info[slot], metrics, preds, target)
+
+    def held_bytes(self, buffers: bool = True) -> int:
+        """Bytes of device tensors held.
+
+        Every metric state (fixed by the task and ``thresholds``), plus with ``buffers`` the steps held for a batched
+        update (at most ``buffer_bytes`` plus one step).
+        """
+        states = sum(
+            t.nbytes
+            for slot in self._modules
+            for metric in self._stage_metrics(slot).values()
+            for value in metric.metric_state.values()
+            for t in (value if isinstance(value, list) else [value])
+            if isinstance(t, Tensor)
+        )
+        return states + (sum(buffer.nbytes for buffer in self._buffers.values()) if buffers else 0)
 
     def _drain_stage(self, stage: str) -> None:
         for slot in self._slots(stage):

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_lossdiag.callbacks._error_states import regression_ranges
 from lightning_lossdiag.callbacks._task import TaskInfo
 from lightning_lossdiag.callbacks.error_distribution import ErrorDistributionMonitor
+from lightning_lossdiag.callbacks.metric_curves import MetricCurves
 from lightning_lossdiag.diagnosis.record import record_for
 from lightning_lossdiag.testing import HostReadCounter
 
@@ -211,25 +212,33 @@ def test_binary_writes_one_pr_curve(tmp_path):
 class _BytesProbe(Callback):
     """After the monitor: the largest state it held during validation batches."""
 
-    def __init__(self, monitor):
-        self.monitor = monitor
+    def __init__(self, monitor, **options):
+        self.monitor, self.options = monitor, options
         self.most = 0
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.most = max(self.most, self.monitor.held_bytes())
+        held = self.monitor.held_bytes(**self.options) if self.options else self.monitor.held_bytes()
+        self.most = max(self.most, held)
 
 
 @pytest.mark.parametrize("task", ["regression", "multiclass"])
 def test_state_size_does_not_grow_with_samples(tmp_path, task):
-    held = []
+    held, curves_held, curves_total = [], [], []
     for n_val in (20_000, 400_000):
         model = _regression(n_val=n_val) if task == "regression" else _multiclass(n_val=n_val)
         monitor = ErrorDistributionMonitor(stages=("val",))
-        probe = _BytesProbe(monitor)
-        _trainer(tmp_path / str(n_val), [monitor, probe], logger=False).fit(model)
-        held.append(probe.most)
+        curves = MetricCurves(stages=("val",))
+        probes = [_BytesProbe(monitor), _BytesProbe(curves, buffers=False), _BytesProbe(curves, buffers=True)]
+        _trainer(tmp_path / str(n_val), [monitor, curves, *probes], logger=False).fit(model)
+        held.append(probes[0].most)
+        curves_held.append(probes[1].most)
+        curves_total.append(probes[2].most)
     assert held[0] == held[1]
     assert 0 < held[0] < 512 * 1024
+    # MetricCurves: fixed-size metric states, plus held steps of at most `buffer_bytes` (256 KiB) and one step
+    assert curves_held[0] == curves_held[1]
+    assert 0 < curves_held[0] < 64 * 1024
+    assert all(total < 512 * 1024 for total in curves_total)
 
 
 class _ValReadProbe(Callback):
