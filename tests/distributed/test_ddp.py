@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -111,6 +112,26 @@ def test_cli_ddp_fit_writes_everything_once_on_rank_zero(cli_run):
     assert len(acc.Images("errors/val/pred_vs_true")) == 2
 
 
+@pytest.mark.parametrize("config", ["binary_imbalanced", "multiclass", "multitask"])
+def test_cli_ddp_fit_of_the_other_configs(tmp_path, config):
+    cmd = [
+        sys.executable, "-m", "lightning_lossdiag.cli", "fit",
+        "--config", str(ROOT / "configs" / f"{config}.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=2", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    ]  # fmt: skip
+    _run(cmd, cwd=tmp_path)
+    (events,) = _files(tmp_path / "runs", "events.out.tfevents.*")
+    (report,) = _files(tmp_path / "runs", "lossdiag_report.json")
+    assert json.loads(report.read_text())["summary"]["status"] == "finished"
+    tags = _events(events.parent).Tags()
+    assert "train/loss" in tags["scalars"]
+    assert any(t.startswith("metrics/val/") for t in tags["scalars"])
+    assert any(t.startswith("errors/val/") for t in tags["tensors"] + tags["images"] + tags["histograms"])
+
+
 # ------------------------------------------------------------------------- validation of a fixed model
 @pytest.fixture(scope="module")
 def validate_run(tmp_path_factory) -> Path:
@@ -143,6 +164,14 @@ def test_ddp_residual_histogram_counts_all_ranks(validate_run, single_run):
     assert h.sum == pytest.approx(single_h.sum, rel=1e-4, abs=1e-4)
     assert h.sum_squares == pytest.approx(single_h.sum_squares, rel=1e-4)
     assert single["world_size"] == 1
+    # bucket by bucket: the merged counts are numpy's histogram of ALL rows' residuals on the written edges
+    model, data = ddp.make_model("regression"), ddp.make_data("regression", ddp.N_VAL, seed=1)
+    with torch.no_grad():
+        residual = (model(data.tensors[0]) - data.tensors[1]).double().numpy()
+    limits = np.asarray(h.bucket_limit)
+    edges = np.concatenate([[limits[0] - (limits[1] - limits[0])], limits])
+    expected, _ = np.histogram(residual, bins=edges)
+    assert list(h.bucket) == expected.tolist()
 
 
 def test_ddp_classification_counts_all_ranks(validate_run):
@@ -154,6 +183,19 @@ def test_ddp_classification_counts_all_ranks(validate_run):
     present = [int(c) for c in torch.bincount(y, minlength=3) if c > 0]
     assert [int(c) for c in target.bucket if c > 0] == present  # class counts of all validation rows
     assert len(acc.Images("errors/val/confusion_matrix")) == 1
+
+
+@pytest.mark.parametrize("task", ["regression", "multiclass"])
+def test_ddp_every_metric_equals_single_process(validate_run, single_run, task):
+    ranks = _ranks(validate_run, f"validate_{task}")
+    single = json.loads((single_run / f"validate_{task}_rank0.json").read_text())["callback_metrics"]
+    keys = sorted(k for k in single if k.startswith("metrics/val/"))
+    assert len(keys) >= 5  # regression: mae, mse, rmse, r2, explained variance; multiclass: 6 + per-class recall
+    acc = _events(validate_run / task / "validate")
+    for key in keys:
+        for rank in ranks:
+            assert rank["callback_metrics"][key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
+        assert acc.Scalars(key)[-1].value == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
 
 
 @pytest.mark.parametrize(
