@@ -204,3 +204,26 @@ def test_raw_args_without_out_of_range_values_and_empty():
     args = histogram_raw_args(h)
     assert args["bucket_limits"] == [0.5, 1.0]
     assert args["bucket_counts"] == [1, 2]
+
+
+@SETTINGS
+@given(case=histogram_case(), order=st.randoms(use_true_random=False))
+def test_merging_parts_in_any_order_equals_one_pass(case, order):
+    low, high, bins, dtype, values, cuts = case
+    whole = FixedHistogram(low, high, bins)
+    whole.update(torch.from_numpy(values).to(dtype))
+    parts = []
+    for part in split(values, cuts):
+        h = FixedHistogram(low, high, bins)
+        h.update(torch.from_numpy(part).to(dtype))
+        parts.append(h)
+    order.shuffle(parts)
+    merged = parts[0]
+    for other in parts[1:]:
+        merged.merge(other)
+    assert torch.equal(merged.counts, whole.counts)
+    for name in ("underflow", "overflow", "nonfinite"):
+        assert int(getattr(merged, name)) == int(getattr(whole, name)), name
+    for name in ("sum", "sum_squares", "min", "max"):  # float sums: equal up to the order of additions
+        a, b = float(getattr(merged, name)), float(getattr(whole, name))
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-9) or (math.isnan(a) and math.isnan(b)), name
