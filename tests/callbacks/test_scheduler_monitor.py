@@ -96,6 +96,7 @@ def test_plateau_state_follows_pytorch_epoch_by_epoch(tmp_path):
     cuts = [i for i, r in enumerate(ref) if r[4] < r[3]]
     assert len(cuts) >= 2
     assert rec.values("plateau/reductions")[-1] == len(cuts)
+    assert rec.values("plateau/reductions") == [sum(1 for c in cuts if c <= e) for e in range(len(VAL))]  # per epoch
     assert [p for p, _ in rec.series("plateau/best")] == [2 * (e + 1) for e in range(len(VAL))]
     reductions = rec.notes["scheduler/reductions"]
     assert [r["epoch"] for r in reductions] == cuts
@@ -103,7 +104,7 @@ def test_plateau_state_follows_pytorch_epoch_by_epoch(tmp_path):
     assert [r["from_lr"] for r in reductions] == pytest.approx([ref[e][3] for e in cuts])
     assert [r["to_lr"] for r in reductions] == pytest.approx([ref[e][4] for e in cuts])
     assert rec.notes["scheduler/plateau"][0]["monitor"] == "val/loss"
-    assert rec.findings == []
+    assert rec.findings == []  # lr cut while above min_lr: no scheduler_at_min_lr (nor any other finding)
 
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
