@@ -1,6 +1,7 @@
 """Tests of the shared plumbing: step-output hand-off, flush schedule, one-transfer host reads, the run record."""
 
 import pickle
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 
 from lightning_lossdiag._outputs import StepOutputs, clear_outputs, fetch_outputs, lightning_stage, stash_outputs
 from lightning_lossdiag.callbacks._base import FlushSchedule, to_host
-from lightning_lossdiag.dashboards.layout import build_layout, merge_entries
+from lightning_lossdiag.dashboards.layout import BASE_LAYOUT, build_layout, merge_entries
 from lightning_lossdiag.diagnosis.findings import Finding
 from lightning_lossdiag.diagnosis.record import RunRecord, record_for
 from lightning_lossdiag.testing import HostReadCounter
@@ -160,3 +161,23 @@ def test_layout_merge_keeps_order_and_union():
     layout = build_layout(merged)
     assert layout["lossdiag"]["Loss"] == ["Multiline", ["train/loss$", "val/loss$"]]
     assert list(layout["lossdiag"]) == ["Loss", "MAE"]
+
+
+def _charts_of(tag):
+    return [title for title, regexes in BASE_LAYOUT.items() if any(re.match(r, tag) for r in regexes)]
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        ["train/loss", "val/loss", "train/loss_ema"],
+        ["grad/norm_total", "grad/norm_total_clipped", "grad/clip_val"],
+        ["grad/norm_total_opt0", "grad/norm_total_clipped_opt1", "grad/clip_val"],  # several optimizers
+        ["lr/Adam/group0", "plateau/num_bad_epochs", "plateau/epochs_to_reduction", "plateau/reductions"],
+        ["grad/clip_rate_opt1"],
+    ],
+)
+def test_base_layout_puts_related_series_in_one_chart(tags):
+    charts = [set(_charts_of(t)) for t in tags]
+    assert all(charts), [t for t, c in zip(tags, charts, strict=True) if not c]  # every tag is charted
+    assert set.intersection(*charts)  # and side by side, in one chart

@@ -102,6 +102,7 @@ class GradientMonitor(Callback):
         self.norm_type = float(norm_type)
         self.param_norms = param_norms
         self._states: dict[int, OptWindow] = {}
+        self._latest: tuple[Any, int, tuple[int, ...], Tensor] | None = None
         self.nonfinite_counts: dict[int, int] = {}
         self.first_nonfinite_step = -1
         self.nonfinite_params: list[str] = []
@@ -140,6 +141,20 @@ class GradientMonitor(Callback):
             state.first_nonfinite.fill_(self.first_nonfinite_step)
         return state
 
+    def latest_grad_norms(self, optimizer: Any, step: int, grads: list[Tensor]) -> Tensor | None:
+        """This step's per-gradient norms, one per tensor of ``grads`` (a device tensor), or ``None``.
+
+        Only when this monitor computed them in ``on_before_optimizer_step`` of optimizer step ``step`` (the
+        ``global_step`` it completes) for exactly these gradient tensors of ``optimizer``. Any ``norm_type``
+        propagates NaN/inf, so a caller can test finiteness on them without a second pass over the gradients.
+        """
+        if self._latest is None:
+            return None
+        opt, seen_step, seen, norms = self._latest
+        if opt is not getattr(optimizer, "_optimizer", optimizer) or seen_step != step:
+            return None
+        return norms if seen == tuple(id(g) for g in grads) else None
+
     @staticmethod
     def _clip_spec(trainer: Trainer, pl_module: LightningModule) -> ClipSpec:
         """The Trainer's clipping (``None`` when off, and in manual optimization where Lightning forbids it)."""
@@ -166,7 +181,11 @@ class GradientMonitor(Callback):
         if clip is not None and (math.inf if clip[0] == "value" else 2.0) != p:
             aux = st.full_row(present, param_norms(grads, math.inf if clip[0] == "value" else 2.0))
         step = int(trainer.global_step) + 1  # the step this optimizer step completes (global_step after the batch)
-        st.push(st.full_row(present, param_norms(grads, p)), aux, step, clip)
+        norms = param_norms(grads, p)
+        # for latest_grad_norms (the NaN guard of LossDiagnostics reuses them); ids, not the tensors: holding the
+        # gradients would keep a whole step of them alive after Lightning frees them
+        self._latest = (opt, step, tuple(id(g) for g in grads), norms)
+        st.push(st.full_row(present, norms), aux, step, clip)
         # automatic optimization: exactly one optimizer step per batch, so the flush step is known in advance;
         # manual optimization may step several times per batch: every step may be the last before a flush
         st.last_is_flush = not pl_module.automatic_optimization or self._schedule.next_step_is_flushed(trainer)

@@ -146,6 +146,8 @@ class LossDiagnostics(Callback):
             part = _build_part(name, options[name], every_n_steps)
             if part is not None:
                 self.parts[name] = part
+        if "nonfinite" in self.parts and "gradients" in self.parts:  # the guard reuses the monitor's norms
+            self.parts["nonfinite"].norm_source = self.parts["gradients"]  # type: ignore[attr-defined]
         self._dispatch: dict[str, list[Callable[..., Any]]] = {}
         self._build_dispatch()
 

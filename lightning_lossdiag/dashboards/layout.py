@@ -10,13 +10,19 @@ BASE_LAYOUT: dict[str, list[str]] = {
     "Loss (train vs val)": [r"train/loss$", r"train/loss_ema$", r"val/loss$"],
     "Loss terms": [r"train/loss/.*", r"val/loss/.*"],
     "Gradient norm: pre-clip, post-clip, clip value": [
-        r"grad/norm_total$",
-        r"grad/norm_total_clipped$",
+        r"grad/norm_total(_opt\d+)?$",  # with several optimizers each has its own series (`_opt<i>`)
+        r"grad/norm_total_clipped(_opt\d+)?$",
         r"grad/clip_val$",
     ],
-    "Clip rate": [r"grad/clip_rate$"],
-    "Learning rate": [r"lr/.*"],
-    "ReduceLROnPlateau": [r"plateau/.*"],
+    "Clip rate": [r"grad/clip_rate(_opt\d+)?$"],
+    "Learning rate with ReduceLROnPlateau counters": [
+        r"lr/.*",
+        r"plateau/num_bad_epochs$",
+        r"plateau/cooldown$",
+        r"plateau/epochs_to_reduction$",
+        r"plateau/reductions$",
+    ],
+    "ReduceLROnPlateau best": [r"plateau/best$"],
 }
 
 

@@ -268,3 +268,32 @@ def test_flush_notes_the_first_nonfinite_loss_of_any_rank(here, there, note):
     assert trainer.calls == 1
     assert record_for(trainer).notes.get("loss/first_nonfinite_step") == note
     assert guard.first_loss_step == (here if here is not None else -1)  # the guard's own state stays this rank's
+
+
+class NaNInOneGradient(NaNRegressor):
+    """Finite loss; the gradient of the first layer's bias turns NaN at one batch (a custom backward gone wrong)."""
+
+    def on_after_backward(self):
+        if self.current_epoch == 0 and self.trainer.global_step == NAN_BATCH:
+            self.net[0].bias.grad[0] = float("nan")
+
+
+def test_in_the_bundle_the_guard_reuses_the_gradient_norms(tmp_path, monkeypatch):
+    import lightning_lossdiag.callbacks.nonfinite_guard as guard_module
+    from lightning_lossdiag import LossDiagnostics
+
+    def no_second_pass(grads):
+        raise AssertionError("the guard recomputed the norms GradientMonitor already had")
+
+    monkeypatch.setattr(guard_module, "finite_flags", no_second_pass)
+    bundle = LossDiagnostics(activations=False, errors=False, metrics=False, doctor={"print_report": False})
+    model = NaNInOneGradient(nan_batch=-1)  # the inputs stay finite
+    trainer = make_trainer(tmp_path, [bundle], max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, loaders()[0])
+    guard = bundle.parts["nonfinite"]
+    assert guard.norm_source is bundle.parts["gradients"]
+    assert guard.skipped_steps == 1
+    assert guard.first_grad_step == NAN_STEP
+    assert guard.first_loss_step == -1  # the loss stayed finite
+    assert guard.bad_params == ["net.0.bias"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the update of that step was dropped
