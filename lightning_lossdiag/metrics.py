@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.classification import MulticlassStatScores
 
 
 def _directional_accuracy_update(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,4 +84,35 @@ class DirectionalAccuracy(Metric):
         return self.correct.double().div(self.total).float()
 
 
-__all__ = ["DirectionalAccuracy", "directional_accuracy"]
+class BalancedAccuracy(MulticlassStatScores):
+    """Balanced accuracy of binary labels: the mean recall over the classes present in the targets.
+
+    The definition of scikit-learn's ``balanced_accuracy_score``: a class with no target row does not count (a
+    macro recall over both classes would count it as 0 and halve the score of an epoch that holds one class only).
+    Counts only (``tp``, ``fn`` per class), so it merges across batches and DDP ranks exactly; no host read.
+
+    Example:
+        >>> metric = BalancedAccuracy()
+        >>> metric.update(torch.tensor([1, 0, 0, 0]), torch.tensor([1, 1, 0, 0]))
+        >>> metric.compute()
+        tensor(0.7500)
+        >>> metric = BalancedAccuracy()
+        >>> metric.update(torch.tensor([1, 0]), torch.tensor([0, 0]))  # one class only: its recall
+        >>> metric.compute()
+        tensor(0.5000)
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("validate_args", False)
+        super().__init__(num_classes=2, average=None, **kwargs)
+
+    def compute(self) -> Tensor:
+        """Mean of ``tp / (tp + fn)`` over the classes with at least one target row (0 when there is none)."""
+        tp, _fp, _tn, fn = self._final_state()
+        support = tp + fn
+        present = support > 0
+        recall = tp.double() / support.clamp(min=1).double()
+        return ((recall * present).sum() / present.sum().clamp(min=1)).float()
+
+
+__all__ = ["BalancedAccuracy", "DirectionalAccuracy", "directional_accuracy"]

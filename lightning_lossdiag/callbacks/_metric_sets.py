@@ -16,7 +16,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_lossdiag.callbacks._task import TaskInfo, align_regression, as_rows, to_probabilities
-from lightning_lossdiag.metrics import DirectionalAccuracy
+from lightning_lossdiag.metrics import BalancedAccuracy, DirectionalAccuracy
 
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "regression": ("mae", "mse", "rmse", "r2", "explained_variance", "directional_accuracy"),
@@ -49,7 +49,7 @@ def _factories(info: TaskInfo, thresholds: int) -> dict[str, Callable[[], Metric
             "f1": lambda: tmc.BinaryF1Score(**kw),
             "auroc": lambda: tmc.BinaryAUROC(thresholds=thresholds, normalization=None, **kw),
             "average_precision": lambda: tmc.BinaryAveragePrecision(thresholds=thresholds, normalization=None, **kw),
-            "balanced_accuracy": lambda: tmc.MulticlassRecall(num_classes=2, average="macro", **kw),
+            "balanced_accuracy": lambda: BalancedAccuracy(**kw),
         }
     if info.task == "multiclass":
         return {

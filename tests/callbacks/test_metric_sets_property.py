@@ -131,3 +131,11 @@ def test_multilabel_metrics(data, labels):
 def test_each_task_has_its_metrics(task):
     info = TaskInfo(task, "values" if task == "regression" else "probabilities", None if task == "regression" else 3)
     assert set(build_metrics(info, THRESHOLDS, None, sequence=True)) == set(METRIC_NAMES[task])
+
+
+def test_balanced_accuracy_of_an_epoch_with_one_class_is_that_class_recall():
+    # scikit-learn's definition: a class without target rows does not count (a macro recall would count it as 0)
+    info = TaskInfo("binary", "probabilities", 2)
+    metrics = build_metrics(info, THRESHOLDS, ["balanced_accuracy"], sequence=False)
+    got = feed(info, metrics, torch.tensor([0.9, 0.2, 0.1, 0.3]), torch.zeros(4), [0, 1, 4])
+    assert got["balanced_accuracy"].item() == pytest.approx(0.75)  # 3 of the 4 negatives are predicted negative
