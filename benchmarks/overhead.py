@@ -1,5 +1,8 @@
 """Overhead of the diagnostics on a training loop: bare vs LossDiagnostics() vs Lightning's grad_norm recipe.
 
+Rows: bare; ``LossDiagnostics()`` (defaults); ``LossDiagnostics(on_nonfinite="warn")`` (no per-step NaN guard);
+with ``--activations`` also ``LossDiagnostics(activations=False)``; Lightning's recipe.
+
 Trains the same MLP (10 hidden layers of 256, batch 256, synthetic regression data made here) the same number of
 steps in each configuration, interleaved over repeats with the same seeds, and prints a markdown table of median
 wall-clock seconds of ``trainer.fit`` and the median per-repeat ratio to the bare run.
@@ -86,6 +89,9 @@ def diagnostics_factories(with_activations: bool) -> tuple[dict[str, Callable[[]
             SchedulerMonitor(),
         ]
         LossDiagnostics, has_acts, default_acts = None, False, None  # type: ignore[assignment]
+    if LossDiagnostics is not None and "on_nonfinite" in inspect.signature(LossDiagnostics).parameters:
+        rows["LossDiagnostics(on_nonfinite='warn')"] = lambda: [LossDiagnostics(on_nonfinite="warn")]
+        notes.append("on_nonfinite='warn' drops the per-step NaN guard of the default 'skip': its row shows the price.")
     if with_activations:
         try:
             from lightning_lossdiag import ActivationMonitor

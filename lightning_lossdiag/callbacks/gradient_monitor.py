@@ -218,7 +218,7 @@ class GradientMonitor(Callback):
             return
         resolve_dead = self.dead_params is None
         parts: list[Tensor] = []
-        shown: dict[int, tuple[bool, bool, bool]] = {}  # per optimizer: group norms / parameter norms in the transfer
+        shown: dict[int, tuple[bool, bool, bool]] = {}  # per optimizer: group norms, parameter norms, post-clip known
         for i, st in active.items():
             st.fold()
             last_total, last_clipped, groups = st.latest()

@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars
 from lightning_lossdiag.callbacks._grad_groups import host_floats
+from lightning_lossdiag.callbacks._grad_window import param_norms
 from lightning_lossdiag.dashboards.writers import log_dirs
 from lightning_lossdiag.diagnosis.record import record_for
 
@@ -50,11 +51,9 @@ def finite_flags(grads: list[Tensor]) -> Tensor | None:
     """
     if not grads:
         return None
-    # The L2 norm: NaN/inf propagate, and it costs a fifth of the max-abs norm on a CPU. A finite gradient whose norm
-    # overflows (elements beyond ~1e19 in float32) counts as non-finite too: such an update is no better than NaN.
-    norms = torch._foreach_norm(grads, 2.0)
-    device = norms[0].device
-    return torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
+    # The L2 norm in float32 (the monitors' own): NaN/inf propagate, and it costs a fifth of the max-abs norm on a CPU.
+    # A finite gradient whose norm overflows float32 (elements beyond ~1e19) counts as non-finite: no better than NaN.
+    return torch.isfinite(param_norms(grads, 2.0))
 
 
 def drop_update(grads: list[Tensor], bad: Tensor) -> None:

@@ -98,7 +98,9 @@ def scalars(log_dir, tag):
 
 
 def test_finite_flags_matches_torch_isfinite():
+    big_half = torch.full((4,), 60000.0, dtype=torch.float16)  # finite; its L2 norm overflows float16, not float32
     grads = [torch.randn(3, 3), torch.tensor([1.0, float("inf")]), torch.tensor([float("nan")]), torch.zeros(2)]
+    grads.append(big_half)
     expected = torch.tensor([bool(torch.isfinite(g).all()) for g in grads])
     assert torch.equal(finite_flags(grads), expected)
     assert finite_flags([]) is None
