@@ -13,8 +13,11 @@ over a warmed-up baseline, the time to stream the epoch, and the time of one "ep
 histogram arguments (``histogram_raw_args`` / ``numpy.histogram``) plus a matplotlib scatter of 2048 sampled
 ``(target, prediction)`` pairs rendered to a PNG in memory.
 
-    python benchmarks/memory.py                   # sizes 1e5 1e6 1e7
-    python benchmarks/memory.py --sizes 1e5 3e6
+    python benchmarks/memory.py                   # sizes 1e5 1e6 1e7; CUDA when present, else CPU
+    python benchmarks/memory.py --sizes 1e5 3e6 --device cpu
+
+On CUDA the batches and the state live on the GPU, and a column adds the peak device memory the epoch allocated
+(``torch.cuda.max_memory_allocated`` over the baseline).
 """
 
 from __future__ import annotations
@@ -38,14 +41,14 @@ BINS = 64
 TARGET_BINS = 10
 
 
-def batches(n: int, batch: int = BATCH):
+def batches(n: int, batch: int = BATCH, device: str = "cpu"):
     gen = torch.Generator().manual_seed(0)
     done = 0
     while done < n:
         m = min(batch, n - done)
         target = torch.randn(m, generator=gen)
         preds = target + 0.3 * torch.randn(m, generator=gen) + 0.05 * target**2
-        yield done, preds, target
+        yield done, preds.to(device), target.to(device)
         done += m
 
 
@@ -65,21 +68,22 @@ def scatter_png(target, preds) -> int:
     return buf.tell()
 
 
-def make_stats() -> dict[str, Any]:
+def make_stats(device: str = "cpu") -> dict[str, Any]:
     from lightning_lossdiag.stats import BinnedErrors, BoundedSample, FixedHistogram, RunningMoments, TopKWorst
 
     return {
-        "residual": FixedHistogram(-3.0, 3.0, bins=BINS),
-        "moments": RunningMoments(),
-        "sample": BoundedSample(SAMPLE_K, 3),
-        "worst": TopKWorst(WORST_K, 3),
-        "binned": BinnedErrors(torch.linspace(-3.0, 3.0, TARGET_BINS + 1)),
+        "residual": FixedHistogram(-3.0, 3.0, bins=BINS, device=device),
+        "moments": RunningMoments(device),
+        "sample": BoundedSample(SAMPLE_K, 3, device=device),
+        "worst": TopKWorst(WORST_K, 3, device),
+        "binned": BinnedErrors(torch.linspace(-3.0, 3.0, TARGET_BINS + 1), device=device),
     }
 
 
 def stream_update(stats: dict[str, Any], offset: int, preds: torch.Tensor, target: torch.Tensor) -> None:
     err = preds - target
-    rows = torch.stack([torch.arange(offset, offset + len(preds), dtype=torch.float32), target, preds], dim=1)
+    index = torch.arange(offset, offset + len(preds), dtype=torch.float32, device=preds.device)
+    rows = torch.stack([index, target, preds], dim=1)
     stats["residual"].update(err)
     stats["moments"].update(err)
     stats["sample"].update(rows)
@@ -91,15 +95,16 @@ def stream_write(stats: dict[str, Any]) -> None:
     from lightning_lossdiag.stats import histogram_raw_args
 
     histogram_raw_args(stats["residual"])  # epoch end: one host transfer
-    rows = stats["sample"].rows.numpy()  # epoch end: the bounded sample to the host
-    stats["worst"].rows.numpy()
-    stats["binned"].mean_abs().numpy()
+    rows = stats["sample"].rows.cpu().numpy()  # epoch end: the bounded sample to the host
+    stats["worst"].rows.cpu().numpy()
+    stats["binned"].mean_abs().cpu().numpy()
     scatter_png(rows[:, 1], rows[:, 2])
 
 
 def naive_write(preds: torch.Tensor, target: torch.Tensor) -> None:
     import numpy as np
 
+    preds, target = preds.cpu(), target.cpu()  # epoch end: everything kept goes to the host
     err = (preds - target).numpy()
     np.histogram(err, bins=BINS, range=(-3.0, 3.0))
     err.mean(), err.var(), err.min(), err.max()
@@ -108,21 +113,26 @@ def naive_write(preds: torch.Tensor, target: torch.Tensor) -> None:
     scatter_png(target.numpy()[pick], preds.numpy()[pick])
 
 
-def worker(mode: str, n: int) -> dict[str, Any]:
+def worker(mode: str, n: int, device: str = "cpu") -> dict[str, Any]:
     torch.set_num_threads(1)
+    cuda = device.startswith("cuda")
     # warm-up: first calls of every kernel and of matplotlib are not part of the measurement
-    warm = make_stats()
-    for offset, preds, target in batches(2 * BATCH):
+    warm = make_stats(device)
+    for offset, preds, target in batches(2 * BATCH, device=device):
         stream_update(warm, offset, preds, target)
     stream_write(warm)
     naive_write(preds, target)
     del warm
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_cuda = torch.cuda.memory_allocated() if cuda else 0
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     start = time.perf_counter()
     if mode == "streaming":
-        stats = make_stats()
-        for offset, preds, target in batches(n):
+        stats = make_stats(device)
+        for offset, preds, target in batches(n, device=device):
             stream_update(stats, offset, preds, target)
         held = sum(s.state_bytes() for s in stats.values())
         peak_tensor = held + 2 * BATCH * 4 + BATCH * 3 * 4  # plus one batch's preds, target and rows
@@ -131,7 +141,7 @@ def worker(mode: str, n: int) -> dict[str, Any]:
         stream_write(stats)
     else:
         kept_preds, kept_target = [], []
-        for _, preds, target in batches(n):
+        for _, preds, target in batches(n, device=device):
             kept_preds.append(preds.clone())
             kept_target.append(target.clone())
         held = sum(t.numel() * t.element_size() for t in kept_preds + kept_target)
@@ -139,6 +149,8 @@ def worker(mode: str, n: int) -> dict[str, Any]:
         stream_s = time.perf_counter() - start
         start = time.perf_counter()
         naive_write(torch.cat(kept_preds), torch.cat(kept_target))
+    if cuda:
+        torch.cuda.synchronize()
     write_s = time.perf_counter() - start
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -152,6 +164,7 @@ def worker(mode: str, n: int) -> dict[str, Any]:
         "rss_delta": rss_delta,
         "stream_s": stream_s,
         "write_s": write_s,
+        "cuda_peak": (torch.cuda.max_memory_allocated() - base_cuda) if cuda else None,
     }
 
 
@@ -166,16 +179,17 @@ def human(nbytes: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e5, 1e6, 1e7], help="predictions per epoch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.device)))
         return
     rows = []
     for size in args.sizes:
         for mode in ("streaming", "naive"):
             out = subprocess.run(
-                [sys.executable, __file__, "--worker", mode, str(int(size))],
+                [sys.executable, __file__, "--worker", mode, str(int(size)), "--device", args.device],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -185,17 +199,19 @@ def main() -> None:
     print(
         f"\nBatches of {BATCH}; stats: FixedHistogram({BINS} bins), RunningMoments, "
         f"BoundedSample(k={SAMPLE_K}, 3 cols), TopKWorst(k={WORST_K}), BinnedErrors({TARGET_BINS} bins). "
-        f"torch {torch.__version__}, CPU, 1 thread; times include making the synthetic batches.\n"
+        f"torch {torch.__version__}, {args.device}, 1 CPU thread; times include making the synthetic batches.\n"
     )
+    cuda = args.device == "cuda"
     print(
         "| predictions | approach | tensors held | peak tensors | peak Python (tracemalloc) | max RSS growth "
-        "| stream time | epoch-end write |"
+        "| stream time | epoch-end write |" + (" peak CUDA allocated |" if cuda else "")
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
     for r in rows:
         print(
             f"| {r['n']:,} | {r['mode']} | {human(r['held'])} | {human(r['peak_tensor'])} | {human(r['py_peak'])} "
             f"| {human(r['rss_delta'])} | {r['stream_s']:.2f} s | {r['write_s'] * 1000:.0f} ms |"
+            + (f" {human(r['cuda_peak'])} |" if cuda else "")
         )
 
 
