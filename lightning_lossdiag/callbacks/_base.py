@@ -83,6 +83,22 @@ def fit_ends_after_next_step(trainer: Any) -> bool:
     return last_batch and max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
 
 
+def host_to_device(values: list[int] | list[bool], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+    """Host numbers onto the device: a host-to-device copy, never a read.
+
+    Pinned and asynchronous on CUDA, so it does not wait for the device (a plain ``torch.tensor(..., device="cuda")``
+    synchronises).
+
+    Example:
+        >>> host_to_device([3, 1], torch.device("cpu"))
+        tensor([3, 1])
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def to_host(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
     """Move a mapping of scalar tensors to host floats in ONE transfer. Flush/epoch-end only (one host sync).
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_lossdiag.callbacks._base import host_to_device
+
 NO_STEP = 2**62  # "no non-finite step yet" inside the device minimum
 FOLD_ROWS = 512  # rows kept before they are folded into the accumulators (flushes rarer than this many steps)
 
@@ -83,22 +85,6 @@ def reduce_rows(norms: Tensor, aux: Tensor | None, steps: Tensor, p: float, clip
         l2 = totals if aux is None else torch.linalg.vector_norm(aux, 2.0, dim=1)
         clipped = (clip_coef(l2, clip[1]) < 1.0).sum()
     return [totals.amax(), clipped, bad_step.sum(), first, bad.any(dim=0), (norms == 0).all(dim=0)]
-
-
-def host_to_device(values: list[int] | list[bool], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
-    """Host numbers onto the device: a host-to-device copy, never a read.
-
-    Pinned and asynchronous on CUDA, so it does not wait for the device (a plain ``torch.tensor(..., device="cuda")``
-    synchronises).
-
-    Example:
-        >>> host_to_device([3, 1], torch.device("cpu"))
-        tensor([3, 1])
-    """
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 class OptWindow:
@@ -218,7 +204,6 @@ __all__ = [
     "OptWindow",
     "clip_coef",
     "combine",
-    "host_to_device",
     "param_norms",
     "reduce_rows",
 ]

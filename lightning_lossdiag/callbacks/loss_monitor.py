@@ -18,9 +18,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossdiag._outputs import clear_outputs, fetch_outputs
-from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, show_in_progress_bar, warn_no_logger_once
+from lightning_lossdiag.callbacks._base import (
+    FlushSchedule,
+    host_to_device,
+    log_scalars,
+    show_in_progress_bar,
+    warn_no_logger_once,
+)
 from lightning_lossdiag.callbacks._grad_groups import host_floats, safe_tag
-from lightning_lossdiag.callbacks._grad_window import host_to_device
 from lightning_lossdiag.callbacks.nonfinite_guard import NO_STEP, merge_nonfinite
 from lightning_lossdiag.diagnosis.record import record_for
 
