@@ -24,20 +24,36 @@ FOLD_ROWS = 512  # rows kept before they are folded into the accumulators (flush
 ClipSpec = tuple[str, float] | None
 
 
+#: dtypes whose norm is accumulated in float32 by ``_foreach_norm(..., dtype=float32)`` (wider ones keep their own)
+_FLOAT32_NORM = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def param_norms(tensors: list[Tensor], p: float) -> Tensor:
     """Per-tensor norms in float32, stacked (fused ``_foreach_norm``; a per-tensor fallback for sparse grads).
 
+    Half and bfloat16 tensors are reduced in float32 (no overflow at 65504); float64 and complex tensors in their
+    own precision, then cast. Tensors on several devices (model parallel) are fused per device and the norms
+    gathered on the first device, with no host read.
+
     Example:
-        >>> param_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0])], 2.0)
+        >>> param_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0], dtype=torch.float64)], 2.0)
         tensor([5., 2.])
     """
     if any(t.is_sparse for t in tensors):
         return torch.stack([torch.linalg.vector_norm(t.coalesce().values(), p).float() for t in tensors])
-    devices = {t.device for t in tensors}
-    if len(devices) == 1:
+    first = tensors[0].device
+    if all(t.dtype in _FLOAT32_NORM and t.device == first for t in tensors):  # the usual case: one fused call
         return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
-    first = tensors[0].device  # model parallel: fuse per device, gather the norms on the first device (no host read)
-    return torch.stack([n.to(first) for n in torch._foreach_norm(tensors, p, dtype=torch.float32)])
+    groups: dict[tuple[torch.device, bool], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype in _FLOAT32_NORM), []).append(i)
+    out: list[Tensor] = [tensors[0]] * len(tensors)
+    for (_, low), index in groups.items():
+        members = [tensors[i] for i in index]
+        norms = torch._foreach_norm(members, p, dtype=torch.float32) if low else torch._foreach_norm(members, p)
+        for i, n in zip(index, norms, strict=True):
+            out[i] = n.to(device=first, dtype=torch.float32)
+    return torch.stack(out)
 
 
 def combine(per_param: Tensor, index: Tensor, n_groups: int, p: float) -> Tensor:

@@ -2,7 +2,12 @@
 
 Before every optimizer step the guard checks, on the device, whether the step's loss (seen in
 ``on_before_backward``) and the optimizer's gradients (one fused ``torch._foreach_norm``: NaN and inf propagate into
-the L2 norm of each gradient) are finite. What happens next is the policy.
+the L2 norm of each gradient; inside :class:`~lightning_lossdiag.LossDiagnostics` the gradient monitor's norms of the
+step are reused) are finite. What happens next is the policy.
+
+Per step the guard spends a handful of small kernels (a loss mark, the finiteness flag) and, under
+``"skip"``/``"stop"``, :func:`drop_update`: one pass over the gradients. Counting is deferred: each step appends
+references to a :class:`~lightning_lossdiag.callbacks._guard_rows.GuardRows`, reduced in one batch at the flush.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ from typing_extensions import override
 from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars
 from lightning_lossdiag.callbacks._grad_groups import host_floats
 from lightning_lossdiag.callbacks._grad_window import param_norms
+from lightning_lossdiag.callbacks._guard_rows import FOLD_ROWS, NO_STEP, GuardRows, loss_mark, step_ok
 from lightning_lossdiag.dashboards.writers import log_dirs
 from lightning_lossdiag.diagnosis.record import record_for
 
 Policy = Literal["warn", "skip", "stop", "raise"]
 POLICIES: tuple[str, ...] = ("warn", "skip", "stop", "raise")
 STOP_CHECKPOINT = "nonfinite_stop.ckpt"
-NO_STEP = 2**62  # "no non-finite step" in a device minimum (exact in float64, so it survives the host transfer)
 
 
 class NonFiniteError(RuntimeError):
@@ -42,39 +47,37 @@ def _grads(optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-def finite_flags(grads: list[Tensor]) -> Tensor | None:
-    """One device bool per gradient: all its values are finite (no host read). ``None`` when there are none.
+#: integer dtypes of the same width as a gradient's elements: a bitwise AND with 0 or -1 through such a view zeroes a
+#: tensor or leaves it bit for bit in ONE pass, NaN and inf included (``NaN * 0`` would stay NaN)
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def drop_update(grads: list[Tensor], ok: Tensor) -> None:
+    """Zero every gradient in place unless the 0-d device bool ``ok`` is set; then they stay bit for bit. No host read.
+
+    Each gradient is viewed as integers of its width and ANDed with ``-1`` (all bits: keep) or ``0`` (clear): one
+    pass per tensor that maps NaN and inf to ``0`` as well (a multiply by ``0`` would leave ``NaN * 0 = NaN``).
 
     Example:
-        >>> finite_flags([torch.ones(2), torch.tensor([1.0, float("nan")])])
-        tensor([ True, False])
-    """
-    if not grads:
-        return None
-    # The L2 norm in float32 (the monitors' own): NaN/inf propagate, and it costs a fifth of the max-abs norm on a CPU.
-    # A finite gradient whose norm overflows float32 (elements beyond ~1e19) counts as non-finite: no better than NaN.
-    return torch.isfinite(param_norms(grads, 2.0))
-
-
-def drop_update(grads: list[Tensor], bad: Tensor) -> None:
-    """Zero every gradient in place when the device flag ``bad`` is set, else leave them bit for bit; no host read.
-
-    ``NaN * 0`` is NaN, so non-finite values are first mapped to 0 (a no-op on a good step, where every value is
-    finite), then one fused multiply by ``0`` or ``1``: two light passes instead of a ``masked_fill_`` per tensor.
-
-    Example:
-        >>> g = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0])]
-        >>> drop_update(g, torch.tensor(True))
+        >>> g = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0], dtype=torch.float16)]
+        >>> drop_update(g, torch.tensor(False))
         >>> [t.tolist() for t in g]
         [[0.0, 0.0], [0.0]]
+        >>> g = [torch.tensor([1.5, -2.0])]
+        >>> drop_update(g, torch.tensor(True))
+        >>> g[0].tolist()
+        [1.5, -2.0]
     """
-    keep = (~bad).to(torch.float32)
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    masks: dict[tuple[torch.device, torch.dtype], Tensor] = {}
     for g in grads:
-        g.nan_to_num_(0.0, 0.0, 0.0)
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for dtype, group in by_dtype.items():
-        torch._foreach_mul_(group, keep.to(dtype))
+        width = _SAME_WIDTH_INT.get(g.element_size())
+        if width is None:  # complex128: no integer that wide
+            g.copy_(torch.where(ok.to(g.device), g, torch.zeros((), dtype=g.dtype, device=g.device)))
+            continue
+        mask = masks.get((g.device, width))
+        if mask is None:
+            mask = masks[(g.device, width)] = ok.to(device=g.device, dtype=width).neg_()  # True -> -1, False -> 0
+        g.detach().view(width).bitwise_and_(mask)
 
 
 def merge_nonfinite(trainer: Any, count: Tensor, first: Tensor) -> Tensor:
@@ -149,11 +152,10 @@ class NonFiniteGuard(Callback):
         self.policy: Policy = policy
         self.every_n_steps = every_n_steps
         self._schedule = FlushSchedule(every_n_steps)
-        self._loss_ok: Tensor | None = None
-        self._dev: dict[str, Tensor] = {}  # device counters since the last flush
+        self._marks: list[Tensor] = []  # loss marks of the optimizer step in progress (one per backward)
+        self._rows: dict[tuple[int, ...], GuardRows] = {}  # per set of gradient tensors: steps since the last fold
         self._param_names: dict[int, str] = {}
-        self._flag_ids: list[int] = []
-        self._flag_names: list[str] = []
+        self._grads_only = False  # DDP: a step is bad when its (all-reduced) gradients are
         self._batch_idx = -1
         self.nonfinite_steps = 0
         self.skipped_steps = 0
@@ -173,9 +175,9 @@ class NonFiniteGuard(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
-        self._dev = {}
-        self._flag_ids, self._flag_names = [], []
-        self._loss_ok = None
+        self._rows = {}
+        self._marks = []
+        self._grads_only = trainer.world_size > 1
         record_for(trainer).notes["nonfinite/policy"] = self.policy
 
     @override
@@ -184,33 +186,34 @@ class NonFiniteGuard(Callback):
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        ok = torch.isfinite(loss.detach()).all()  # device flag, no host read
-        self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
+        self._marks.append(loss_mark(loss))  # one device kernel, no host read
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         pairs = _grads(optimizer)
         grads = [g for _, g in pairs]
         step = int(trainer.global_step) + 1
+        marks, self._marks = self._marks, []
+        mark = None if not marks else marks[0] if len(marks) == 1 else torch.stack(marks).sum()
+        if not grads and mark is None:
+            return
         source = self.norm_source
-        shared = source.latest_grad_norms(optimizer, step, grads) if source is not None else None
-        flags = torch.isfinite(shared) if shared is not None else finite_flags(grads)
-        loss_ok, self._loss_ok = self._loss_ok, None
-        if flags is None and loss_ok is None:
-            return
-        device = flags.device if flags is not None else loss_ok.device  # type: ignore[union-attr]
-        grad_ok = flags.all() if flags is not None else torch.ones((), dtype=torch.bool, device=device)
-        loss_ok = loss_ok.to(device) if loss_ok is not None else torch.ones((), dtype=torch.bool, device=device)
-        # Under DDP act on the all-reduced gradients only: the same on every rank, so no rank skips, stops or raises
-        # alone (the replicas would drift apart, or the others would wait forever on the next collective).
-        bad = ~grad_ok if trainer.world_size > 1 else ~(grad_ok & loss_ok)
+        norms = source.latest_grad_norms(optimizer, step, grads) if source is not None and grads else None
+        if norms is None and grads:
+            norms = param_norms(grads, 2.0)  # float32 L2: NaN/inf propagate (an overflowing norm counts as bad)
         if self.policy == "raise":
-            self._raise_if_bad(trainer, bad, loss_ok, flags, pairs, step)
+            self._raise_if_bad(trainer, mark, norms, pairs, step)
             return
-        self._count(bad, loss_ok, grad_ok, flags, step, pairs)
-        if self.policy in ("skip", "stop"):
-            drop_update(grads, bad)
-            self._dev["skipped"] += bad.to(torch.int64)
+        rows = self._rows_for(pairs, norms, mark)
+        rows.push(step, mark if mark is not None else self._no_mark(rows.device), norms)
+        if len(rows.steps) >= FOLD_ROWS:
+            rows.fold(self._grads_only, self.policy != "warn")
+        if self.policy in ("skip", "stop") and grads:
+            # Under DDP act on the all-reduced gradients only: the same on every rank, so no rank skips or stops
+            # alone (the replicas would drift apart, or the others would wait forever on the next collective).
+            ok = step_ok(norms, None if self._grads_only else mark)
+            if ok is not None:
+                drop_update(grads, ok)
 
     @override
     def on_train_batch_end(
@@ -226,31 +229,20 @@ class NonFiniteGuard(Callback):
         self._flush(trainer, act=False)
 
     # ---- device bookkeeping ----------------------------------------------------------------------------------
-    def _count(
-        self, bad: Tensor, loss_ok: Tensor, grad_ok: Tensor, flags: Tensor | None, step: int, pairs: list[Any]
-    ) -> None:
-        ids = [id(p) for p, _ in pairs]
-        if not self._dev:
-            dev = bad.device
-            self._dev = {k: torch.zeros((), dtype=torch.int64, device=dev) for k in ("bad", "skipped")}
-            self._dev.update(
-                {k: torch.full((), -1, dtype=torch.int64, device=dev) for k in ("first_loss", "first_grad")}
-            )
-        d = self._dev
-        if ids != self._flag_ids:
-            # The set of parameters with gradients changed (first step, a new optimizer): fold the old per-parameter
-            # flags into the host names first. A one-time host read per change, not per step.
-            if "bad_params" in d:
-                self._read()
-            d["bad_params"] = torch.zeros(len(ids), dtype=torch.bool, device=bad.device)
-            self._flag_ids = ids
-            self._flag_names = [self._param_names.get(i, f"param[{n}]") for n, i in enumerate(ids)]
-        d["bad"] += bad.to(torch.int64)
-        here = torch.full_like(d["first_loss"], step)
-        d["first_loss"] = torch.where(~loss_ok & (d["first_loss"] < 0), here, d["first_loss"])
-        d["first_grad"] = torch.where(~grad_ok & (d["first_grad"] < 0), here, d["first_grad"])
-        if flags is not None:
-            d["bad_params"] |= ~flags
+    def _rows_for(self, pairs: list[tuple[Tensor, Tensor]], norms: Tensor | None, mark: Tensor | None) -> GuardRows:
+        """The rows of this set of gradient tensors (one per optimizer, or per subset with gradients)."""
+        key = tuple(id(p) for p, _ in pairs)
+        rows = self._rows.get(key)
+        if rows is None:
+            names = [self._param_names.get(i, f"param[{n}]") for n, i in enumerate(key)]
+            device = norms.device if norms is not None else mark.device  # type: ignore[union-attr]
+            rows = self._rows[key] = GuardRows(names, device)
+        return rows
+
+    @staticmethod
+    def _no_mark(device: torch.device) -> Tensor:
+        """The mark of a step whose loss the guard did not see (a finite one)."""
+        return torch.zeros((), device=device)
 
     def _read(self, trainer: Trainer | None = None) -> int | None:
         """Fold the device counters into the host totals: ONE host transfer (flush, train end, checkpoint save).
@@ -258,46 +250,48 @@ class NonFiniteGuard(Callback):
         With a ``trainer`` under DDP (flushes only: every rank calls it at the same step), the first non-finite loss
         step over all ranks is merged on the device before that transfer and returned (``-1``: none); else ``None``.
         """
-        d = self._dev
+        dropping = self.policy in ("skip", "stop")
+        for rows in self._rows.values():
+            rows.fold(self._grads_only, dropping)
+        folded = [r for r in self._rows.values() if r.totals is not None]
         merge = trainer is not None and trainer.world_size > 1
-        if not d and not merge:
+        if not folded and not merge:
             return None
-        keys = ("bad", "skipped", "first_loss", "first_grad")
-        flags = [d["bad_params"]] if "bad_params" in d else []
-        parts = [d[k] for k in keys] + flags if d else []
+        parts: list[Tensor] = []
+        for rows in folded:
+            parts.append(rows.totals)  # type: ignore[arg-type]
+            if rows.bad_params is not None:
+                parts.append(rows.bad_params)
         if merge:
-            parts.append(self._first_loss_all_ranks(trainer))
+            parts.append(self._first_loss_all_ranks(trainer, folded))
         host = host_floats(parts)  # flush: the one host read
         merged: int | None = None
         if merge:
             merged = int(host[-1]) if host[-1] < NO_STEP else -1
             host = host[:-2]
-        if not d:
-            return merged
-        bad, skipped, first_loss, first_grad = (int(x) for x in host[:4])
-        self.nonfinite_steps += bad
-        self.skipped_steps += skipped
-        if first_loss >= 0 and self.first_loss_step < 0:
-            self.first_loss_step = first_loss
-        if first_grad >= 0 and self.first_grad_step < 0:
-            self.first_grad_step = first_grad
-        for i, x in enumerate(host[4:]):
-            name = self._flag_names[i] if i < len(self._flag_names) else f"param[{i}]"
-            if x > 0 and name not in self.bad_params:
-                self.bad_params.append(name)
-        for k in ("bad", "skipped"):
-            d[k].zero_()
-        for k in ("first_loss", "first_grad"):
-            d[k].fill_(-1)
-        if flags:
-            d["bad_params"].zero_()
+        at = 0
+        for rows in folded:
+            bad, skipped, first_loss, first_grad = (int(x) for x in host[at : at + 4])
+            at += 4
+            self.nonfinite_steps += bad
+            self.skipped_steps += skipped
+            if first_loss < NO_STEP and (self.first_loss_step < 0 or first_loss < self.first_loss_step):
+                self.first_loss_step = first_loss
+            if first_grad < NO_STEP and (self.first_grad_step < 0 or first_grad < self.first_grad_step):
+                self.first_grad_step = first_grad
+            if rows.bad_params is not None:
+                for name, x in zip(rows.names, host[at : at + len(rows.names)], strict=True):
+                    if x > 0 and name not in self.bad_params:
+                        self.bad_params.append(name)
+                at += len(rows.names)
+            rows.reset()
         return merged
 
-    def _first_loss_all_ranks(self, trainer: Any) -> Tensor:
-        """This rank's first non-finite loss step (host total and device counter) merged over ranks; no host read."""
-        d = self._dev
-        if d:
-            first = torch.where(d["first_loss"] >= 0, d["first_loss"], NO_STEP)
+    def _first_loss_all_ranks(self, trainer: Any, folded: list[GuardRows]) -> Tensor:
+        """This rank's first non-finite loss step (host total and folded rows) merged over ranks; no host read."""
+        firsts = [rows.totals[2] for rows in folded if rows.totals is not None]
+        if firsts:
+            first = torch.stack(firsts).amin()
         else:
             first = torch.full((), NO_STEP, dtype=torch.int64, device=trainer.strategy.root_device)
         if self.first_loss_step >= 0:
@@ -316,7 +310,7 @@ class NonFiniteGuard(Callback):
             notes.setdefault("grad/first_nonfinite_step", self.first_grad_step)
         if self.bad_params:
             notes.setdefault("grad/nonfinite_params", list(self.bad_params))
-        if self.policy in ("skip", "stop") and self._dev:
+        if self.policy in ("skip", "stop") and self._rows:
             log_scalars(trainer, {"nonfinite/skipped_steps": float(self.skipped_steps)})
         if act and self.policy == "stop":
             self._maybe_stop(trainer)
@@ -336,18 +330,18 @@ class NonFiniteGuard(Callback):
     def _raise_if_bad(
         self,
         trainer: Trainer,
-        bad: Tensor,
-        loss_ok: Tensor,
-        flags: Tensor | None,
+        mark: Tensor | None,
+        norms: Tensor | None,
         pairs: list[tuple[Tensor, Tensor]],
         step: int,
     ) -> None:
-        if not bool(bad):  # policy "raise": the documented one host synchronisation per step
+        ok = step_ok(norms, None if self._grads_only else mark)
+        if ok is None or bool(ok):  # policy "raise": the documented one host sync per step
             return
-        loss_bad = not bool(loss_ok)  # failure path only: we are about to raise
+        loss_bad = mark is not None and not bool(torch.isfinite(mark))  # failure path only: we are about to raise
         names: list[str] = []
-        if flags is not None:
-            finite = host_floats([flags])  # failure path only
+        if norms is not None:
+            finite = host_floats([torch.isfinite(norms)])  # failure path only
             names = [self._param_names.get(id(p), "?") for (p, _), f in zip(pairs, finite, strict=True) if f == 0]
         self.nonfinite_steps += 1
         notes = record_for(trainer).notes
@@ -401,6 +395,5 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteGuard",
     "drop_update",
-    "finite_flags",
     "merge_nonfinite",
 ]

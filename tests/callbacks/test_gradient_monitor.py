@@ -114,6 +114,36 @@ def test_total_and_group_norms_match_torch(tmp_path):
     assert rec.notes["grad/dead_params"] == []
 
 
+def test_double_precision_training_is_measured(tmp_path):
+    """``precision="64-true"``: float64 gradients (``_foreach_norm`` refuses a float32 result for them)."""
+    cap = Capture()
+    trainer = trainer_for(tmp_path, [cap, GradientMonitor(every_n_steps=1)], precision="64-true")
+    trainer.fit(MLP())
+    totals = record_for(trainer).values("grad/norm_total")
+    assert all(g.dtype == torch.float64 for g in cap.pre[0].values())
+    assert totals == pytest.approx([float(torch.nn.utils.get_total_norm(list(g.values()))) for g in cap.pre], rel=1e-6)
+
+
+def test_param_norms_of_mixed_dtypes_equal_torch():
+    from lightning_lossdiag.callbacks._grad_window import param_norms
+
+    tensors = [
+        torch.randn(5),
+        torch.full((4,), 60000.0, dtype=torch.float16),  # its norm overflows float16, not float32
+        torch.randn(3, dtype=torch.bfloat16),
+        torch.randn(6, dtype=torch.float64),
+        torch.randn(2, dtype=torch.complex64),
+    ]
+    for p in (2.0, 1.0, math.inf):
+        expected = [
+            float(torch.linalg.vector_norm(t.to(torch.complex128 if t.is_complex() else torch.float64), p))
+            for t in tensors
+        ]
+        got = param_norms(tensors, p)
+        assert got.dtype == torch.float32
+        assert got.tolist() == pytest.approx(expected, rel=1e-3)
+
+
 def test_groups_beyond_max_groups_merge_into_other(tmp_path):
     cap = Capture()
     trainer = trainer_for(tmp_path, [cap, GradientMonitor(every_n_steps=2, depth=2, max_groups=2)], batches=2)

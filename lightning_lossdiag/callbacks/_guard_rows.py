@@ -1,0 +1,128 @@
+"""The per-step record of :class:`~lightning_lossdiag.NonFiniteGuard`: references kept per step, reduced in batches.
+
+An optimizer step only appends three things to a :class:`GuardRows`: its global step (a host int), a 0-d device
+tensor that is ``0`` when the step's loss was finite and ``NaN`` when it was not (:func:`loss_mark`), and the
+per-gradient L2 norms the step already computed. No device work is spent on counting. At a flush, a checkpoint, or
+when :data:`FOLD_ROWS` rows have piled up, :meth:`GuardRows.fold` stacks them and derives every counter with a few
+batched kernels, still on the device; the guard then reads all of it in its one flush transfer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_lossdiag.callbacks._base import host_to_device
+
+NO_STEP = 2**62  # "no non-finite step" in a device minimum (exact in float64, so it survives the host transfer)
+FOLD_ROWS = 512  # rows kept before they are folded into the accumulators (bounds the memory between flushes)
+
+
+def loss_mark(loss: Tensor) -> Tensor:
+    """A 0-d tensor: ``0`` when every value of ``loss`` is finite, ``NaN`` otherwise (one kernel, no host read).
+
+    ``x * 0`` is ``0`` for a finite ``x`` and ``NaN`` for ``NaN`` and ``±inf``, so marks can be summed and stacked
+    without losing a bad one, and added to anything to poison it.
+
+    Example:
+        >>> loss_mark(torch.tensor(2.5)), loss_mark(torch.tensor(float("-inf")))
+        (tensor(0.), tensor(nan))
+    """
+    mark = loss.detach() * 0
+    return mark if mark.ndim == 0 else mark.sum()
+
+
+def step_ok(norms: Tensor | None, mark: Tensor | None) -> Tensor | None:
+    """A 0-d device bool: every norm and the loss mark are finite (``None``: neither was given). No host read.
+
+    The norms are non-negative, so their maximum is ``NaN`` or ``inf`` exactly when one of them is; adding the mark
+    (``0`` or ``NaN``) folds the loss in. Three small kernels, whatever the number of parameters.
+
+    Example:
+        >>> step_ok(torch.tensor([1.0, 2.0]), torch.tensor(0.0)), step_ok(torch.tensor([float("inf")]), None)
+        (tensor(True), tensor(False))
+    """
+    if norms is not None and norms.numel():
+        top = norms.amax()
+        return torch.isfinite(top if mark is None else top + mark.to(top.device))
+    if mark is not None:
+        return torch.isfinite(mark)
+    return None
+
+
+class GuardRows:
+    """The steps of one set of gradient tensors since the last fold, and their device accumulators.
+
+    Args:
+        names: the parameter names, in the order of the norms of each row (``[]``: steps without gradients).
+        device: where the accumulators live.
+
+    Example:
+        >>> rows = GuardRows(["w", "b"], torch.device("cpu"))
+        >>> rows.push(3, torch.tensor(0.0), torch.tensor([1.0, 2.0]))
+        >>> rows.push(4, torch.tensor(float("nan")), torch.tensor([float("nan"), 2.0]))
+        >>> rows.fold(grads_only=False, dropping=True)
+        >>> rows.totals.tolist(), rows.bad_params.tolist()
+        ([1, 1, 4, 4], [True, False])
+    """
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.names = names
+        self.device = device
+        self.steps: list[int] = []
+        self.marks: list[Tensor] = []
+        self.norms: list[Tensor] = []
+        #: int64 ``[non-finite steps, dropped updates, first non-finite loss step, first non-finite gradient step]``
+        #: (first steps :data:`NO_STEP` when none); ``None`` until the first fold after a read
+        self.totals: Tensor | None = None
+        #: per parameter: its gradient was non-finite at some folded step
+        self.bad_params: Tensor | None = None
+
+    def push(self, step: int, mark: Tensor, norms: Tensor | None) -> None:
+        """Append one optimizer step (references only: no device work)."""
+        self.steps.append(step)
+        self.marks.append(mark)
+        if norms is not None:
+            self.norms.append(norms)
+
+    def fold(self, grads_only: bool, dropping: bool) -> None:
+        """Reduce the pending rows into the accumulators, on the device (no host read).
+
+        Args:
+            grads_only: a step is bad when its gradients are (DDP: the loss differs between ranks).
+            dropping: the policy dropped the bad steps' updates (they count as skipped).
+        """
+        if not self.steps:
+            return
+        dev = self.device
+        steps = host_to_device(self.steps, dev)
+        loss_ok = torch.isfinite(torch.stack(self.marks).to(dev))
+        if self.norms and self.names:
+            finite = torch.isfinite(torch.stack(self.norms).to(dev))  # [rows, params]
+            grad_ok = finite.all(dim=1)
+            seen = ~finite.all(dim=0)
+            self.bad_params = seen if self.bad_params is None else self.bad_params | seen
+        else:
+            grad_ok = torch.ones_like(loss_ok)
+        bad = ~grad_ok if grads_only else ~(grad_ok & loss_ok)
+        n_bad = bad.sum()
+        now = torch.stack(
+            [
+                n_bad,
+                n_bad if dropping else torch.zeros_like(n_bad),
+                torch.where(loss_ok, NO_STEP, steps).amin(),
+                torch.where(grad_ok, NO_STEP, steps).amin(),
+            ]
+        )
+        if self.totals is not None:
+            now = torch.cat([self.totals[:2] + now[:2], torch.minimum(self.totals[2:], now[2:])])
+        self.totals = now
+        self.steps, self.marks, self.norms = [], [], []
+
+    def reset(self) -> None:
+        """Forget the accumulators (after the host read that consumed them)."""
+        self.totals = None
+        self.bad_params = None
+
+
+__all__ = ["FOLD_ROWS", "NO_STEP", "GuardRows", "loss_mark"]

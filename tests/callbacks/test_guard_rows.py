@@ -1,0 +1,90 @@
+"""The guard's per-step pieces: the finiteness flag, dropping an update, and the deferred counters."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_lossdiag.callbacks._grad_window import param_norms
+from lightning_lossdiag.callbacks._guard_rows import NO_STEP, GuardRows, loss_mark, step_ok
+from lightning_lossdiag.callbacks.nonfinite_guard import drop_update
+
+NAN, INF = float("nan"), float("inf")
+
+
+def gradients() -> list[torch.Tensor]:
+    """Every width the bitwise drop handles, and complex128 (the fallback), and a non-contiguous gradient."""
+    big_half = torch.full((4,), 60000.0, dtype=torch.float16)  # finite; its L2 norm overflows float16, not float32
+    return [
+        torch.randn(3, 3),
+        torch.tensor([1.0, -2.0]),
+        big_half,
+        torch.zeros(2),
+        torch.randn(2, dtype=torch.float64),
+        torch.randn(3, dtype=torch.bfloat16),
+        torch.randn(2, dtype=torch.complex64),
+        torch.randn(2, dtype=torch.complex128),
+        torch.randn(4, 3).t(),
+    ]
+
+
+def test_a_good_step_keeps_every_gradient_bit_for_bit():
+    grads = gradients()
+    before = [g.clone() for g in grads]
+    keep = step_ok(param_norms(grads, 2.0), loss_mark(torch.tensor(3.0)))
+    drop_update(grads, keep)
+    assert all(torch.equal(g, b) and g.dtype == b.dtype for g, b in zip(grads, before, strict=True))
+
+
+@given(where=st.integers(0, 8), value=st.sampled_from([NAN, INF, -INF]), in_loss=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_a_bad_step_zeroes_every_gradient(where, value, in_loss):
+    grads = gradients()
+    loss = torch.tensor(value if in_loss else 1.0)
+    if not in_loss:
+        grads[where][(0,) * grads[where].ndim] = value
+    drop_update(grads, step_ok(param_norms(grads, 2.0), loss_mark(loss)))
+    assert all(
+        bool((g == 0).all()) and not bool(torch.signbit(torch.view_as_real(g) if g.is_complex() else g).any())
+        for g in grads
+    )
+
+
+def test_the_loss_is_ignored_when_only_gradients_decide():  # DDP: the losses differ between ranks
+    grads = gradients()
+    before = [g.clone() for g in grads]
+    drop_update(grads, step_ok(param_norms(grads, 2.0), None))
+    assert all(torch.equal(g, b) for g, b in zip(grads, before, strict=True))
+    assert not bool(step_ok(None, loss_mark(torch.tensor([1.0, NAN]))))
+    assert step_ok(None, None) is None
+
+
+# one step: (loss finite, index of the parameter whose gradient is NaN or None)
+steps_strategy = st.lists(st.tuples(st.booleans(), st.none() | st.integers(0, 2)), min_size=1, max_size=40)
+
+
+@given(
+    steps=steps_strategy,
+    folds=st.sets(st.integers(0, 40)),
+    grads_only=st.booleans(),
+    dropping=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_folded_counters_equal_a_count_on_the_host(steps, folds, grads_only, dropping):
+    rows = GuardRows(["a", "b", "c"], torch.device("cpu"))
+    for i, (loss_ok, bad_param) in enumerate(steps):
+        norms = torch.ones(3)
+        if bad_param is not None:
+            norms[bad_param] = NAN
+        rows.push(10 + i, loss_mark(torch.tensor(1.0 if loss_ok else INF)), norms)
+        if i in folds:  # folding early (the memory bound) must not change the result
+            rows.fold(grads_only, dropping)
+    rows.fold(grads_only, dropping)
+
+    bad = [(p is not None) or (not grads_only and not ok) for ok, p in steps]
+    first_loss = next((10 + i for i, (ok, _) in enumerate(steps) if not ok), NO_STEP)
+    first_grad = next((10 + i for i, (_, p) in enumerate(steps) if p is not None), NO_STEP)
+    expected = [sum(bad), sum(bad) if dropping else 0, first_loss, first_grad]
+    assert rows.totals.tolist() == expected
+    assert rows.bad_params.tolist() == [any(p == k for _, p in steps) for k in range(3)]
+    assert rows.steps == []  # nothing kept after a fold
+    assert rows.norms == []
