@@ -5,7 +5,8 @@ with ``--activations`` also ``LossDiagnostics(activations=False)``; Lightning's 
 
 Trains the same MLP (10 hidden layers of 256, batch 256, synthetic regression data made here) the same number of
 steps in each configuration, interleaved over repeats with the same seeds, and prints a markdown table of median
-wall-clock seconds of ``trainer.fit`` and the median per-repeat ratio to the bare run.
+wall-clock seconds of ``trainer.fit``, the median per-repeat ratio to the bare run and a 90 % bootstrap interval of
+that median (how much of a difference is noise on a shared machine).
 
     python benchmarks/overhead.py --repeats 5 --steps 300
     python benchmarks/overhead.py --device cuda --activations
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import random
 import shlex
 import statistics
 import sys
@@ -174,21 +176,29 @@ def main(argv: list[str] | None = None) -> None:
     def ratio(series: dict[str, list[float]], name: str) -> float:
         return statistics.median(t / b for t, b in zip(series[name], series["bare"], strict=True))
 
+    def interval(name: str) -> str:
+        """90 % bootstrap interval of the median per-repeat wall-clock ratio (resampling repeats, fixed seed)."""
+        ratios = [t / b for t, b in zip(times[name], times["bare"], strict=True)]
+        rng = random.Random(0)
+        medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+        return f"{medians[100]:.3f}-{medians[1899]:.3f}"
+
     print()
     print(f"`{shlex.join([sys.executable, *sys.argv])}`")
     print()
     print(f"{args.steps} steps, batch {args.batch}, MLP {args.layers}x{args.width}, device {args.device}, "
           f"{args.repeats} repeats, torch threads {torch.get_num_threads()}")  # fmt: skip
     print()
-    print("| configuration | median s | median ratio to bare | min s | ratio of mins | median CPU ratio |")
-    print("|---|---:|---:|---:|---:|---:|")
+    columns = ["configuration", "median s", "median ratio to bare", "90 % interval", "min s", "ratio of mins"]
+    print("| " + " | ".join([*columns, "median CPU ratio"]) + " |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in names:
         print(
-            f"| {name} | {statistics.median(times[name]):.3f} | {ratio(times, name):.3f}x | {min(times[name]):.3f} "
-            f"| {min(times[name]) / min(times['bare']):.3f}x | {ratio(cpu, name):.3f}x |"
+            f"| {name} | {statistics.median(times[name]):.3f} | {ratio(times, name):.3f}x | {interval(name)} "
+            f"| {min(times[name]):.3f} | {min(times[name]) / min(times['bare']):.3f}x | {ratio(cpu, name):.3f}x |"
         )
-    print("\nRatios are per repeat (same seed, adjacent runs). On a shared machine the min and the CPU-time ratio")
-    print("are less sensitive to other processes than the wall-clock median.")
+    print("\nRatios are per repeat (same seed, adjacent runs). The interval is a 90 % bootstrap interval of the median")
+    print("ratio over repeats: on a shared machine it shows how much of a difference is noise.")
     for note in notes:
         print(f"\nNote: {note}")
 
