@@ -47,16 +47,16 @@ def _grads(optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-#: integer dtypes of the same width as a gradient's elements: a bitwise AND with 0 or -1 through such a view zeroes a
-#: tensor or leaves it bit for bit in ONE pass, NaN and inf included (``NaN * 0`` would stay NaN)
+#: integer dtypes of the same width as a gradient's elements: through such a view, multiplying by 1 leaves a tensor bit
+#: for bit and multiplying by 0 clears it, NaN and inf included (integers have no NaN; ``NaN * 0.0`` is NaN)
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def drop_update(grads: list[Tensor], ok: Tensor) -> None:
     """Zero every gradient in place unless the 0-d device bool ``ok`` is set; then they stay bit for bit. No host read.
 
-    Each gradient is viewed as integers of its width and ANDed with ``-1`` (all bits: keep) or ``0`` (clear): one
-    pass per tensor that maps NaN and inf to ``0`` as well (a multiply by ``0`` would leave ``NaN * 0 = NaN``).
+    Each gradient is viewed as integers of its width and all of them are multiplied by ``ok`` (1 or 0) in one fused
+    ``_foreach_mul_`` per width: one pass that maps NaN and inf to ``0`` as well.
 
     Example:
         >>> g = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0], dtype=torch.float16)]
@@ -68,16 +68,15 @@ def drop_update(grads: list[Tensor], ok: Tensor) -> None:
         >>> g[0].tolist()
         [1.5, -2.0]
     """
-    masks: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    views: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
         width = _SAME_WIDTH_INT.get(g.element_size())
         if width is None:  # complex128: no integer that wide
             g.copy_(torch.where(ok.to(g.device), g, torch.zeros((), dtype=g.dtype, device=g.device)))
             continue
-        mask = masks.get((g.device, width))
-        if mask is None:
-            mask = masks[(g.device, width)] = ok.to(device=g.device, dtype=width).neg_()  # True -> -1, False -> 0
-        g.detach().view(width).bitwise_and_(mask)
+        views.setdefault((g.device, width), []).append((g.detach() if g.requires_grad else g).view(width))
+    for (device, width), group in views.items():
+        torch._foreach_mul_(group, ok.to(device=device, dtype=width))
 
 
 def merge_nonfinite(trainer: Any, count: Tensor, first: Tensor) -> Tensor:
