@@ -337,7 +337,7 @@ class NonFiniteGuard(Callback):
         ok = step_ok(norms, None if self._grads_only else mark)
         if ok is None or bool(ok):  # policy "raise": the documented one host sync per step
             return
-        loss_bad = mark is not None and not bool(torch.isfinite(mark))  # failure path only: we are about to raise
+        loss_bad = mark is not None and not bool(torch.isfinite(mark))  # host read on the failure path only: we raise
         names: list[str] = []
         if norms is not None:
             finite = host_floats([torch.isfinite(norms)])  # failure path only
