@@ -104,9 +104,10 @@ class NonFiniteGuard(Callback):
     Policies:
 
     * ``"skip"`` (default): a step with a non-finite loss or gradient gets all its gradients zeroed on the device
-      (:func:`drop_update`; ``NaN * 0`` would stay NaN), with no host read, so the update is dropped and the weights,
-      and every checkpoint saved later, stay finite. With plain SGD the parameters do not move; optimizers with
-      momentum or weight decay still move them by their own (finite) state. The run never stops.
+      (:func:`drop_update`: one pass in integer arithmetic, as ``NaN * 0.0`` stays NaN), with no host read, so the
+      update is dropped and the weights, and every checkpoint saved later, stay finite. With plain SGD the
+      parameters do not move; optimizers with momentum or weight decay still move them by their own (finite) state.
+      The run never stops.
     * ``"warn"``: only the device check and counters; the update is applied as it is, so one NaN gradient makes the
       weights NaN for the rest of the run (and in the checkpoints saved after it). The notes
       ``loss/first_nonfinite_step`` / ``grad/first_nonfinite_step`` and ``grad/nonfinite_params`` reach the run
