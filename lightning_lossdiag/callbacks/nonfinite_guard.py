@@ -79,6 +79,35 @@ def drop_update(grads: list[Tensor], ok: Tensor) -> None:
         torch._foreach_mul_(group, ok.to(device=device, dtype=width))
 
 
+#: torch optimizers whose fused implementation (``fused=True``) skips its whole update on the device when the
+#: attribute ``found_inf`` holds 1 (the protocol of ``torch.amp.GradScaler``), state and step count included
+_FOUND_INF_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
+def fused_skip_target(optimizer: Any, trainer: Any) -> Optimizer | None:
+    """The torch optimizer that can skip a bad step by itself, with no pass over the gradients, or ``None``.
+
+    That is a fused ``Adam``/``AdamW``/``SGD``/``Adagrad`` (``fused=True``) when no ``GradScaler`` is in use (the
+    scaler sets ``found_inf`` itself). Its kernel reads ``found_inf`` on the device and leaves parameters, moments
+    and step count untouched when it is 1.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> weight = torch.nn.Parameter(torch.ones(2))
+        >>> trainer = SimpleNamespace(precision_plugin=SimpleNamespace())
+        >>> fused_skip_target(torch.optim.Adam([weight], fused=True), trainer) is not None
+        True
+        >>> fused_skip_target(torch.optim.Adam([weight]), trainer) is None
+        True
+    """
+    opt = getattr(optimizer, "_optimizer", optimizer)
+    if type(opt) not in _FOUND_INF_OPTIMIZERS or not opt.defaults.get("fused"):
+        return None
+    if getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None:
+        return None
+    return opt  # type: ignore[no-any-return]
+
+
 def merge_nonfinite(trainer: Any, count: Tensor, first: Tensor) -> Tensor:
     """``[sum of count, min of first]`` over all ranks, on the device, with ONE collective (``all_gather``).
 
@@ -107,7 +136,10 @@ class NonFiniteGuard(Callback):
       (:func:`drop_update`: one pass in integer arithmetic, as ``NaN * 0.0`` stays NaN), with no host read, so the
       update is dropped and the weights, and every checkpoint saved later, stay finite. With plain SGD the
       parameters do not move; optimizers with momentum or weight decay still move them by their own (finite) state.
-      The run never stops.
+      A fused torch ``Adam``/``AdamW``/``SGD``/``Adagrad`` (``fused=True``, no ``GradScaler``) is instead handed the
+      flag as ``optimizer.found_inf`` (:func:`fused_skip_target`), taken back after the batch: its kernel skips the
+      whole step on the device, weights, moments and step count included, and the gradients are not touched. The
+      run never stops.
     * ``"warn"``: only the device check and counters; the update is applied as it is, so one NaN gradient makes the
       weights NaN for the rest of the run (and in the checkpoints saved after it). The notes
       ``loss/first_nonfinite_step`` / ``grad/first_nonfinite_step`` and ``grad/nonfinite_params`` reach the run
@@ -156,6 +188,7 @@ class NonFiniteGuard(Callback):
         self._rows: dict[tuple[int, ...], GuardRows] = {}  # per set of gradient tensors: steps since the last fold
         self._param_names: dict[int, str] = {}
         self._grads_only = False  # DDP: a step is bad when its (all-reduced) gradients are
+        self._found_inf_set: list[Optimizer] = []  # fused optimizers told to skip or not this batch (cleared after)
         self._batch_idx = -1
         self.nonfinite_steps = 0
         self.skipped_steps = 0
@@ -213,12 +246,18 @@ class NonFiniteGuard(Callback):
             # alone (the replicas would drift apart, or the others would wait forever on the next collective).
             ok = step_ok(norms, None if self._grads_only else mark)
             if ok is not None:
-                drop_update(grads, ok)
+                target = fused_skip_target(optimizer, trainer)
+                if target is not None:  # the fused kernel skips the update itself: no pass over the gradients
+                    target.found_inf = (~ok).to(torch.float32)  # type: ignore[attr-defined]
+                    self._found_inf_set.append(target)
+                else:
+                    drop_update(grads, ok)
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._clear_found_inf()
         step = int(trainer.global_step)
         if self._schedule.is_flush(step, trainer):
             self._flush(trainer, act=True)
@@ -226,7 +265,19 @@ class NonFiniteGuard(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._clear_found_inf()
         self._flush(trainer, act=False)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._clear_found_inf()
+
+    def _clear_found_inf(self) -> None:
+        """Take back ``found_inf`` from the fused optimizers, so no later ``step`` outside this batch reads it."""
+        for opt in self._found_inf_set:
+            if "found_inf" in vars(opt):
+                del opt.found_inf  # type: ignore[attr-defined]
+        self._found_inf_set = []
 
     # ---- device bookkeeping ----------------------------------------------------------------------------------
     def _rows_for(self, pairs: list[tuple[Tensor, Tensor]], norms: Tensor | None, mark: Tensor | None) -> GuardRows:
@@ -395,5 +446,6 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteGuard",
     "drop_update",
+    "fused_skip_target",
     "merge_nonfinite",
 ]

@@ -293,3 +293,52 @@ def test_in_the_bundle_the_guard_reuses_the_gradient_norms(tmp_path, monkeypatch
     assert guard.first_loss_step == -1  # the loss stayed finite
     assert guard.bad_params == ["net.0.bias"]
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the update of that step was dropped
+
+
+class FusedAdamRegressor(NaNRegressor):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True)
+
+
+class OptimizerProbe(Callback):
+    """The fused optimizer's state and the gradients it was handed, around the NaN batch (after the guard ran)."""
+
+    def __init__(self):
+        self.grads_before_step, self.state, self.leftover = None, {}, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # runs after the guard's hook
+        if trainer.current_epoch == 0 and trainer.fit_loop.epoch_loop.batch_idx == NAN_BATCH:
+            self.grads_before_step = [p.grad.clone() for p in pl_module.parameters()]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._snapshot(trainer, batch_idx, "before")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._snapshot(trainer, batch_idx, "after")
+        self.leftover.append(hasattr(trainer.optimizers[0], "found_inf"))
+
+    def _snapshot(self, trainer, batch_idx, when):
+        if trainer.current_epoch == 0 and batch_idx in (NAN_BATCH - 1, NAN_BATCH):
+            opt = trainer.optimizers[0]
+            self.state[(batch_idx, when)] = [
+                (p.detach().clone(), *(opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq", "step")))
+                for p in opt.param_groups[0]["params"]
+                if p in opt.state
+            ]
+
+
+def test_a_fused_optimizer_skips_the_bad_step_itself_without_touching_the_gradients(tmp_path):
+    probe = OptimizerProbe()
+    guard = NonFiniteGuard(policy="skip")
+    model = FusedAdamRegressor()
+    trainer = make_trainer(tmp_path, [guard, probe], max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, loaders()[0])
+    assert any(bool(torch.isnan(g).any()) for g in probe.grads_before_step)  # no pass zeroed them...
+    before, after = probe.state[(NAN_BATCH, "before")], probe.state[(NAN_BATCH, "after")]
+    for b, a in zip(before, after, strict=True):  # ...and the kernel left weights, moments and step count alone
+        assert all(torch.equal(x, y) for x, y in zip(b, a, strict=True))
+    previous = zip(probe.state[(NAN_BATCH - 1, "before")], probe.state[(NAN_BATCH - 1, "after")], strict=True)
+    assert all(not torch.equal(b[0], a[0]) for b, a in previous)  # a normal step does move the weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert guard.skipped_steps == 1
+    assert not any(probe.leftover)  # `found_inf` is taken back after every batch
