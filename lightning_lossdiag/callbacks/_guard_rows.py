@@ -1,7 +1,7 @@
 """The per-step record of :class:`~lightning_lossdiag.NonFiniteGuard`: references kept per step, reduced in batches.
 
 An optimizer step only appends three things to a :class:`GuardRows`: its global step (a host int), a 0-d device
-tensor that is ``0`` when the step's loss was finite and ``NaN`` when it was not (:func:`loss_mark`), and the
+tensor that is finite exactly when the step's loss was (:func:`loss_probe`: usually the loss itself), and the
 per-gradient L2 norms the step already computed. No device work is spent on counting. At a flush, a checkpoint, or
 when :data:`FOLD_ROWS` rows have piled up, :meth:`GuardRows.fold` stacks them and derives every counter with a few
 batched kernels, still on the device; the guard then reads all of it in its one flush transfer.
@@ -32,22 +32,47 @@ def loss_mark(loss: Tensor) -> Tensor:
     return mark if mark.ndim == 0 else mark.sum()
 
 
-def step_ok(norms: Tensor | None, mark: Tensor | None) -> Tensor | None:
-    """A 0-d device bool: every norm and the loss mark are finite (``None``: neither was given). No host read.
+def loss_probe(losses: list[Tensor]) -> Tensor | None:
+    """One 0-d tensor that is finite exactly when every loss of the step is (``None``: no loss was seen).
 
-    The norms are non-negative, so their maximum is ``NaN`` or ``inf`` exactly when one of them is; adding the mark
-    (``0`` or ``NaN``) folds the loss in. Three small kernels, whatever the number of parameters.
+    The usual step has one scalar loss: it is its own probe, with no kernel at all. Several backward passes
+    (gradient accumulation) or a non-scalar loss are reduced to summed :func:`loss_mark` values, so large finite
+    losses cannot overflow into a false alarm.
+
+    Example:
+        >>> loss = torch.tensor(2.5)
+        >>> loss_probe([loss]) is loss, loss_probe([loss, torch.tensor(float("nan"))]), loss_probe([])
+        (True, tensor(nan), None)
+    """
+    if not losses:
+        return None
+    if len(losses) == 1 and losses[0].ndim == 0:
+        return losses[0]
+    return torch.stack([loss_mark(t) for t in losses]).sum()
+
+
+def step_ok(norms: Tensor | None, probe: Tensor | None) -> Tensor | None:
+    """A 0-d device bool: every norm and the loss probe are finite (``None``: neither was given). No host read.
+
+    The norms are non-negative, so their maximum is ``NaN`` or ``inf`` exactly when one of them is; adding the probe
+    (a loss, or a mark: ``0``/``NaN``) folds the loss in, and ``x * 0 == 0`` holds exactly for a finite ``x``. Four
+    small kernels, whatever the number of parameters. (A finite norm plus a finite loss that together pass 3.4e38 in
+    float32 read as non-finite: such a step is broken anyway.)
 
     Example:
         >>> step_ok(torch.tensor([1.0, 2.0]), torch.tensor(0.0)), step_ok(torch.tensor([float("inf")]), None)
         (tensor(True), tensor(False))
+        >>> step_ok(None, torch.tensor(float("nan")))
+        tensor(False)
     """
     if norms is not None and norms.numel():
         top = norms.amax()
-        return torch.isfinite(top if mark is None else top + mark.to(top.device))
-    if mark is not None:
-        return torch.isfinite(mark)
-    return None
+        value = top if probe is None else top + probe.to(top.device)
+    elif probe is not None:
+        value = probe
+    else:
+        return None
+    return value * 0 == 0
 
 
 class GuardRows:
@@ -59,7 +84,7 @@ class GuardRows:
 
     Example:
         >>> rows = GuardRows(["w", "b"], torch.device("cpu"))
-        >>> rows.push(3, torch.tensor(0.0), torch.tensor([1.0, 2.0]))
+        >>> rows.push(3, torch.tensor(0.7), torch.tensor([1.0, 2.0]))  # the step's loss, finite
         >>> rows.push(4, torch.tensor(float("nan")), torch.tensor([float("nan"), 2.0]))
         >>> rows.fold(grads_only=False, dropping=True)
         >>> rows.totals.tolist(), rows.bad_params.tolist()
@@ -70,7 +95,7 @@ class GuardRows:
         self.names = names
         self.device = device
         self.steps: list[int] = []
-        self.marks: list[Tensor] = []
+        self.probes: list[Tensor] = []  # per step: finite exactly when its loss was (loss_probe)
         self.norms: list[Tensor] = []
         #: int64 ``[non-finite steps, dropped updates, first non-finite loss step, first non-finite gradient step]``
         #: (first steps :data:`NO_STEP` when none); ``None`` until the first fold after a read
@@ -78,10 +103,10 @@ class GuardRows:
         #: per parameter: its gradient was non-finite at some folded step
         self.bad_params: Tensor | None = None
 
-    def push(self, step: int, mark: Tensor, norms: Tensor | None) -> None:
+    def push(self, step: int, probe: Tensor, norms: Tensor | None) -> None:
         """Append one optimizer step (references only: no device work)."""
         self.steps.append(step)
-        self.marks.append(mark)
+        self.probes.append(probe)
         if norms is not None:
             self.norms.append(norms)
 
@@ -96,7 +121,9 @@ class GuardRows:
             return
         dev = self.device
         steps = host_to_device(self.steps, dev)
-        loss_ok = torch.isfinite(torch.stack(self.marks).to(dev))
+        # probes are losses of any float dtype (or marks): compared as float32 marks when the dtypes differ
+        probes = [t if t.dtype == torch.float32 else loss_mark(t).float() for t in self.probes]
+        loss_ok = torch.isfinite(torch.stack(probes).to(dev))
         if self.norms and self.names:
             finite = torch.isfinite(torch.stack(self.norms).to(dev))  # [rows, params]
             grad_ok = finite.all(dim=1)
@@ -117,7 +144,7 @@ class GuardRows:
         if self.totals is not None:
             now = torch.cat([self.totals[:2] + now[:2], torch.minimum(self.totals[2:], now[2:])])
         self.totals = now
-        self.steps, self.marks, self.norms = [], [], []
+        self.steps, self.probes, self.norms = [], [], []
 
     def reset(self) -> None:
         """Forget the accumulators (after the host read that consumed them)."""
@@ -125,4 +152,4 @@ class GuardRows:
         self.bad_params = None
 
 
-__all__ = ["FOLD_ROWS", "NO_STEP", "GuardRows", "loss_mark"]
+__all__ = ["FOLD_ROWS", "NO_STEP", "GuardRows", "loss_mark", "loss_probe", "step_ok"]

@@ -5,7 +5,7 @@ Before every optimizer step the guard checks, on the device, whether the step's 
 the L2 norm of each gradient; inside :class:`~lightning_lossdiag.LossDiagnostics` the gradient monitor's norms of the
 step are reused) are finite. What happens next is the policy.
 
-Per step the guard spends a handful of small kernels (a loss mark, the finiteness flag) and, under
+Per step the guard spends four small kernels (the finiteness flag, with the step's loss folded in) and, under
 ``"skip"``/``"stop"``, :func:`drop_update`: one pass over the gradients. Counting is deferred: each step appends
 references to a :class:`~lightning_lossdiag.callbacks._guard_rows.GuardRows`, reduced in one batch at the flush.
 """
@@ -24,7 +24,7 @@ from typing_extensions import override
 from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars
 from lightning_lossdiag.callbacks._grad_groups import host_floats
 from lightning_lossdiag.callbacks._grad_window import param_norms
-from lightning_lossdiag.callbacks._guard_rows import FOLD_ROWS, NO_STEP, GuardRows, loss_mark, step_ok
+from lightning_lossdiag.callbacks._guard_rows import FOLD_ROWS, NO_STEP, GuardRows, loss_probe, step_ok
 from lightning_lossdiag.dashboards.writers import log_dirs
 from lightning_lossdiag.diagnosis.record import record_for
 
@@ -55,8 +55,8 @@ _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 def drop_update(grads: list[Tensor], ok: Tensor) -> None:
     """Zero every gradient in place unless the 0-d device bool ``ok`` is set; then they stay bit for bit. No host read.
 
-    Each gradient is viewed as integers of its width and all of them are multiplied by ``ok`` (1 or 0) in one fused
-    ``_foreach_mul_`` per width: one pass that maps NaN and inf to ``0`` as well.
+    Each gradient is viewed as integers of its width and all of them are multiplied by ``ok`` itself (a bool: 1 or 0,
+    no conversion kernel) in one fused ``_foreach_mul_`` per width: one pass that maps NaN and inf to ``0`` as well.
 
     Example:
         >>> g = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0], dtype=torch.float16)]
@@ -75,8 +75,8 @@ def drop_update(grads: list[Tensor], ok: Tensor) -> None:
             g.copy_(torch.where(ok.to(g.device), g, torch.zeros((), dtype=g.dtype, device=g.device)))
             continue
         views.setdefault((g.device, width), []).append((g.detach() if g.requires_grad else g).view(width))
-    for (device, width), group in views.items():
-        torch._foreach_mul_(group, ok.to(device=device, dtype=width))
+    for (device, _), group in views.items():
+        torch._foreach_mul_(group, ok if ok.device == device else ok.to(device))
 
 
 #: torch optimizers whose fused implementation (``fused=True``) skips its whole update on the device when the
@@ -184,7 +184,7 @@ class NonFiniteGuard(Callback):
         self.policy: Policy = policy
         self.every_n_steps = every_n_steps
         self._schedule = FlushSchedule(every_n_steps)
-        self._marks: list[Tensor] = []  # loss marks of the optimizer step in progress (one per backward)
+        self._losses: list[Tensor] = []  # detached losses of the optimizer step in progress (one per backward)
         self._rows: dict[tuple[int, ...], GuardRows] = {}  # per set of gradient tensors: steps since the last fold
         self._param_names: dict[int, str] = {}
         self._grads_only = False  # DDP: a step is bad when its (all-reduced) gradients are
@@ -209,7 +209,7 @@ class NonFiniteGuard(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         self._rows = {}
-        self._marks = []
+        self._losses = []
         self._grads_only = trainer.world_size > 1
         record_for(trainer).notes["nonfinite/policy"] = self.policy
 
@@ -219,32 +219,32 @@ class NonFiniteGuard(Callback):
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        self._marks.append(loss_mark(loss))  # one device kernel, no host read
+        self._losses.append(loss.detach())  # a reference: no kernel, no host read
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         pairs = _grads(optimizer)
         grads = [g for _, g in pairs]
         step = int(trainer.global_step) + 1
-        marks, self._marks = self._marks, []
-        mark = None if not marks else marks[0] if len(marks) == 1 else torch.stack(marks).sum()
-        if not grads and mark is None:
+        losses, self._losses = self._losses, []
+        probe = loss_probe(losses)  # usually the loss itself: finite exactly when it is
+        if not grads and probe is None:
             return
         source = self.norm_source
         norms = source.latest_grad_norms(optimizer, step, grads) if source is not None and grads else None
         if norms is None and grads:
             norms = param_norms(grads, 2.0)  # float32 L2: NaN/inf propagate (an overflowing norm counts as bad)
         if self.policy == "raise":
-            self._raise_if_bad(trainer, mark, norms, pairs, step)
+            self._raise_if_bad(trainer, probe, norms, pairs, step)
             return
-        rows = self._rows_for(pairs, norms, mark)
-        rows.push(step, mark if mark is not None else self._no_mark(rows.device), norms)
+        rows = self._rows_for(pairs, norms, probe)
+        rows.push(step, probe if probe is not None else self._no_mark(rows.device), norms)
         if len(rows.steps) >= FOLD_ROWS:
             rows.fold(self._grads_only, self.policy != "warn")
         if self.policy in ("skip", "stop") and grads:
             # Under DDP act on the all-reduced gradients only: the same on every rank, so no rank skips or stops
             # alone (the replicas would drift apart, or the others would wait forever on the next collective).
-            ok = step_ok(norms, None if self._grads_only else mark)
+            ok = step_ok(norms, None if self._grads_only else probe)
             if ok is not None:
                 target = fused_skip_target(optimizer, trainer)
                 if target is not None:  # the fused kernel skips the update itself: no pass over the gradients
@@ -280,13 +280,13 @@ class NonFiniteGuard(Callback):
         self._found_inf_set = []
 
     # ---- device bookkeeping ----------------------------------------------------------------------------------
-    def _rows_for(self, pairs: list[tuple[Tensor, Tensor]], norms: Tensor | None, mark: Tensor | None) -> GuardRows:
+    def _rows_for(self, pairs: list[tuple[Tensor, Tensor]], norms: Tensor | None, probe: Tensor | None) -> GuardRows:
         """The rows of this set of gradient tensors (one per optimizer, or per subset with gradients)."""
         key = tuple(id(p) for p, _ in pairs)
         rows = self._rows.get(key)
         if rows is None:
             names = [self._param_names.get(i, f"param[{n}]") for n, i in enumerate(key)]
-            device = norms.device if norms is not None else mark.device  # type: ignore[union-attr]
+            device = norms.device if norms is not None else probe.device  # type: ignore[union-attr]
             rows = self._rows[key] = GuardRows(names, device)
         return rows
 
@@ -381,15 +381,15 @@ class NonFiniteGuard(Callback):
     def _raise_if_bad(
         self,
         trainer: Trainer,
-        mark: Tensor | None,
+        probe: Tensor | None,
         norms: Tensor | None,
         pairs: list[tuple[Tensor, Tensor]],
         step: int,
     ) -> None:
-        ok = step_ok(norms, None if self._grads_only else mark)
+        ok = step_ok(norms, None if self._grads_only else probe)
         if ok is None or bool(ok):  # policy "raise": the documented one host sync per step
             return
-        loss_bad = mark is not None and not bool(torch.isfinite(mark))  # host read on the failure path only: we raise
+        loss_bad = probe is not None and not bool(torch.isfinite(probe))  # host read on the failure path only: raise
         names: list[str] = []
         if norms is not None:
             finite = host_floats([torch.isfinite(norms)])  # failure path only

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_lossdiag.callbacks._grad_window import param_norms
-from lightning_lossdiag.callbacks._guard_rows import NO_STEP, GuardRows, loss_mark, step_ok
+from lightning_lossdiag.callbacks._guard_rows import NO_STEP, GuardRows, loss_mark, loss_probe, step_ok
 from lightning_lossdiag.callbacks.nonfinite_guard import drop_update
 
 NAN, INF = float("nan"), float("inf")
@@ -30,8 +30,8 @@ def gradients() -> list[torch.Tensor]:
 def test_a_good_step_keeps_every_gradient_bit_for_bit():
     grads = gradients()
     before = [g.clone() for g in grads]
-    keep = step_ok(param_norms(grads, 2.0), loss_mark(torch.tensor(3.0)))
-    drop_update(grads, keep)
+    for loss in (torch.tensor(3.0), torch.tensor(3e38), torch.tensor(-65000.0, dtype=torch.float16)):
+        drop_update(grads, step_ok(param_norms(grads, 2.0), loss_probe([loss])))
     assert all(torch.equal(g, b) and g.dtype == b.dtype for g, b in zip(grads, before, strict=True))
 
 
@@ -42,7 +42,7 @@ def test_a_bad_step_zeroes_every_gradient(where, value, in_loss):
     loss = torch.tensor(value if in_loss else 1.0)
     if not in_loss:
         grads[where][(0,) * grads[where].ndim] = value
-    drop_update(grads, step_ok(param_norms(grads, 2.0), loss_mark(loss)))
+    drop_update(grads, step_ok(param_norms(grads, 2.0), loss_probe([loss])))
     assert all(
         bool((g == 0).all()) and not bool(torch.signbit(torch.view_as_real(g) if g.is_complex() else g).any())
         for g in grads
@@ -56,6 +56,17 @@ def test_the_loss_is_ignored_when_only_gradients_decide():  # DDP: the losses di
     assert all(torch.equal(g, b) for g, b in zip(grads, before, strict=True))
     assert not bool(step_ok(None, loss_mark(torch.tensor([1.0, NAN]))))
     assert step_ok(None, None) is None
+
+
+def test_a_single_scalar_loss_is_its_own_probe_and_several_cannot_overflow():
+    loss = torch.tensor(2.0)
+    assert loss_probe([loss]) is loss  # the usual step: no kernel at all
+    assert loss_probe([]) is None
+    big = [torch.tensor(3e38), torch.tensor(3e38)]  # finite losses whose sum overflows float32
+    assert bool(torch.isfinite(loss_probe(big)))
+    assert not bool(torch.isfinite(loss_probe([torch.tensor(1.0), torch.tensor(-INF)])))
+    assert not bool(torch.isfinite(loss_probe([torch.tensor([1.0, NAN])])))  # a non-scalar loss
+    assert bool(step_ok(torch.tensor([1.0]), loss_probe(big)))
 
 
 # one step: (loss finite, index of the parameter whose gradient is NaN or None)
@@ -75,7 +86,10 @@ def test_folded_counters_equal_a_count_on_the_host(steps, folds, grads_only, dro
         norms = torch.ones(3)
         if bad_param is not None:
             norms[bad_param] = NAN
-        rows.push(10 + i, loss_mark(torch.tensor(1.0 if loss_ok else INF)), norms)
+        dtype = (torch.float32, torch.bfloat16, torch.float16, torch.float64)[i % 4]  # probes are raw losses
+        big = torch.finfo(dtype).max / 2  # finite, but overflows when doubled
+        losses = [torch.tensor(big if loss_ok else INF, dtype=dtype)] + [torch.tensor(big, dtype=dtype)] * (i % 3)
+        rows.push(10 + i, loss_probe(losses), norms)
         if i in folds:  # folding early (the memory bound) must not change the result
             rows.fold(grads_only, dropping)
     rows.fold(grads_only, dropping)
