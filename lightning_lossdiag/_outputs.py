@@ -23,6 +23,7 @@ Stage = Literal["train", "val", "test", "predict"]
 STAGES: tuple[str, ...] = ("train", "val", "test")
 
 _STASH_ATTR = "_lossdiag_stash"
+_FETCHED_ATTR = "_lossdiag_fetched"  # (the step's returned value, stage, what fetch_outputs made of it)
 
 
 @dataclass
@@ -74,11 +75,31 @@ def fetch_outputs(module: nn.Module, step_output: Any, stage: str) -> StepOutput
 
     ``step_output`` is the ``outputs`` argument of Lightning's ``on_*_batch_end`` hooks. The stash of
     ``LossMixin.compute_loss`` wins; otherwise a returned mapping with ``preds`` and ``target`` is used.
-    Several callbacks may fetch the same step; :func:`clear_outputs` is called by the module at the next step.
+    Several callbacks may fetch the same step: a returned value is read (and detached) once, and the later callbacks
+    of that step get the same :class:`StepOutputs`. :func:`clear_outputs` is called at the start of the next step.
+
+    Example:
+        >>> m, out = nn.Linear(1, 1), {"loss": torch.tensor(0.5), "preds": torch.zeros(2), "target": torch.ones(2)}
+        >>> first = fetch_outputs(m, out, "train")
+        >>> first.loss, fetch_outputs(m, out, "train") is first, fetch_outputs(m, dict(out), "train") is first
+        (tensor(0.5000), True, False)
     """
     stash: dict[str, StepOutputs] = module.__dict__.get(_STASH_ATTR, {})
     if stage in stash:
         return stash[stage]
+    if step_output is None:
+        return None
+    seen = module.__dict__.get(_FETCHED_ATTR)
+    if seen is not None and seen[0] is step_output and seen[1] == stage:  # another callback already read this step
+        return seen[2]  # type: ignore[no-any-return]
+    fetched = _from_step_output(step_output, stage)
+    # holding the step's own object (not its id) makes the check exact; it is replaced at the next step
+    module.__dict__[_FETCHED_ATTR] = (step_output, stage, fetched)
+    return fetched
+
+
+def _from_step_output(step_output: Any, stage: str) -> StepOutputs | None:
+    """Read a step's returned value: a mapping with ``preds`` and ``target`` (and ``loss``), or the loss alone."""
     if isinstance(step_output, Mapping) and "preds" in step_output and "target" in step_output:
         loss = step_output.get("loss")
         return StepOutputs(
@@ -98,6 +119,9 @@ def clear_outputs(module: nn.Module, stage: str) -> None:
     stash: dict[str, StepOutputs] | None = module.__dict__.get(_STASH_ATTR)
     if stash is not None:
         stash.pop(stage, None)
+    seen = module.__dict__.get(_FETCHED_ATTR)
+    if seen is not None and seen[1] == stage:
+        del module.__dict__[_FETCHED_ATTR]
 
 
 def lightning_stage(trainer_state_stage: Any) -> str:

@@ -39,6 +39,20 @@ def test_fetch_falls_back_to_returned_mapping_and_clear_forgets():
     assert fetch_outputs(module, None, "val") is None
 
 
+def test_a_returned_step_is_read_once_per_step_and_stage():
+    module = nn.Linear(1, 1)
+    step = {"loss": torch.tensor(1.0, requires_grad=True), "preds": torch.ones(2), "target": torch.zeros(2)}
+    first = fetch_outputs(module, step, "train")
+    assert fetch_outputs(module, step, "train") is first  # a second callback of the same step: no new detach
+    assert fetch_outputs(module, step, "val") is not first  # same object, other stage: read again
+    next_step = {"loss": torch.tensor(3.0), "preds": torch.ones(2), "target": torch.ones(2)}
+    later = fetch_outputs(module, next_step, "train")
+    assert later is not first
+    assert later.loss == 3.0
+    clear_outputs(module, "train")
+    assert fetch_outputs(module, next_step, "train") is not later  # cleared at the next batch start: read afresh
+
+
 def test_fetch_accepts_plain_loss_tensor_for_training_only():
     module = nn.Linear(1, 1)
     assert fetch_outputs(module, torch.tensor(1.0), "train").loss == 1.0
