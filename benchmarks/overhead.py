@@ -8,11 +8,12 @@ steps in each configuration, with the same seeds, and prints a markdown table of
 ``trainer.fit``, the median per-repeat ratio to the bare run and a 90 % bootstrap interval of that median (how much
 of a difference is noise on a shared machine).
 
-Interleaving: by default every repeat runs all configurations at once, one ``trainer.fit`` per thread, and only one
-thread runs at a time: each hands the machine to the next every ``--block-steps`` optimizer steps (default 10). A
-configuration's time is the sum of its turns (fit start and end included), so all of them share the same seconds of
-a shared machine whose speed drifts by 10 % or more between whole fits. The first step of a turn finds cold caches
-(about 3 ms here, the same for every configuration). ``--block-steps 0`` runs whole fits one after the other.
+Interleaving: by default every repeat runs all configurations at once, one ``trainer.fit`` per process (in its main
+thread, as in a training script), and only one runs at a time: each hands the machine to the next every
+``--block-steps`` optimizer steps (default 10). A configuration's time is the sum of its turns (fit start and end
+included), so all of them share the same seconds of a shared machine whose speed drifts by 10 % or more between whole
+fits. The first step of a turn finds cold caches (about 6 ms more than the 17 ms of a step here, the same for every
+configuration). ``--block-steps 0`` runs whole fits one after the other instead.
 
     python benchmarks/overhead.py --repeats 5 --steps 300
     python benchmarks/overhead.py --device cuda --activations
@@ -21,7 +22,9 @@ a shared machine whose speed drifts by 10 % or more between whole fits. The firs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import multiprocessing
 import random
 import shlex
 import statistics
@@ -31,6 +34,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
@@ -119,26 +123,30 @@ def diagnostics_factories(with_activations: bool) -> tuple[dict[str, Callable[[]
 
 
 class Relay:
-    """One turn at a time between threads, cyclic; sums each thread's wall-clock and thread-CPU time in its turns."""
+    """One turn at a time between processes, cyclic; sums each one's wall-clock and CPU time in its turns.
 
-    def __init__(self, n: int) -> None:
-        self.turns = [threading.Event() for _ in range(n)]
-        self.finished = [False] * n
-        self.wall = [0.0] * n
-        self.cpu = [0.0] * n
-        self._since = [(0.0, 0.0)] * n
+    Built in the parent from multiprocessing primitives and handed to the children, which only touch the shared
+    arrays while they hold the turn.
+    """
+
+    def __init__(self, ctx: Any, n: int) -> None:
+        self.turns = [ctx.Event() for _ in range(n)]
+        self.finished = ctx.Array("b", n, lock=False)
+        self.wall = ctx.Array("d", n, lock=False)
+        self.cpu = ctx.Array("d", n, lock=False)
+        self._since = (0.0, 0.0)
 
     def take(self, i: int) -> None:
-        """Wait for thread ``i``'s turn, then start its clocks."""
+        """Wait for process ``i``'s turn, then start its clocks."""
         self.turns[i].wait()
         self.turns[i].clear()
-        self._since[i] = (time.perf_counter(), time.thread_time())
+        self._since = (time.perf_counter(), time.process_time())
 
     def give(self, i: int, finished: bool = False) -> None:
-        """Stop thread ``i``'s clocks and wake the next unfinished thread (``i`` itself if it is the last)."""
-        wall, cpu = self._since[i]
+        """Stop process ``i``'s clocks and wake the next unfinished one (``i`` itself if it is the last)."""
+        wall, cpu = self._since
         self.wall[i] += time.perf_counter() - wall
-        self.cpu[i] += time.thread_time() - cpu
+        self.cpu[i] += time.process_time() - cpu
         self.finished[i] = self.finished[i] or finished
         n = len(self.turns)
         nxt = next((k % n for k in range(i + 1, i + 1 + n) if not self.finished[k % n]), None)
@@ -147,7 +155,7 @@ class Relay:
 
 
 class Turns(Callback):
-    """Every ``every`` optimizer steps (after that batch, its flush included) hand the machine to the next thread."""
+    """Every ``every`` optimizer steps (after that batch, its flush included) hand the machine to the next process."""
 
     def __init__(self, relay: Relay, index: int, every: int) -> None:
         self.relay, self.index, self.every = relay, index, every
@@ -173,41 +181,73 @@ def make_trainer(callbacks: list[Callback], args: argparse.Namespace, root: str)
     )
 
 
-def run_interleaved(
-    configs: list[tuple[type[MLP], list[Callback]]], args: argparse.Namespace, seed: int, first: int
-) -> list[tuple[float, float]]:
-    """All ``configs`` in threads taking turns of ``args.block_steps`` steps; (wall s, thread-CPU s) of each fit."""
-    relay = Relay(len(configs))
-    errors: list[BaseException] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = []
-        for i, (model_cls, callbacks) in enumerate(configs):
-            seed_everything(seed, workers=True, verbose=False)
-            model = model_cls(args.width, args.layers)
-            trainer = make_trainer([*callbacks, Turns(relay, i, args.block_steps)], args, f"{tmp}/{i}")
-            runs.append((trainer, model, make_data(args.steps, args.batch)))
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_lossdiag"):
+        __import__("logging").getLogger(name).setLevel("ERROR")
 
-        def work(i: int) -> None:
-            trainer, model, data = runs[i]
-            relay.take(i)
+
+def config_table(
+    args: argparse.Namespace,
+) -> tuple[dict[str, tuple[type[MLP], Callable[[], list[Callback]]]], list[str]]:
+    """Every configuration by name: its model class and a factory of its callbacks."""
+    configs: dict[str, tuple[type[MLP], Callable[[], list[Callback]]]] = {"bare": (MLP, list)}
+    rows, notes = diagnostics_factories(args.activations)
+    configs.update({name: (MLP, factory) for name, factory in rows.items()})
+    configs["grad_norm recipe (self.log_dict)"] = (GradNormRecipe, list)
+    return configs, notes
+
+
+def turn_worker(
+    name: str, index: int, args: argparse.Namespace, seed: int, relay: Relay, ready: Any, errors: Any
+) -> None:
+    """One configuration in its own process: warm up, wait for the others, then fit in turns."""
+    quiet()
+    try:
+        model_cls, factory = config_table(args)[0][name]
+        run_once(model_cls, factory(), argparse.Namespace(**{**vars(args), "steps": 10}), seed=0)  # first-call costs
+        seed_everything(seed, workers=True, verbose=False)
+        model = model_cls(args.width, args.layers)
+        data = make_data(args.steps, args.batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = make_trainer([*factory(), Turns(relay, index, args.block_steps)], args, tmp)
+            ready.wait()
+            relay.take(index)
             try:
                 trainer.fit(model, data)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
-            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-                errors.append(err)
             finally:
-                relay.give(i, finished=True)
+                relay.give(index, finished=True)
+    except BaseException as err:  # noqa: BLE001 - reported by the parent
+        errors.put(f"{name}: {type(err).__name__}: {err}")
+        ready.abort()
 
-        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(configs))]
-        for t in threads:
-            t.start()
-        relay.turns[first].set()
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
-    return list(zip(relay.wall, relay.cpu, strict=True))
+
+def run_interleaved(names: list[str], args: argparse.Namespace, seed: int, first: int) -> list[tuple[float, float]]:
+    """All configurations, one process each, in turns of ``args.block_steps`` steps: (wall s, CPU s) of each fit.
+
+    Each fit runs in the main thread of its own process, as a training script does; only one process runs at a time.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "lightning.pytorch", "lightning_lossdiag"])
+    relay = Relay(ctx, len(names))
+    ready = ctx.Barrier(len(names) + 1)
+    errors = ctx.Queue()
+    procs = [
+        ctx.Process(target=turn_worker, args=(name, i, args, seed, relay, ready, errors))
+        for i, name in enumerate(names)
+    ]
+    for proc in procs:
+        proc.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # broken: a child failed; it reports below
+        ready.wait()  # every child has warmed up and built its Trainer
+    relay.turns[first].set()
+    for proc in procs:
+        proc.join()
+    if not errors.empty():
+        raise RuntimeError(errors.get())
+    return [(relay.wall[i], relay.cpu[i]) for i in range(len(names))]
 
 
 def run_once(
@@ -241,27 +281,20 @@ def main(argv: list[str] | None = None) -> None:
         "--block-steps",
         type=int,
         default=10,
-        help="steps per turn when the configurations take turns in threads (0: whole fits one after the other)",
+        help="steps per turn when the configurations take turns, one process each (0: whole fits one after the other)",
     )
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_lossdiag"):
-        __import__("logging").getLogger(name).setLevel("ERROR")
-
-    configs: dict[str, tuple[type[MLP], Callable[[], list[Callback]]]] = {"bare": (MLP, list)}
-    rows, notes = diagnostics_factories(args.activations)
-    configs.update({name: (MLP, factory) for name, factory in rows.items()})
-    configs["grad_norm recipe (self.log_dict)"] = (GradNormRecipe, list)
-
-    for model_cls, factory in configs.values():  # warm-up: imports, allocator, first-call costs
-        run_once(model_cls, factory(), argparse.Namespace(**{**vars(args), "steps": 10}), seed=0)
+    quiet()
+    configs, notes = config_table(args)
+    names = list(configs)
     times: dict[str, list[float]] = {name: [] for name in configs}
     cpu: dict[str, list[float]] = {name: [] for name in configs}
-    names = list(configs)
+    if args.block_steps <= 0:
+        for model_cls, factory in configs.values():  # warm-up: imports, allocator, first-call costs
+            run_once(model_cls, factory(), argparse.Namespace(**{**vars(args), "steps": 10}), seed=0)
     for r in range(args.repeats):
-        if args.block_steps > 0:  # every configuration in the same minutes, taking turns
-            built = [(configs[n][0], configs[n][1]()) for n in names]
-            for name, (wall, used) in zip(names, run_interleaved(built, args, r, r % len(names)), strict=True):
+        if args.block_steps > 0:  # every configuration in the same seconds, taking turns
+            for name, (wall, used) in zip(names, run_interleaved(names, args, r, r % len(names)), strict=True):
                 times[name].append(wall)
                 cpu[name].append(used)
         else:
@@ -299,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
             f"| {min(times[name]):.3f} | {min(times[name]) / min(times['bare']):.3f}x | {ratio(cpu, name):.3f}x |"
         )
     if args.block_steps > 0:
-        print(f"\nRatios are per repeat: all configurations ran in the same minutes, {args.block_steps} steps a turn.")
-        print("CPU: the training thread's CPU time (torch's worker threads are not counted).")
+        print(f"\nRatios are per repeat: all configurations ran in the same seconds, {args.block_steps} steps a turn.")
+        print("CPU: the process's CPU time in its turns.")
     else:
         print("\nRatios are per repeat (same seed, adjacent whole fits). CPU: the process's CPU time.")
     print("The interval is a 90 % bootstrap interval of the median ratio over repeats: it shows how much of a")
