@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 IN_FEATURES = 64
+TURN_TIMEOUT_S = 600  # a turn is seconds; a process that died holding it must not hang the others
 
 
 class MLP(LightningModule):
@@ -137,8 +138,9 @@ class Relay:
         self._since = (0.0, 0.0)
 
     def take(self, i: int) -> None:
-        """Wait for process ``i``'s turn, then start its clocks."""
-        self.turns[i].wait()
+        """Wait for process ``i``'s turn, then start its clocks (fail, not hang, if the holder died)."""
+        if not self.turns[i].wait(timeout=TURN_TIMEOUT_S):
+            raise TimeoutError(f"no turn for {TURN_TIMEOUT_S} s: the process holding it died")
         self.turns[i].clear()
         self._since = (time.perf_counter(), time.process_time())
 
