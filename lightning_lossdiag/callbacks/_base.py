@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_lossdiag.dashboards.writers import write_scalars
 from lightning_lossdiag.diagnosis.record import record_for
 
 
@@ -52,28 +53,27 @@ class FlushSchedule:
         """True when the optimizer step about to run will be a flush step (used to arm forward hooks)."""
         return (int(trainer.global_step) + 1) % self.interval(trainer) == 0
 
-    def next_step_is_flushed(self, trainer: Any) -> bool:
-        """True when the optimizer step about to run will be flushed, at a flush step or at train end.
+    def step_is_flushed(self, step: int, trainer: Any) -> bool:
+        """True when optimizer step ``step`` (the one about to run) will be flushed: a flush step, or the fit's last.
 
         The fit's last step is known in advance by ``max_steps`` or as the last batch of the last epoch.
 
         Used by callbacks that flush at train end to arm per-step work (group norms, the post-clip norm).
         """
-        return self.next_step_flushes(trainer) or fit_ends_after_next_step(trainer)
+        return step % self.interval(trainer) == 0 or fit_ends_at(step, trainer)
 
 
-def fit_ends_after_next_step(trainer: Any) -> bool:
-    """True when the optimizer step about to run is the fit's last by ``max_steps`` or by ``max_epochs``.
+def fit_ends_at(step: int, trainer: Any) -> bool:
+    """True when optimizer step ``step`` (the one about to run) is the fit's last by ``max_steps`` or ``max_epochs``.
 
     By ``max_epochs``: the last batch of the last epoch. A stop decided later (EarlyStopping, ``should_stop``)
     cannot be known here.
 
     Example:
         >>> from types import SimpleNamespace
-        >>> fit_ends_after_next_step(SimpleNamespace(global_step=9, max_steps=10))
+        >>> fit_ends_at(10, SimpleNamespace(max_steps=10))
         True
     """
-    step = int(getattr(trainer, "global_step", 0)) + 1
     max_steps = getattr(trainer, "max_steps", -1)
     if max_steps is not None and max_steps > 0 and step >= max_steps:
         return True
@@ -123,6 +123,9 @@ def to_host(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
 def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
     """Write host floats to every logger at ``step`` (default ``trainer.global_step``) and to the run record.
 
+    Lightning's own ``TensorBoardLogger`` gets all of them in one event (:func:`write_scalars`), every other logger
+    one ``log_metrics`` call.
+
     Non-finite values are written as they are (TensorBoard shows them); the record keeps them for the rules.
     """
     if not metrics:
@@ -132,7 +135,7 @@ def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int | None = N
     record_for(trainer).add_scalars(step, clean)
     if getattr(trainer, "is_global_zero", True):
         for logger in getattr(trainer, "loggers", []) or []:
-            logger.log_metrics(clean, step=step)
+            write_scalars(logger, clean, step)  # Lightning's TensorBoardLogger: one event; others: log_metrics
 
 
 def show_in_progress_bar(trainer: Any, values: Mapping[str, float]) -> None:

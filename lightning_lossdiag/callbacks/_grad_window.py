@@ -28,17 +28,25 @@ ClipSpec = tuple[str, float] | None
 _FLOAT32_NORM = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def param_norms(tensors: list[Tensor], p: float) -> Tensor:
+def param_norms(tensors: list[Tensor], p: float, *, uniform: bool = False) -> Tensor:
     """Per-tensor norms in float32, stacked (fused ``_foreach_norm``; a per-tensor fallback for sparse grads).
 
     Half and bfloat16 tensors are reduced in float32 (no overflow at 65504); float64 and complex tensors in their
     own precision, then cast. Tensors on several devices (model parallel) are fused per device and the norms
     gathered on the first device, with no host read.
 
+    Args:
+        tensors: the tensors (gradients or parameters).
+        p: the norm.
+        uniform: the caller knows every tensor is dense, on one device and float32, float16 or bfloat16 (the
+            per-step path of the gradient monitor checks that once per optimizer, not per step).
+
     Example:
         >>> param_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0], dtype=torch.float64)], 2.0)
         tensor([5., 2.])
     """
+    if uniform:
+        return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
     if any(t.is_sparse for t in tensors):
         return torch.stack([torch.linalg.vector_norm(t.coalesce().values(), p).float() for t in tensors])
     first = tensors[0].device
@@ -114,6 +122,9 @@ class OptWindow:
         self, params: list[Tensor], names: list[str], groups: list[str], device: torch.device, p: float
     ) -> None:
         self.params, self.names, self.device, self.p = params, names, device, p
+        #: every parameter is on ``device`` in a dtype reduced in float32: their dense gradients take the fused path
+        #: of :func:`param_norms` without a per-step check (a gradient has its parameter's dtype and device)
+        self.uniform = all(t.device == device and t.dtype in _FLOAT32_NORM for t in params)
         self.group_names = list(dict.fromkeys(groups))
         pos = {g: i for i, g in enumerate(self.group_names)}
         self.index = host_to_device([pos[g] for g in groups], device)  # one-time H2D copy

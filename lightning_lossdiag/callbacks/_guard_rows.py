@@ -52,27 +52,34 @@ def loss_probe(losses: list[Tensor]) -> Tensor | None:
 
 
 def step_ok(norms: Tensor | None, probe: Tensor | None) -> Tensor | None:
-    """A 0-d device bool: every norm and the loss probe are finite (``None``: neither was given). No host read.
+    """A 0-d device ``int32``: ``1`` when every norm and the loss probe are finite, else ``0``. No host read.
+
+    ``None`` when neither was given.
 
     The norms are non-negative, so their maximum is ``NaN`` or ``inf`` exactly when one of them is; adding the probe
-    (a loss, or a mark: ``0``/``NaN``) folds the loss in, and ``x * 0 == 0`` holds exactly for a finite ``x``. Four
-    small kernels, whatever the number of parameters. (A finite norm plus a finite loss that together pass 3.4e38 in
+    (a loss, or a mark: ``0``/``NaN``) folds the loss in. ``v - v`` is ``0`` for a finite ``v`` and ``NaN`` for
+    ``NaN`` and ``±inf``, and ``NaN`` is the one value not equal to itself. Four small kernels whatever the number of
+    parameters, no Python number turned into a tensor, and the result is written as an integer, the type
+    :func:`~lightning_lossdiag.callbacks.nonfinite_guard.drop_update` multiplies integer views of the gradients by
+    (a bool would be converted once per gradient). (A finite norm plus a finite loss that together pass 3.4e38 in
     float32 read as non-finite: such a step is broken anyway.)
 
     Example:
         >>> step_ok(torch.tensor([1.0, 2.0]), torch.tensor(0.0)), step_ok(torch.tensor([float("inf")]), None)
-        (tensor(True), tensor(False))
+        (tensor(1, dtype=torch.int32), tensor(0, dtype=torch.int32))
         >>> step_ok(None, torch.tensor(float("nan")))
-        tensor(False)
+        tensor(0, dtype=torch.int32)
     """
     if norms is not None and norms.numel():
-        top = norms.amax()
-        value = top if probe is None else top + probe.to(top.device)
+        value = norms.amax()  # a new tensor: safe to change in place
+        if probe is not None:
+            value = torch.add(value, probe.to(value.device))
     elif probe is not None:
-        value = probe
+        value = probe.detach().clone()
     else:
         return None
-    return value * 0 == 0
+    value.sub_(value)
+    return torch.eq(value, value, out=torch.empty((), dtype=torch.int32, device=value.device))
 
 
 class GuardRows:

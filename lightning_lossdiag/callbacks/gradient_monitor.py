@@ -102,7 +102,8 @@ class GradientMonitor(Callback):
         self.norm_type = float(norm_type)
         self.param_norms = param_norms
         self._states: dict[int, OptWindow] = {}
-        self._latest: tuple[Any, int, tuple[int, ...], Tensor] | None = None
+        self._latest: tuple[Any, int, list[Tensor], tuple[int, ...], Tensor] | None = None
+        self._last_window: tuple[Any, OptWindow] | None = None  # (optimizer, its window): the per-step lookup
         self.nonfinite_counts: dict[int, int] = {}
         self.first_nonfinite_step = -1
         self.nonfinite_params: list[str] = []
@@ -141,54 +142,74 @@ class GradientMonitor(Callback):
             state.first_nonfinite.fill_(self.first_nonfinite_step)
         return state
 
-    def latest_grad_norms(self, optimizer: Any, step: int, grads: list[Tensor]) -> Tensor | None:
-        """This step's per-gradient norms, one per tensor of ``grads`` (a device tensor), or ``None``.
+    def latest_step(self, optimizer: Any, step: int) -> tuple[list[Tensor], tuple[int, ...], Tensor] | None:
+        """What this monitor saw at optimizer step ``step`` of ``optimizer``, or ``None``.
 
-        Only when this monitor computed them in ``on_before_optimizer_step`` of optimizer step ``step`` (the
-        ``global_step`` it completes) for exactly these gradient tensors of ``optimizer``. Any ``norm_type``
-        propagates NaN/inf, so a caller can test finiteness on them without a second pass over the gradients.
+        ``(params, grad_ids, norms)``: the parameters whose gradients it measured (a list that stays the same object
+        from step to step while the same parameters have gradients), the ``id`` of each gradient tensor (a caller
+        compares them with the gradients it reads now: ids, not the tensors, so no gradient is kept alive after
+        Lightning frees it) and their per-gradient norms (a device tensor). Only when every gradient was dense. Any
+        ``norm_type`` propagates NaN/inf, so a caller can test finiteness on them without a second pass over the
+        gradients (the NaN guard of :class:`~lightning_lossdiag.LossDiagnostics` does).
         """
-        if self._latest is None:
+        latest = self._latest
+        if latest is None:
             return None
-        opt, seen_step, seen, norms = self._latest
+        opt, seen_step, params, ids, norms = latest
         if opt is not getattr(optimizer, "_optimizer", optimizer) or seen_step != step:
             return None
-        return norms if seen == tuple(id(g) for g in grads) else None
+        return params, ids, norms
 
     @staticmethod
-    def _clip_spec(trainer: Trainer, pl_module: LightningModule) -> ClipSpec:
+    def _clip_spec(trainer: Trainer, automatic: bool) -> ClipSpec:
         """The Trainer's clipping (``None`` when off, and in manual optimization where Lightning forbids it)."""
-        clip_val = trainer.gradient_clip_val if pl_module.automatic_optimization else None
+        clip_val = trainer.gradient_clip_val if automatic else None
         if clip_val is None or not clip_val > 0:
             return None
         algo = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
         return ("value" if algo == "value" else "norm", float(clip_val))
 
-    @override
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        opt = getattr(optimizer, "_optimizer", optimizer)
+    def _window(self, trainer: Trainer, pl_module: LightningModule, opt: Any) -> OptWindow:
+        """The window of ``opt``: the last one used (a cached pair: no lookup per step), else found or built."""
+        cached = self._last_window
+        if cached is not None and cached[0] is opt:
+            return cached[1]
         idx = next((i for i, o in enumerate(trainer.optimizers) if o is opt), 0)
         st = self._states.get(idx)
         if st is None:
             st = self._states[idx] = self._setup(pl_module, opt, idx)
-        present = [i for i, p in enumerate(st.params) if p.grad is not None]
-        if not present:
+        self._last_window = (opt, st)
+        return st
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # The per-step path: one fused norm call and a few list appends. Everything else waits for the flush.
+        opt = getattr(optimizer, "_optimizer", optimizer)
+        st = self._window(trainer, pl_module, opt)
+        params = st.params
+        grads: list[Tensor] = [g for q in params if (g := q.grad) is not None]
+        if not grads:
             return
-        grads: list[Tensor] = [st.params[i].grad for i in present]  # type: ignore[misc]
+        present: list[int] | None = None  # None: every parameter has a gradient (the usual case)
+        if len(grads) != len(params):
+            present = [i for i, p in enumerate(params) if p.grad is not None]
+            params = [params[i] for i in present]
+        automatic = pl_module.automatic_optimization
+        clip = self._clip_spec(trainer, automatic)
         p = self.norm_type
-        clip = self._clip_spec(trainer, pl_module)
+        dense = not any(g.is_sparse for g in grads)
         aux = None  # what the clip decision needs when the logged norm is not it: max-abs ("value") or L2 ("norm")
         if clip is not None and (math.inf if clip[0] == "value" else 2.0) != p:
-            aux = st.full_row(present, param_norms(grads, math.inf if clip[0] == "value" else 2.0))
-        step = int(trainer.global_step) + 1  # the step this optimizer step completes (global_step after the batch)
-        norms = param_norms(grads, p)
-        # for latest_grad_norms (the NaN guard of LossDiagnostics reuses them); ids, not the tensors: holding the
+            aux = self._row(st, present, param_norms(grads, math.inf if clip[0] == "value" else 2.0))
+        step = trainer.global_step + 1  # the step this optimizer step completes (global_step after the batch)
+        norms = param_norms(grads, p, uniform=st.uniform and dense)
+        # for latest_step (the NaN guard of LossDiagnostics reuses the norms); ids, not the tensors: holding the
         # gradients would keep a whole step of them alive after Lightning frees them
-        self._latest = (opt, step, tuple(id(g) for g in grads), norms)
-        st.push(st.full_row(present, norms), aux, step, clip)
+        self._latest = (opt, step, params, tuple(map(id, grads)), norms) if dense else None
+        st.push(self._row(st, present, norms), aux, step, clip)
         # automatic optimization: exactly one optimizer step per batch, so the flush step is known in advance;
         # manual optimization may step several times per batch: every step may be the last before a flush
-        st.last_is_flush = not pl_module.automatic_optimization or self._schedule.next_step_is_flushed(trainer)
+        st.last_is_flush = not automatic or self._schedule.step_is_flushed(step, trainer)
         if not st.last_is_flush:
             return
         if clip is not None and clip[0] == "value":
@@ -196,8 +217,13 @@ class GradientMonitor(Callback):
             torch._foreach_clamp_max_(kept, clip[1])  # what clip_grad_value_ leaves, on copies
             st.last_clipped = torch.linalg.vector_norm(param_norms(list(kept), p), p)
         if self.param_norms:
-            weights = st.full_row(present, param_norms([st.params[i].detach() for i in present], p))
+            weights = self._row(st, present, param_norms([q.detach() for q in params], p))
             st.param_norms = combine(weights, st.index, len(st.group_names), p)
+
+    @staticmethod
+    def _row(st: OptWindow, present: list[int] | None, values: Tensor) -> Tensor:
+        """Values of the present parameters as a row over all of the window's parameters."""
+        return values if present is None else st.full_row(present, values)
 
     @override
     def on_train_batch_end(
@@ -341,6 +367,8 @@ class GradientMonitor(Callback):
             }
         self._schedule._last_flushed = int(state_dict.get("last_flushed", -1))
         self._states = {}
+        self._last_window = None
+        self._latest = None
 
 
 __all__ = ["GradientMonitor"]

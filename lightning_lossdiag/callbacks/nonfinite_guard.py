@@ -53,10 +53,12 @@ _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 
 
 def drop_update(grads: list[Tensor], ok: Tensor) -> None:
-    """Zero every gradient in place unless the 0-d device bool ``ok`` is set; then they stay bit for bit. No host read.
+    """Zero every gradient in place unless the 0-d device flag ``ok`` is set; then they stay bit for bit. No host read.
 
-    Each gradient is viewed as integers of its width and all of them are multiplied by ``ok`` itself (a bool: 1 or 0,
-    no conversion kernel) in one fused ``_foreach_mul_`` per width: one pass that maps NaN and inf to ``0`` as well.
+    ``ok`` is ``1``/``0`` (an ``int32`` from :func:`~lightning_lossdiag.callbacks._guard_rows.step_ok`, or a bool).
+    Each gradient is viewed as integers of its width and all of them are multiplied by ``ok`` in one fused
+    ``_foreach_mul_`` per width: one pass that maps NaN and inf to ``0`` as well. An ``int32`` flag is used as it is
+    (a bool would be converted once per gradient by the per-tensor loop ``_foreach_mul_`` runs on the CPU).
 
     Example:
         >>> g = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0], dtype=torch.float16)]
@@ -64,15 +66,17 @@ def drop_update(grads: list[Tensor], ok: Tensor) -> None:
         >>> [t.tolist() for t in g]
         [[0.0, 0.0], [0.0]]
         >>> g = [torch.tensor([1.5, -2.0])]
-        >>> drop_update(g, torch.tensor(True))
+        >>> drop_update(g, torch.tensor(1, dtype=torch.int32))
         >>> g[0].tolist()
         [1.5, -2.0]
     """
+    if ok.dtype != torch.int32:
+        ok = ok.to(torch.int32)
     views: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
         width = _SAME_WIDTH_INT.get(g.element_size())
         if width is None:  # complex128: no integer that wide
-            g.copy_(torch.where(ok.to(g.device), g, torch.zeros((), dtype=g.dtype, device=g.device)))
+            g.copy_(torch.where(ok.to(g.device) != 0, g, torch.zeros((), dtype=g.dtype, device=g.device)))
             continue
         views.setdefault((g.device, width), []).append((g.detach() if g.requires_grad else g).view(width))
     for (device, _), group in views.items():
@@ -186,6 +190,7 @@ class NonFiniteGuard(Callback):
         self._schedule = FlushSchedule(every_n_steps)
         self._losses: list[Tensor] = []  # detached losses of the optimizer step in progress (one per backward)
         self._rows: dict[tuple[int, ...], GuardRows] = {}  # per set of gradient tensors: steps since the last fold
+        self._last_rows: tuple[list[Tensor], GuardRows] | None = None  # (parameter list, its rows): per-step lookup
         self._param_names: dict[int, str] = {}
         self._grads_only = False  # DDP: a step is bad when its (all-reduced) gradients are
         self._found_inf_set: list[Optimizer] = []  # fused optimizers told to skip or not this batch (cleared after)
@@ -209,6 +214,7 @@ class NonFiniteGuard(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         self._rows = {}
+        self._last_rows = None
         self._losses = []
         self._grads_only = trainer.world_size > 1
         record_for(trainer).notes["nonfinite/policy"] = self.policy
@@ -223,21 +229,16 @@ class NonFiniteGuard(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        pairs = _grads(optimizer)
-        grads = [g for _, g in pairs]
-        step = int(trainer.global_step) + 1
+        step = trainer.global_step + 1
         losses, self._losses = self._losses, []
         probe = loss_probe(losses)  # usually the loss itself: finite exactly when it is
+        params, grads, norms = self._step_grads(optimizer, step)
         if not grads and probe is None:
             return
-        source = self.norm_source
-        norms = source.latest_grad_norms(optimizer, step, grads) if source is not None and grads else None
-        if norms is None and grads:
-            norms = param_norms(grads, 2.0)  # float32 L2: NaN/inf propagate (an overflowing norm counts as bad)
         if self.policy == "raise":
-            self._raise_if_bad(trainer, probe, norms, pairs, step)
+            self._raise_if_bad(trainer, probe, norms, list(zip(params, grads, strict=True)), step)
             return
-        rows = self._rows_for(pairs, norms, probe)
+        rows = self._rows_for(params, norms, probe)
         rows.push(step, probe if probe is not None else self._no_mark(rows.device), norms)
         if len(rows.steps) >= FOLD_ROWS:
             rows.fold(self._grads_only, self.policy != "warn")
@@ -248,10 +249,29 @@ class NonFiniteGuard(Callback):
             if ok is not None:
                 target = fused_skip_target(optimizer, trainer)
                 if target is not None:  # the fused kernel skips the update itself: no pass over the gradients
-                    target.found_inf = (~ok).to(torch.float32)  # type: ignore[attr-defined]
+                    target.found_inf = (1 - ok).to(torch.float32)  # type: ignore[attr-defined]
                     self._found_inf_set.append(target)
                 else:
                     drop_update(grads, ok)
+
+    def _step_grads(self, optimizer: Optimizer, step: int) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """The parameters with a dense gradient, those gradients, and their norms (``None`` when there are none).
+
+        Inside :class:`~lightning_lossdiag.LossDiagnostics` the gradient monitor measured the same gradients just
+        before this hook: its parameter list and norms are taken when the gradient tensors are still the very ones
+        it measured (compared by ``id``), so there is neither a walk over the optimizer's groups nor a second norm.
+        """
+        source = self.norm_source
+        seen = source.latest_step(optimizer, step) if source is not None else None
+        if seen is not None:
+            params, ids, norms = seen
+            grads = [p.grad for p in params]
+            if tuple(map(id, grads)) == ids:
+                return params, grads, norms  # type: ignore[return-value]
+        pairs = _grads(optimizer)
+        params = [p for p, _ in pairs]
+        grads = [g for _, g in pairs]
+        return params, grads, param_norms(grads, 2.0) if grads else None  # float32 L2: NaN/inf propagate
 
     @override
     def on_train_batch_end(
@@ -280,14 +300,18 @@ class NonFiniteGuard(Callback):
         self._found_inf_set = []
 
     # ---- device bookkeeping ----------------------------------------------------------------------------------
-    def _rows_for(self, pairs: list[tuple[Tensor, Tensor]], norms: Tensor | None, probe: Tensor | None) -> GuardRows:
+    def _rows_for(self, params: list[Tensor], norms: Tensor | None, probe: Tensor | None) -> GuardRows:
         """The rows of this set of gradient tensors (one per optimizer, or per subset with gradients)."""
-        key = tuple(id(p) for p, _ in pairs)
+        last = self._last_rows
+        if last is not None and last[0] is params:  # the same list object as the step before: the usual case
+            return last[1]
+        key = tuple(map(id, params))
         rows = self._rows.get(key)
         if rows is None:
             names = [self._param_names.get(i, f"param[{n}]") for n, i in enumerate(key)]
             device = norms.device if norms is not None else probe.device  # type: ignore[union-attr]
             rows = self._rows[key] = GuardRows(names, device)
+        self._last_rows = (params, rows)
         return rows
 
     @staticmethod

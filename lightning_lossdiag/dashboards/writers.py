@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -30,3 +31,53 @@ def log_dirs(trainer: Any) -> list[str]:
         if d:
             dirs.append(str(d))
     return dirs
+
+
+def _scalar_event_writer(logger: Any) -> Any:
+    """The event-file writer behind ``logger`` when its ``log_metrics`` is Lightning's own TensorBoard one, else None.
+
+    A subclass that overrides ``log_metrics`` (or any other logger) keeps getting ``log_metrics``.
+    """
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    if not isinstance(logger, TensorBoardLogger) or type(logger).log_metrics is not TensorBoardLogger.log_metrics:
+        return None
+    get_writer = getattr(logger.experiment, "_get_file_writer", None)  # torch's SummaryWriter
+    return get_writer() if callable(get_writer) else None
+
+
+def write_scalars(logger: Any, metrics: Mapping[str, float], step: int) -> None:
+    """Write host floats to one logger at ``step``, in one event when it is Lightning's TensorBoard logger.
+
+    Lightning's ``TensorBoardLogger.log_metrics`` calls ``add_scalar`` once per key: one event each, every one
+    queued to the writer thread, framed and checksummed in Python. That cost about 0.13 ms per key (CPU of both
+    threads); a flush of 70 keys took ~10 ms. Here the same values (``simple_value``, the tags with the logger's
+    ``prefix``, the same step) go in ONE ``Summary`` of one event: ~0.6 ms for 70 keys. TensorBoard reads them as the
+    same scalar series. Every other logger (CSV, W&B, MLflow, a subclass with its own ``log_metrics``) gets
+    ``log_metrics``.
+
+    Example:
+        >>> import tempfile
+        >>> from lightning.pytorch.loggers import TensorBoardLogger
+        >>> logger = TensorBoardLogger(tempfile.mkdtemp(), prefix="run")
+        >>> write_scalars(logger, {"a": 1.0, "b": 2.5}, step=3)
+        >>> logger.experiment.flush()
+        >>> from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        >>> acc = EventAccumulator(logger.log_dir)
+        >>> _ = acc.Reload()
+        >>> [(s.step, s.value) for s in acc.Scalars("run-b")], sorted(acc.Tags()["scalars"])
+        ([(3, 2.5)], ['run-a', 'run-b'])
+    """
+    writer = _scalar_event_writer(logger)
+    if writer is None:
+        logger.log_metrics(dict(metrics), step=step)
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    prefix = getattr(logger, "_prefix", "") or ""
+    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    values = [
+        Summary.Value(tag=f"{prefix}{join}{key}" if prefix else key, simple_value=float(value))
+        for key, value in metrics.items()
+    ]
+    writer.add_summary(Summary(value=values), int(step))
