@@ -202,7 +202,7 @@ class GradientMonitor(Callback):
         if clip is not None and (math.inf if clip[0] == "value" else 2.0) != p:
             aux = self._row(st, present, param_norms(grads, math.inf if clip[0] == "value" else 2.0))
         step = trainer.global_step + 1  # the step this optimizer step completes (global_step after the batch)
-        norms = param_norms(grads, p, uniform=st.uniform and dense)
+        norms = param_norms(grads, p, path=st.path if dense else None)
         # for latest_step (the NaN guard of LossDiagnostics reuses the norms); ids, not the tensors: holding the
         # gradients would keep a whole step of them alive after Lightning frees them
         self._latest = (opt, step, params, tuple(map(id, grads)), norms) if dense else None
