@@ -113,19 +113,22 @@ def call_stats(x: Tensor, unit_dim: int, bounds: tuple[float, float] | None, tol
     """
     x = x.detach().float()
     n = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
-    mean = x.mean().double()
-    m2 = (x - mean.float()).square().sum().double()
-    nonzero = x.ne(0)
-    out = {"n": n, "mean": mean, "m2": m2, "zeros": n - nonzero.sum().double()}
+    mean = x.mean()
+    centered = (x - mean).reshape(-1)  # the one temporary of the size of x
+    m2 = torch.dot(centered, centered)  # sum of squared deviations: no second temporary, one BLAS/cuBLAS call
+    # non-zero values per unit in one pass: the zero count and the alive units without a boolean copy of x
+    if x.ndim <= 1:
+        per_unit = torch.count_nonzero(x).reshape(1)
+    else:
+        axis = _unit_axis(x.ndim, unit_dim) % x.ndim
+        per_unit = torch.count_nonzero(x, dim=tuple(d for d in range(x.ndim) if d != axis))
+    mean, m2 = torch.stack([mean, m2]).double().unbind()
+    out = {"n": n, "mean": mean, "m2": m2, "zeros": n - per_unit.sum().double()}
     if bounds is not None:
         lo, hi = bounds
         margin = tol * (hi - lo)
         out["saturated"] = ((x <= lo + margin) | (x >= hi - margin)).sum().double()
-    if x.ndim <= 1:
-        out["alive"] = nonzero.reshape(1, -1).any(dim=1)
-    else:
-        axis = _unit_axis(x.ndim, unit_dim)
-        out["alive"] = nonzero.movedim(axis, 0).reshape(x.shape[axis], -1).any(dim=1)
+    out["alive"] = per_unit > 0
     return out
 
 

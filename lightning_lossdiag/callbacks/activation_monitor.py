@@ -190,6 +190,7 @@ class ActivationMonitor(Callback):
         self._pending: dict[str, dict[str, Tensor]] = {}
         self._step_hists: dict[str, Tensor] = {}
         self._epoch_hists: dict[str, Tensor] = {}
+        self._hist_buffers: dict[str, Tensor] = {}  # per layer: where the values of the flush step are copied
         self._flushes = 0
         self._warned_compiled = False
 
@@ -275,6 +276,7 @@ class ActivationMonitor(Callback):
         self._detach()
         if stage == "fit":  # drop references to the model and its tensors once fit is over
             self._targets, self._pending, self._step_hists, self._epoch_hists = [], {}, {}, {}
+            self._hist_buffers = {}
 
     # ----------------------------------------------------------------- state
     @override
@@ -296,9 +298,28 @@ class ActivationMonitor(Callback):
             previous = self._pending.get(name)
             self._pending[name] = stats if previous is None else merge_stats(previous, stats)
             if self.hist_bins:  # keep (a bounded part of) the values; the histogram is made once, at epoch end
-                self._step_hists[name] = x.detach().reshape(-1)[:HIST_VALUES].clone()
+                self._step_hists[name] = self._keep_values(name, x.detach().reshape(-1)[:HIST_VALUES])
 
         return hook
+
+    def _keep_values(self, name: str, values: Tensor) -> Tensor:
+        """A copy of ``values`` in this layer's own buffer, reused from flush to flush.
+
+        A fresh copy per flush costs new memory each time (on the CPU of a VM, page faults: ~0.4 ms per layer for
+        65,536 values, more than the copy); only the last flush's values are used, at epoch end, so one buffer per
+        layer (at most ``HIST_VALUES`` values) is enough.
+        """
+        buffer = self._hist_buffers.get(name)
+        if (
+            buffer is None
+            or buffer.numel() < values.numel()
+            or (buffer.dtype, buffer.device) != (values.dtype, values.device)
+        ):
+            buffer = torch.empty(max(values.numel(), 1), dtype=values.dtype, device=values.device)
+            self._hist_buffers[name] = buffer
+        kept = buffer[: values.numel()]
+        kept.copy_(values)
+        return kept
 
     def _attach(self) -> None:
         for name, module in self._targets:

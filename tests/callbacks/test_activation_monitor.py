@@ -481,3 +481,15 @@ def test_a_sigmoid_driven_to_saturation_is_named_by_saturated_activations(tmp_pa
 def test_a_healthy_network_gets_no_activation_finding(tmp_path):
     found = _diagnose(tmp_path, nn.Sequential(nn.Linear(IN, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)))
     assert not {"dead_units", "saturated_activations"} & set(found)
+
+
+def test_the_values_kept_for_the_histogram_reuse_one_buffer_per_layer():
+    monitor = ActivationMonitor(hist_bins=8)
+    first = monitor._keep_values("net.0", torch.arange(6.0))
+    again = monitor._keep_values("net.0", torch.arange(4.0) + 10)  # a smaller last batch fits the same buffer
+    assert again.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    assert again.tolist() == [10.0, 11.0, 12.0, 13.0]
+    grown = monitor._keep_values("net.0", torch.ones(9))  # a bigger batch gets a new buffer
+    assert grown.tolist() == [1.0] * 9
+    half = monitor._keep_values("net.0", torch.ones(3, dtype=torch.float16))  # the dtype follows the values
+    assert half.dtype == torch.float16
