@@ -51,7 +51,7 @@ def loss_probe(losses: list[Tensor]) -> Tensor | None:
     return torch.stack([loss_mark(t) for t in losses]).sum()
 
 
-def step_ok(norms: Tensor | None, probe: Tensor | None) -> Tensor | None:
+def step_ok(norms: Tensor | None, probe: Tensor | None, out: Tensor | None = None) -> Tensor | None:
     """A 0-d device ``int32``: ``1`` when every norm and the loss probe are finite, else ``0``. No host read.
 
     ``None`` when neither was given.
@@ -64,6 +64,12 @@ def step_ok(norms: Tensor | None, probe: Tensor | None) -> Tensor | None:
     (a bool would be converted once per gradient). (A finite norm plus a finite loss that together pass 3.4e38 in
     float32 read as non-finite: such a step is broken anyway.)
 
+    Args:
+        norms: the step's per-gradient norms (any ``p``: NaN/inf propagate).
+        probe: :func:`loss_probe` of the step.
+        out: a 0-d ``int32`` tensor on the norms' device to write the flag into (a caller that uses the flag at once
+            reuses one from step to step: no allocation per step); a new one when ``None``.
+
     Example:
         >>> step_ok(torch.tensor([1.0, 2.0]), torch.tensor(0.0)), step_ok(torch.tensor([float("inf")]), None)
         (tensor(1, dtype=torch.int32), tensor(0, dtype=torch.int32))
@@ -73,13 +79,15 @@ def step_ok(norms: Tensor | None, probe: Tensor | None) -> Tensor | None:
     if norms is not None and norms.numel():
         value = norms.amax()  # a new tensor: safe to change in place
         if probe is not None:
-            value = torch.add(value, probe.to(value.device))
+            value = torch.add(value, probe if probe.device == value.device else probe.to(value.device))
     elif probe is not None:
         value = probe.detach().clone()
     else:
         return None
     value.sub_(value)
-    return torch.eq(value, value, out=torch.empty((), dtype=torch.int32, device=value.device))
+    if out is None or out.device != value.device:
+        out = torch.empty((), dtype=torch.int32, device=value.device)
+    return torch.eq(value, value, out=out)
 
 
 class GuardRows:

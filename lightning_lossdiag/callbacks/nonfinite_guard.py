@@ -194,6 +194,7 @@ class NonFiniteGuard(Callback):
         self._param_names: dict[int, str] = {}
         self._grads_only = False  # DDP: a step is bad when its (all-reduced) gradients are
         self._found_inf_set: list[Optimizer] = []  # fused optimizers told to skip or not this batch (cleared after)
+        self._ok: Tensor | None = None  # where the step's skip flag is written (reused: no allocation per step)
         self._batch_idx = -1
         self.nonfinite_steps = 0
         self.skipped_steps = 0
@@ -245,8 +246,9 @@ class NonFiniteGuard(Callback):
         if self.policy in ("skip", "stop") and grads:
             # Under DDP act on the all-reduced gradients only: the same on every rank, so no rank skips or stops
             # alone (the replicas would drift apart, or the others would wait forever on the next collective).
-            ok = step_ok(norms, None if self._grads_only else probe)
+            ok = step_ok(norms, None if self._grads_only else probe, self._ok)
             if ok is not None:
+                self._ok = ok  # used right away, never kept: the next step writes its flag into the same tensor
                 target = fused_skip_target(optimizer, trainer)
                 if target is not None:  # the fused kernel skips the update itself: no pass over the gradients
                     target.found_inf = (1 - ok).to(torch.float32)  # type: ignore[attr-defined]

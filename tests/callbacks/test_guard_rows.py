@@ -102,3 +102,12 @@ def test_folded_counters_equal_a_count_on_the_host(steps, folds, grads_only, dro
     assert rows.bad_params.tolist() == [any(p == k for _, p in steps) for k in range(3)]
     assert rows.steps == []  # nothing kept after a fold
     assert rows.norms == []
+
+
+def test_the_flag_is_written_into_a_reused_tensor_when_one_is_given():
+    out = torch.empty((), dtype=torch.int32)
+    first = step_ok(torch.tensor([1.0, 2.0]), torch.tensor(0.5), out)
+    assert first is out
+    assert int(first) == 1
+    assert step_ok(torch.tensor([1.0, NAN]), torch.tensor(0.5), out) is out
+    assert int(out) == 0  # the same tensor now holds the new step's flag
