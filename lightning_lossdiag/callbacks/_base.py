@@ -105,16 +105,25 @@ def to_host(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
     Example:
         >>> to_host({"a": torch.tensor(1.5), "b": torch.tensor([2])})
         {'a': 1.5, 'b': 2.0}
+        >>> to_host({"mean": torch.tensor(0.25, dtype=torch.float64), "std": torch.tensor(2.0, dtype=torch.float64)})
+        {'mean': 0.25, 'std': 2.0}
     """
     if not values:
         return {}
     keys = list(values)
-    device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
+    items = list(values.values())
+    first = items[0]
+    if isinstance(first, Tensor) and all(
+        isinstance(v, Tensor) and v.ndim == 0 and v.dtype == first.dtype and v.device == first.device for v in items
+    ):  # the usual flush: scalars of one dtype on one device -> one stack, one conversion, one transfer
+        host = torch.stack(items).detach().to(torch.float64).cpu().tolist()
+        return dict(zip(keys, (float(x) for x in host), strict=True))
+    device = next((v.device for v in items if isinstance(v, Tensor)), torch.device("cpu"))
     tensors = [
         v.detach().reshape(-1)[:1].to(device=device, dtype=torch.float64)
         if isinstance(v, Tensor)
         else torch.full((1,), float(v), dtype=torch.float64, device=device)
-        for v in values.values()
+        for v in items
     ]
     host = torch.cat(tensors).cpu().tolist()  # the one host read of a flush
     return dict(zip(keys, (float(x) for x in host), strict=True))
