@@ -47,7 +47,8 @@ def cpu_l2_norms(tensors: list[Tensor]) -> Tensor:
         >>> cpu_l2_norms([torch.tensor([3.0, 4.0]), torch.tensor([[1.0, 2.0], [2.0, 4.0]]).t()])
         tensor([5., 5.])
     """
-    flat = [t.reshape(-1) for t in tensors]  # views when contiguous (gradients follow their parameter's layout)
+    # 1-D as they are (biases: no op); others as flat views when contiguous (gradients follow their parameter's layout)
+    flat = [t if t.ndim == 1 else t.reshape(-1) for t in tensors]
     return torch.stack([torch.dot(f, f) for f in flat]).sqrt_()
 
 
