@@ -112,11 +112,11 @@ def to_host(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
         return {}
     keys = list(values)
     items = list(values.values())
-    first = items[0]
-    if isinstance(first, Tensor) and all(
-        isinstance(v, Tensor) and v.ndim == 0 and v.dtype == first.dtype and v.device == first.device for v in items
+    scalars = [v for v in items if isinstance(v, Tensor) and v.ndim == 0]
+    if len(scalars) == len(items) and all(
+        v.dtype == scalars[0].dtype and v.device == scalars[0].device for v in scalars
     ):  # the usual flush: scalars of one dtype on one device -> one stack, one conversion, one transfer
-        host = torch.stack(items).detach().to(torch.float64).cpu().tolist()
+        host = torch.stack(scalars).detach().to(torch.float64).cpu().tolist()
         return dict(zip(keys, (float(x) for x in host), strict=True))
     device = next((v.device for v in items if isinstance(v, Tensor)), torch.device("cpu"))
     tensors = [

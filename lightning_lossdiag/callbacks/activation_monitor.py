@@ -20,7 +20,7 @@ from lightning_lossdiag.callbacks._activation_stats import (
     call_stats,
     finish_stats,
     first_tensor,
-    histogram,
+    histograms,
     is_activation,
     merge_stats,
 )
@@ -239,8 +239,7 @@ class ActivationMonitor(Callback):
         if not values or not writers:
             return
         names = list(values)
-        hists = [histogram(values[n], self.hist_bins) for n in names]
-        rows = torch.stack(hists).cpu().tolist()  # epoch end: one host transfer for all layers
+        rows = histograms([values[n] for n in names], self.hist_bins).cpu().tolist()  # epoch end: one transfer
         step = int(trainer.global_step)
         for name, row in zip(names, rows, strict=True):
             lo, hi, num, total, squares = row[:5]

@@ -18,6 +18,7 @@ from lightning_lossdiag.callbacks._activation_stats import (
     call_stats,
     finish_stats,
     histogram,
+    histograms,
     merge_stats,
 )
 from lightning_lossdiag.callbacks.activation_monitor import ActivationMonitor, _is_compiled, select_modules
@@ -493,3 +494,18 @@ def test_the_values_kept_for_the_histogram_reuse_one_buffer_per_layer():
     assert grown.tolist() == [1.0] * 9
     half = monitor._keep_values("net.0", torch.ones(3, dtype=torch.float16))  # the dtype follows the values
     assert half.dtype == torch.float16
+
+
+def test_histograms_of_several_layers_at_once_equal_each_layer_alone():
+    g = torch.Generator().manual_seed(3)
+    layers = [
+        torch.randn(500, generator=g),
+        torch.relu(torch.randn(37, 5, generator=g)),  # another length and shape
+        torch.tensor([1.0, float("nan"), float("inf"), -2.0]),  # non-finite values are not counted
+        torch.full((7,), 0.5),  # min == max: everything in bin 0
+        torch.tensor([float("nan")]),  # no finite value
+    ]
+    together = histograms(layers, bins=16)
+    for row, x in zip(together, layers, strict=True):
+        alone = histogram(x, bins=16)
+        assert torch.allclose(row, alone, equal_nan=True), (row, alone)
