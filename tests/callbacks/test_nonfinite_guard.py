@@ -342,3 +342,29 @@ def test_a_fused_optimizer_skips_the_bad_step_itself_without_touching_the_gradie
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert guard.skipped_steps == 1
     assert not any(probe.leftover)  # `found_inf` is taken back after every batch
+
+
+def test_the_drop_pass_runs_from_the_last_gradient_to_the_first(tmp_path, monkeypatch):
+    # the order is what keeps the pass cheap (it starts where the norm pass ended, in cache); the values must not care
+    import lightning_lossdiag.callbacks.nonfinite_guard as guard_module
+
+    orders = []
+    real_drop = guard_module.drop_update
+
+    def recording_drop(grads, ok):
+        orders.append([id(g) for g in grads])
+        real_drop(grads, ok)
+
+    class GradOrder(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # runs after the guard's hook
+            self.ids = [id(p.grad) for p in pl_module.parameters()]
+
+    monkeypatch.setattr(guard_module, "drop_update", recording_drop)
+    probe, order = ParamProbe([NAN_BATCH]), GradOrder()
+    model = NaNRegressor()
+    trainer = make_trainer(tmp_path, [NonFiniteGuard(policy="skip"), order, probe], max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, loaders()[0])
+    assert len(orders) == 8
+    assert orders[-1] == order.ids[::-1]
+    for before, after in zip(probe.before[NAN_BATCH], probe.after[NAN_BATCH], strict=True):
+        assert torch.equal(before, after)  # the NaN step's update was still dropped
