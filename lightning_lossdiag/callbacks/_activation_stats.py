@@ -182,7 +182,6 @@ def finish_stats(acc: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-@torch.no_grad()
 def histogram(x: Tensor, bins: int) -> Tensor:
     """Fixed-bin histogram of the finite values of ``x`` over their observed ``[min, max]``, on the device.
 
@@ -190,34 +189,25 @@ def histogram(x: Tensor, bins: int) -> Tensor:
     ``SummaryWriter.add_histogram_raw`` needs). Bin ``i`` covers ``[min + i * w, min + (i + 1) * w)`` with
     ``w = (max - min) / bins``; the maximum falls in the last bin. All values fall in bin 0 when ``min == max``.
     Same bins as ``torch.histc(x, bins, min, max)``, but the range stays on the device (``histc`` needs it on the
-    host), so no host read happens. With no finite value, ``min > max`` (``inf``, ``-inf``).
+    host), so no host read happens. With no finite value, ``min > max`` (``inf``, ``-inf``). One row of
+    :func:`histograms`.
 
     Example:
         >>> h = histogram(torch.tensor([0.0, 0.5, 1.0, 1.0]), bins=2)
         >>> h[:3].tolist(), h[5:].tolist()
         ([0.0, 1.0, 4.0], [1.0, 3.0])
     """
-    x = x.detach().float().reshape(-1)
-    finite = torch.isfinite(x)
-    lo = torch.where(finite, x, torch.inf).amin() if x.numel() else x.new_tensor(torch.inf)
-    hi = torch.where(finite, x, -torch.inf).amax() if x.numel() else x.new_tensor(-torch.inf)
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    pos = torch.nan_to_num((x - lo) / span * bins, nan=0.0, posinf=0.0, neginf=0.0)
-    idx = pos.floor().clamp(0, bins - 1).long()
-    weight = finite.double()
-    counts = torch.zeros(bins, dtype=torch.float64, device=x.device).scatter_add_(0, idx, weight)
-    xs = torch.where(finite, x, torch.zeros_like(x)).double()
-    head = torch.stack([lo.double(), hi.double(), weight.sum(), xs.sum(), xs.square().sum()])
-    return torch.cat([head, counts])
+    return histograms([x], bins)[0]
 
 
 @torch.no_grad()
 def histograms(values: list[Tensor], bins: int) -> Tensor:
     """:func:`histogram` of each tensor of ``values``, all at once: one row each, in a few kernels for all of them.
 
-    The values are laid out as rows of one matrix, padded with NaN (never counted: not finite), and every step of
-    :func:`histogram` runs once over the matrix instead of once per tensor. Rows are the same as :func:`histogram`
-    gives for each tensor alone.
+    The values are laid out as rows of one float32 matrix, padded with NaN (never counted: not finite). Every step
+    runs once over the matrix, in place on one scratch matrix where it can (fresh memory costs page faults), and
+    needs no mask: ``nan_to_num`` moves the non-finite values out of the minimum and maximum and out of the sums,
+    and into a spare bin after the last row's for the counts (one ``bincount``). Sums are float32 (pairwise).
 
     Example:
         >>> rows = histograms([torch.tensor([0.0, 0.5, 1.0, 1.0]), torch.tensor([2.0, float("nan")])], bins=2)
@@ -226,24 +216,30 @@ def histograms(values: list[Tensor], bins: int) -> Tensor:
     """
     if not values:
         return torch.zeros(0, 5 + bins, dtype=torch.float64)
-    device = values[0].device
+    device, rows = values[0].device, len(values)
     width = max(max(v.numel() for v in values), 1)
-    matrix = torch.full((len(values), width), torch.nan, dtype=torch.float32, device=device)
+    matrix = torch.empty((rows, width), dtype=torch.float32, device=device)
     for row, v in zip(matrix, values, strict=True):
         row[: v.numel()].copy_(v.detach().reshape(-1))
-    finite = torch.isfinite(matrix)
-    lo = torch.where(finite, matrix, torch.inf).amin(dim=1, keepdim=True)
-    hi = torch.where(finite, matrix, -torch.inf).amax(dim=1, keepdim=True)
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    pos = torch.nan_to_num((matrix - lo) / span * bins, nan=0.0, posinf=0.0, neginf=0.0)
-    idx = pos.floor().clamp(0, bins - 1).long()
-    idx += torch.arange(len(values), device=device).unsqueeze(1) * bins  # each row's bins after the previous row's
-    weight = finite.double()
-    counts = torch.zeros(len(values) * bins, dtype=torch.float64, device=device)
-    counts.scatter_add_(0, idx.reshape(-1), weight.reshape(-1))
-    xs = torch.where(finite, matrix, 0.0).double()
-    head = torch.stack([lo[:, 0].double(), hi[:, 0].double(), weight.sum(1), xs.sum(1), xs.square().sum(1)], dim=1)
-    return torch.cat([head, counts.reshape(len(values), bins)], dim=1)
+        row[v.numel() :].fill_(torch.nan)
+    inf, nan = torch.inf, torch.nan
+    scratch = torch.nan_to_num(matrix, nan=inf, posinf=inf, neginf=inf)
+    lo = scratch.amin(dim=1, keepdim=True)  # inf: no finite value in the row
+    hi = torch.nan_to_num(matrix, nan=-inf, posinf=-inf, neginf=-inf, out=scratch).amax(dim=1, keepdim=True)
+    # at most the largest float32, so a finite value never makes inf / inf (it lands in the last bin instead)
+    span = torch.where(hi > lo, (hi - lo).clamp_(max=torch.finfo(torch.float32).max), torch.ones_like(hi))
+    # bin of each value: (x - min) / span * bins, floored, clamped to the row's bins; NaN (the non-finite) stays NaN
+    pos = torch.nan_to_num(matrix, nan=nan, posinf=nan, neginf=nan, out=scratch).sub_(lo).div_(span).mul_(bins)
+    pos.floor_().clamp_(0, bins - 1)
+    pos += torch.arange(rows, device=device, dtype=torch.float32).unsqueeze(1) * bins  # row r: bins after r's start
+    spare = rows * bins  # where the non-finite values (and the padding) are counted, then dropped
+    idx = torch.nan_to_num_(pos, nan=float(spare)).to(torch.int32).reshape(-1)
+    # epoch end: bincount sizes its output from the largest index (a host read on CUDA, next to the one transfer)
+    counts = torch.bincount(idx, minlength=spare + 1)[:spare].reshape(rows, bins).double()
+    xs = torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0, out=scratch)
+    sums = torch.stack([xs.sum(dim=1), torch.linalg.vecdot(xs, xs)], dim=1).double()
+    head = torch.cat([lo.double(), hi.double(), counts.sum(dim=1, keepdim=True), sums], dim=1)
+    return torch.cat([head, counts], dim=1)
 
 
 def bucket_limits(lo: float, hi: float, bins: int) -> list[float]:

@@ -504,8 +504,13 @@ def test_histograms_of_several_layers_at_once_equal_each_layer_alone():
         torch.tensor([1.0, float("nan"), float("inf"), -2.0]),  # non-finite values are not counted
         torch.full((7,), 0.5),  # min == max: everything in bin 0
         torch.tensor([float("nan")]),  # no finite value
+        torch.tensor([3e38, -3e38, 0.0]),  # max - min overflows float32: every value is still counted
     ]
     together = histograms(layers, bins=16)
     for row, x in zip(together, layers, strict=True):
         alone = histogram(x, bins=16)
         assert torch.allclose(row, alone, equal_nan=True), (row, alone)
+    finite_counts = [int(torch.isfinite(x).sum()) for x in layers]
+    assert together[:, 2].tolist() == finite_counts  # num
+    assert together[:, 5:].sum(dim=1).tolist() == finite_counts  # every finite value in exactly one bin
+    assert (together[-1, 5].item(), together[-1, -1].item()) == (1.0, 1.0)  # the minimum first, the maximum last
