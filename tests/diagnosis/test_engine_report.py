@@ -111,3 +111,11 @@ def test_table_lists_every_finding():
     buf = io.StringIO()
     print_table([], buf)
     assert "no findings" in buf.getvalue()
+
+
+def test_table_prints_messages_as_they_are():
+    # rich markup, emoji codes and brackets in a message are text, not styles: nothing is lost or replaced
+    message = "w[0] [bold]b[/bold] :smile:"
+    buf = io.StringIO()
+    print_table([Finding("nonfinite_grad", "error", message, 3)], buf)
+    assert message in buf.getvalue()
