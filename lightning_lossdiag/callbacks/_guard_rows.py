@@ -51,40 +51,44 @@ def loss_probe(losses: list[Tensor]) -> Tensor | None:
     return torch.stack([loss_mark(t) for t in losses]).sum()
 
 
-def step_ok(norms: Tensor | None, probe: Tensor | None, out: Tensor | None = None) -> Tensor | None:
+def step_ok(
+    norms: Tensor | None, probe: Tensor | None, out: Tensor | None = None, zeros: Tensor | None = None
+) -> Tensor | None:
     """A 0-d device ``int32``: ``1`` when every norm and the loss probe are finite, else ``0``. No host read.
 
     ``None`` when neither was given.
 
-    The norms are non-negative, so their maximum is ``NaN`` or ``inf`` exactly when one of them is; adding the probe
-    (a loss, or a mark: ``0``/``NaN``) folds the loss in. ``v - v`` is ``0`` for a finite ``v`` and ``NaN`` for
-    ``NaN`` and ``±inf``, and ``NaN`` is the one value not equal to itself. Four small kernels whatever the number of
-    parameters, no Python number turned into a tensor, and the result is written as an integer, the type
+    ``dot(norms, 0)`` is ``0`` when every norm is finite and ``NaN`` when one is ``NaN`` or ``inf`` (``0 * inf`` is
+    ``NaN``); adding ``0 * probe`` (``alpha=0``) folds the loss in the same way, and ``NaN`` is the one value not
+    equal to itself. Three small kernels whatever the number of parameters, exact for any finite values (nothing
+    is summed that could overflow), and the result is written as an integer, the type
     :func:`~lightning_lossdiag.callbacks.nonfinite_guard.drop_update` multiplies integer views of the gradients by
-    (a bool would be converted once per gradient). (A finite norm plus a finite loss that together pass 3.4e38 in
-    float32 read as non-finite: such a step is broken anyway.)
+    (a bool would be converted once per gradient).
 
     Args:
         norms: the step's per-gradient norms (any ``p``: NaN/inf propagate).
         probe: :func:`loss_probe` of the step.
         out: a 0-d ``int32`` tensor on the norms' device to write the flag into (a caller that uses the flag at once
             reuses one from step to step: no allocation per step); a new one when ``None``.
+        zeros: zeros shaped like ``norms`` (kept by the caller from step to step); made here when ``None`` or when
+            they do not fit.
 
     Example:
-        >>> step_ok(torch.tensor([1.0, 2.0]), torch.tensor(0.0)), step_ok(torch.tensor([float("inf")]), None)
+        >>> step_ok(torch.tensor([1.0, 3e38]), torch.tensor(-3e38)), step_ok(torch.tensor([float("inf")]), None)
         (tensor(1, dtype=torch.int32), tensor(0, dtype=torch.int32))
         >>> step_ok(None, torch.tensor(float("nan")))
         tensor(0, dtype=torch.int32)
     """
     if norms is not None and norms.numel():
-        value = norms.amax()  # a new tensor: safe to change in place
+        if zeros is None or (zeros.shape, zeros.dtype, zeros.device) != (norms.shape, norms.dtype, norms.device):
+            zeros = torch.zeros_like(norms)
+        value = torch.dot(norms, zeros)  # 0, or NaN
         if probe is not None:
-            value = torch.add(value, probe if probe.device == value.device else probe.to(value.device))
+            value.add_(probe if probe.device == value.device else probe.to(value.device), alpha=0)
     elif probe is not None:
-        value = probe.detach().clone()
+        value = torch.mul(probe.detach(), 0)
     else:
         return None
-    value.sub_(value)
     if out is None or out.device != value.device:
         out = torch.empty((), dtype=torch.int32, device=value.device)
     return torch.eq(value, value, out=out)
@@ -109,6 +113,8 @@ class GuardRows:
     def __init__(self, names: list[str], device: torch.device) -> None:
         self.names = names
         self.device = device
+        #: zeros shaped like a row of norms, for :func:`step_ok` (made once, not per step)
+        self.zeros = torch.zeros(len(names), device=device)
         self.steps: list[int] = []
         self.probes: list[Tensor] = []  # per step: finite exactly when its loss was (loss_probe)
         self.norms: list[Tensor] = []

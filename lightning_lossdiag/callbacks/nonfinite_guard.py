@@ -246,7 +246,7 @@ class NonFiniteGuard(Callback):
         if self.policy in ("skip", "stop") and grads:
             # Under DDP act on the all-reduced gradients only: the same on every rank, so no rank skips or stops
             # alone (the replicas would drift apart, or the others would wait forever on the next collective).
-            ok = step_ok(norms, None if self._grads_only else probe, self._ok)
+            ok = step_ok(norms, None if self._grads_only else probe, self._ok, rows.zeros)
             if ok is not None:
                 self._ok = ok  # used right away, never kept: the next step writes its flag into the same tensor
                 target = fused_skip_target(optimizer, trainer)

@@ -1,5 +1,6 @@
 """The guard's per-step pieces: the finiteness flag, dropping an update, and the deferred counters."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -111,3 +112,18 @@ def test_the_flag_is_written_into_a_reused_tensor_when_one_is_given():
     assert int(first) == 1
     assert step_ok(torch.tensor([1.0, NAN]), torch.tensor(0.5), out) is out
     assert int(out) == 0  # the same tensor now holds the new step's flag
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_flag_is_exact_for_huge_finite_values(dtype):
+    huge = torch.finfo(dtype).max  # a finite loss at the top of its range: nothing may overflow into a false alarm
+    norms = torch.tensor([3e38, 3e38, 0.0])
+    assert int(step_ok(norms, torch.tensor(huge, dtype=dtype))) == 1
+    assert int(step_ok(norms, torch.tensor(-huge, dtype=dtype))) == 1
+    assert int(step_ok(norms, torch.tensor(-INF, dtype=dtype))) == 0
+    assert int(step_ok(torch.tensor([3e38, INF]), torch.tensor(1.0, dtype=dtype))) == 0
+
+
+def test_zeros_that_do_not_fit_the_norms_are_not_used():
+    assert int(step_ok(torch.tensor([1.0, NAN]), None, zeros=torch.zeros(5))) == 0
+    assert int(step_ok(torch.tensor([1.0, 2.0]), None, zeros=torch.zeros(1))) == 1
