@@ -5,7 +5,7 @@ Before every optimizer step the guard checks, on the device, whether the step's 
 the L2 norm of each gradient; inside :class:`~lightning_lossdiag.LossDiagnostics` the gradient monitor's norms of the
 step are reused) are finite. What happens next is the policy.
 
-Per step the guard spends four small kernels (the finiteness flag, with the step's loss folded in) and, under
+Per step the guard spends three small kernels (the finiteness flag, with the step's loss folded in) and, under
 ``"skip"``/``"stop"``, :func:`drop_update`: one pass over the gradients. Counting is deferred: each step appends
 references to a :class:`~lightning_lossdiag.callbacks._guard_rows.GuardRows`, reduced in one batch at the flush.
 """
