@@ -514,3 +514,20 @@ def test_histograms_of_several_layers_at_once_equal_each_layer_alone():
     assert together[:, 2].tolist() == finite_counts  # num
     assert together[:, 5:].sum(dim=1).tolist() == finite_counts  # every finite value in exactly one bin
     assert (together[-1, 5].item(), together[-1, -1].item()) == (1.0, 1.0)  # the minimum first, the maximum last
+
+
+@pytest.mark.parametrize(("shape", "unit_dim"), [((6, 5), 1), ((3, 4, 5), 1), ((7,), 1), ((2, 3, 4), 5)])
+def test_zero_counts_and_alive_units_equal_a_direct_count(shape, unit_dim):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g)
+    x[x < 0.3] = 0.0
+    x.view(-1)[0] = -0.0  # a negative zero is a zero
+    x.view(-1)[-1] = float("nan")  # NaN is not a zero, and its unit is alive
+    stats = call_stats(x, unit_dim, None, 0.01)
+    assert stats["zeros"].item() == (x == 0).sum().item()
+    if x.ndim == 1:
+        expected_alive = (x != 0).any().reshape(1)
+    else:
+        axis = unit_dim if unit_dim < x.ndim else x.ndim - 1
+        expected_alive = (x != 0).movedim(axis, 0).reshape(x.shape[axis], -1).any(dim=1)
+    assert stats["alive"].tolist() == expected_alive.tolist()
