@@ -115,6 +115,8 @@ class GuardRows:
         self.device = device
         #: zeros shaped like a row of norms, for :func:`step_ok` (made once, not per step)
         self.zeros = torch.zeros(len(names), device=device)
+        #: the integer dtype the guard's drop pass views these gradients as, when they share one (set by the guard)
+        self.int_view: torch.dtype | None = None
         self.steps: list[int] = []
         self.probes: list[Tensor] = []  # per step: finite exactly when its loss was (loss_probe)
         self.norms: list[Tensor] = []

@@ -52,7 +52,26 @@ def _grads(optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def drop_update(grads: list[Tensor], ok: Tensor) -> None:
+def int_view(params: list[Tensor]) -> torch.dtype | None:
+    """The integer dtype :func:`drop_update` may view every gradient of ``params`` as, or ``None``.
+
+    That is the integer of the parameters' width when they all share one width and one device, complex numbers
+    aside. A gradient has its parameter's dtype and device (``torch`` enforces it), so this is decided once per set
+    of parameters, not per step.
+
+    Example:
+        >>> int_view([torch.zeros(2), torch.zeros(3)]), int_view([torch.zeros(2), torch.zeros(2, dtype=torch.float64)])
+        (torch.int32, None)
+    """
+    if not params:
+        return None
+    width, device = params[0].element_size(), params[0].device
+    if any(p.is_complex() or p.element_size() != width or p.device != device for p in params):
+        return None
+    return _SAME_WIDTH_INT.get(width)
+
+
+def drop_update(grads: list[Tensor], ok: Tensor, view: torch.dtype | None = None) -> None:
     """Zero every gradient in place unless the 0-d device flag ``ok`` is set; then they stay bit for bit. No host read.
 
     ``ok`` is ``1``/``0`` (an ``int32`` from :func:`~lightning_lossdiag.callbacks._guard_rows.step_ok`, or a bool).
@@ -60,18 +79,29 @@ def drop_update(grads: list[Tensor], ok: Tensor) -> None:
     ``_foreach_mul_`` per width: one pass that maps NaN and inf to ``0`` as well. An ``int32`` flag is used as it is
     (a bool would be converted once per gradient by the per-tensor loop ``_foreach_mul_`` runs on the CPU).
 
+    Args:
+        grads: the gradients, changed in place.
+        ok: the flag.
+        view: :func:`int_view` of the gradients' parameters, when the caller knows it (every gradient then has that
+            width and one device: no per-gradient grouping, ~40 µs less per step for 22 gradients on the CPU).
+
     Example:
         >>> g = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0], dtype=torch.float16)]
         >>> drop_update(g, torch.tensor(False))
         >>> [t.tolist() for t in g]
         [[0.0, 0.0], [0.0]]
         >>> g = [torch.tensor([1.5, -2.0])]
-        >>> drop_update(g, torch.tensor(1, dtype=torch.int32))
+        >>> drop_update(g, torch.tensor(1, dtype=torch.int32), view=int_view(g))
         >>> g[0].tolist()
         [1.5, -2.0]
     """
     if ok.dtype != torch.int32:
         ok = ok.to(torch.int32)
+    if view is not None and grads:
+        device = grads[0].device
+        ints = [(g.detach() if g.requires_grad else g).view(view) for g in grads]
+        torch._foreach_mul_(ints, ok if ok.device == device else ok.to(device))
+        return
     views: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
         width = _SAME_WIDTH_INT.get(g.element_size())
@@ -257,7 +287,7 @@ class NonFiniteGuard(Callback):
                     # Last gradient first: the norms were just computed first to last, so the pass starts on
                     # memory still in cache, and it leaves the first gradients the warmest for the optimizer,
                     # which starts there (~0.1 ms a step on the CPU of benchmarks/overhead.py, A/B in the loop).
-                    drop_update(grads[::-1], ok)
+                    drop_update(grads[::-1], ok, rows.int_view)
 
     def _step_grads(self, optimizer: Optimizer, step: int) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """The parameters with a dense gradient, those gradients, and their norms (``None`` when there are none).
@@ -316,6 +346,7 @@ class NonFiniteGuard(Callback):
             names = [self._param_names.get(i, f"param[{n}]") for n, i in enumerate(key)]
             device = norms.device if norms is not None else probe.device  # type: ignore[union-attr]
             rows = self._rows[key] = GuardRows(names, device)
+            rows.int_view = int_view(params)
         self._last_rows = (params, rows)
         return rows
 
@@ -476,5 +507,6 @@ __all__ = [
     "NonFiniteGuard",
     "drop_update",
     "fused_skip_target",
+    "int_view",
     "merge_nonfinite",
 ]

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from lightning_lossdiag.callbacks._grad_window import param_norms
 from lightning_lossdiag.callbacks._guard_rows import NO_STEP, GuardRows, loss_mark, loss_probe, step_ok
-from lightning_lossdiag.callbacks.nonfinite_guard import drop_update
+from lightning_lossdiag.callbacks.nonfinite_guard import drop_update, int_view
 
 NAN, INF = float("nan"), float("inf")
 
@@ -48,6 +48,38 @@ def test_a_bad_step_zeroes_every_gradient(where, value, in_loss):
         bool((g == 0).all()) and not bool(torch.signbit(torch.view_as_real(g) if g.is_complex() else g).any())
         for g in grads
     )
+
+
+def test_the_view_is_decided_per_parameter_set_and_only_for_one_dtype_and_device():
+    assert int_view([torch.zeros(2), torch.zeros(3, 4)]) == torch.int32
+    assert int_view([torch.zeros(2, dtype=torch.float16), torch.zeros(1, dtype=torch.bfloat16)]) == torch.int16
+    assert int_view([torch.zeros(2, dtype=torch.float64)]) == torch.int64
+    assert int_view([torch.zeros(2), torch.zeros(2, dtype=torch.float64)]) is None  # two widths
+    assert int_view([torch.zeros(2), torch.zeros(2, device="meta")]) is None  # two devices
+    assert int_view([torch.zeros(2, dtype=torch.complex64)]) is None
+    assert int_view([]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [None, NAN, INF])
+def test_a_known_view_keeps_and_drops_exactly_like_grouping_each_gradient(dtype, bad):
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        out = [torch.randn(3, 3, dtype=dtype), torch.randn(4, 3, dtype=dtype).t(), torch.randn(2, dtype=dtype)]
+        out.append(torch.randn(2, dtype=dtype).requires_grad_())  # a gradient of a create_graph backward
+        if bad is not None:
+            out[1][0, 1] = bad
+        return out
+
+    fast, grouped = grads(), grads()
+    before = [g.detach().clone() for g in fast]
+    for gs, view in ((fast, int_view(fast)), (grouped, None)):
+        drop_update(gs, step_ok(param_norms([g.detach() for g in gs], 2.0), None), view)
+    assert int_view(fast) is not None
+    for f, g, b in zip(fast, grouped, before, strict=True):
+        ints = int_view([f])
+        assert torch.equal(f.detach().view(ints), g.detach().view(ints))  # bit for bit
+        assert torch.equal(f.detach(), b) if bad is None else bool((f == 0).all()) and not bool(f.signbit().any())
 
 
 def test_the_loss_is_ignored_when_only_gradients_decide():  # DDP: the losses differ between ranks

@@ -348,12 +348,13 @@ def test_the_drop_pass_runs_from_the_last_gradient_to_the_first(tmp_path, monkey
     # the order is what keeps the pass cheap (it starts where the norm pass ended, in cache); the values must not care
     import lightning_lossdiag.callbacks.nonfinite_guard as guard_module
 
-    orders = []
+    orders, views = [], []
     real_drop = guard_module.drop_update
 
-    def recording_drop(grads, ok):
+    def recording_drop(grads, ok, view=None):
         orders.append([id(g) for g in grads])
-        real_drop(grads, ok)
+        views.append(view)
+        real_drop(grads, ok, view)
 
     class GradOrder(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # runs after the guard's hook
@@ -366,5 +367,6 @@ def test_the_drop_pass_runs_from_the_last_gradient_to_the_first(tmp_path, monkey
     trainer.fit(model, loaders()[0])
     assert len(orders) == 8
     assert orders[-1] == order.ids[::-1]
+    assert set(views) == {torch.int32}  # float32 parameters on one device: one view, decided once, no grouping
     for before, after in zip(probe.before[NAN_BATCH], probe.after[NAN_BATCH], strict=True):
         assert torch.equal(before, after)  # the NaN step's update was still dropped
