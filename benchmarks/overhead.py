@@ -12,8 +12,8 @@ Interleaving: by default every repeat runs all configurations at once, one ``tra
 thread, as in a training script), and only one runs at a time: each hands the machine to the next every
 ``--block-steps`` optimizer steps (default 10). A configuration's time is the sum of its turns (fit start and end
 included), so all of them share the same seconds of a shared machine whose speed drifts by 10 % or more between whole
-fits. The first step of a turn finds cold caches (about 6 ms more than the 17 ms of a step here, the same for every
-configuration). ``--block-steps 0`` runs whole fits one after the other instead.
+fits. The first step of a turn finds cold caches (3-6 ms more than the 17-23 ms of a step here, measured the same
+for bare and LossDiagnostics()). ``--block-steps 0`` runs whole fits one after the other instead.
 
     python benchmarks/overhead.py --repeats 5 --steps 300
     python benchmarks/overhead.py --device cuda --activations
