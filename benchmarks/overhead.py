@@ -48,8 +48,9 @@ TURN_TIMEOUT_S = 600  # a turn is seconds; a process that died holding it must n
 
 
 class MLP(LightningModule):
-    def __init__(self, width: int, layers: int) -> None:
+    def __init__(self, width: int, layers: int, fused: bool = False) -> None:
         super().__init__()
+        self.fused = fused
         blocks: list[nn.Module] = []
         for i in range(layers):
             blocks += [nn.Linear(IN_FEATURES if i == 0 else width, width), nn.ReLU()]
@@ -62,7 +63,7 @@ class MLP(LightningModule):
         return {"loss": loss, "preds": preds.detach(), "target": y}
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=self.fused or None)
 
 
 class GradNormRecipe(MLP):
@@ -209,7 +210,7 @@ def turn_worker(
         model_cls, factory = config_table(args)[0][name]
         run_once(model_cls, factory(), argparse.Namespace(**{**vars(args), "steps": 10}), seed=0)  # first-call costs
         seed_everything(seed, workers=True, verbose=False)
-        model = model_cls(args.width, args.layers)
+        model = model_cls(args.width, args.layers, args.fused_adam)
         data = make_data(args.steps, args.batch)
         with tempfile.TemporaryDirectory() as tmp:
             trainer = make_trainer([*factory(), Turns(relay, index, args.block_steps)], args, tmp)
@@ -257,7 +258,7 @@ def run_once(
 ) -> tuple[float, float]:
     """Wall-clock and process CPU seconds of one ``trainer.fit``."""
     seed_everything(seed, workers=True, verbose=False)
-    model = model_cls(args.width, args.layers)
+    model = model_cls(args.width, args.layers, args.fused_adam)
     data = make_data(args.steps, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(callbacks, args, tmp)
@@ -279,6 +280,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--activations", action="store_true", help="add a row with activation monitoring toggled")
+    parser.add_argument(
+        "--fused-adam",
+        action="store_true",
+        help="every configuration trains with Adam(fused=True) (the NaN guard then needs no pass over the gradients)",
+    )
     parser.add_argument(
         "--block-steps",
         type=int,
@@ -323,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"{args.steps} steps, batch {args.batch}, MLP {args.layers}x{args.width}, device {args.device}, "
           f"{args.repeats} repeats, torch threads {torch.get_num_threads()}, "
-          + (f"turns of {args.block_steps} steps" if args.block_steps > 0 else "whole fits in turn"))  # fmt: skip
+          + (f"turns of {args.block_steps} steps" if args.block_steps > 0 else "whole fits in turn")
+          + (", Adam(fused=True)" if args.fused_adam else ""))  # fmt: skip
     print()
     columns = ["configuration", "median s", "median ratio to bare", "90 % interval", "min s", "ratio of mins"]
     print("| " + " | ".join([*columns, "median CPU ratio"]) + " |")
