@@ -17,6 +17,7 @@ for bare and LossDiagnostics()). ``--block-steps 0`` runs whole fits one after t
 
     python benchmarks/overhead.py --repeats 5 --steps 300
     python benchmarks/overhead.py --device cuda --activations
+    python benchmarks/overhead.py --fused-adam  # every configuration with Adam(fused=True)
 """
 
 from __future__ import annotations
