@@ -44,7 +44,7 @@ def _batch_moments(x: Tensor, ignore_nonfinite: bool) -> MomentsState:
     """Moments of the rows of ``x`` (``(N, *shape)``, float64, ``N > 0``) along dim 0."""
     if not ignore_nonfinite:
         mean = x.mean(0)
-        count = torch.full_like(mean, float(x.shape[0]))
+        count = torch.full_like(mean, float(x.shape[0]))  # a shape: host metadata, no host read (no sync)
         return MomentsState(count, mean, (x - mean).square().sum(0), x.amin(0), x.amax(0))
     finite = torch.isfinite(x)
     count = finite.sum(0).to(torch.float64)
