@@ -102,7 +102,11 @@ class GradientMonitor(Callback):
         self.norm_type = float(norm_type)
         self.param_norms = param_norms
         self._states: dict[int, OptWindow] = {}
-        self._latest: tuple[Any, int, list[Tensor], tuple[int, ...], Tensor] | None = None
+        #: ``(optimizer, step, params, grads, norms)`` of the step in progress, handed to the NaN guard of
+        #: :class:`~lightning_lossdiag.LossDiagnostics` (kept only when :attr:`shares_latest` is set)
+        self._latest: tuple[Any, int, list[Tensor], list[Tensor], Tensor] | None = None
+        #: set by LossDiagnostics when its NaN guard takes this monitor's norms of each step (:meth:`take_latest`)
+        self.shares_latest = False
         self._last_window: tuple[Any, OptWindow] | None = None  # (optimizer, its window): the per-step lookup
         self.nonfinite_counts: dict[int, int] = {}
         self.first_nonfinite_step = -1
@@ -142,23 +146,21 @@ class GradientMonitor(Callback):
             state.first_nonfinite.fill_(self.first_nonfinite_step)
         return state
 
-    def latest_step(self, optimizer: Any, step: int) -> tuple[list[Tensor], tuple[int, ...], Tensor] | None:
-        """What this monitor saw at optimizer step ``step`` of ``optimizer``, or ``None``.
+    def take_latest(self, optimizer: Any) -> tuple[int, list[Tensor], list[Tensor], Tensor] | None:
+        """What this monitor measured at the optimizer step in progress, handed over once, or ``None``.
 
-        ``(params, grad_ids, norms)``: the parameters whose gradients it measured (a list that stays the same object
-        from step to step while the same parameters have gradients), the ``id`` of each gradient tensor (a caller
-        compares them with the gradients it reads now: ids, not the tensors, so no gradient is kept alive after
-        Lightning frees it) and their per-gradient norms (a device tensor). Only when every gradient was dense. Any
-        ``norm_type`` propagates NaN/inf, so a caller can test finiteness on them without a second pass over the
-        gradients (the NaN guard of :class:`~lightning_lossdiag.LossDiagnostics` does).
+        ``(step, params, grads, norms)``: the global step the optimizer step completes, the parameters whose
+        gradients it measured (a list that stays the same object from step to step while the same parameters have
+        gradients), those gradients and their per-gradient norms (a device tensor). Only when :attr:`shares_latest`
+        is set, every gradient was dense and ``optimizer`` is the one measured. Any ``norm_type`` propagates NaN/inf,
+        so the caller can test finiteness on them without a second pass over the gradients (the NaN guard of
+        :class:`~lightning_lossdiag.LossDiagnostics` does, in the same ``on_before_optimizer_step`` call, right after
+        this monitor). The reference is dropped here, so no gradient is held past the step.
         """
-        latest = self._latest
-        if latest is None:
+        latest, self._latest = self._latest, None
+        if latest is None or latest[0] is not getattr(optimizer, "_optimizer", optimizer):
             return None
-        opt, seen_step, params, ids, norms = latest
-        if opt is not getattr(optimizer, "_optimizer", optimizer) or seen_step != step:
-            return None
-        return params, ids, norms
+        return latest[1:]
 
     @staticmethod
     def _clip_spec(trainer: Trainer, automatic: bool) -> ClipSpec:
@@ -185,6 +187,7 @@ class GradientMonitor(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # The per-step path: one fused norm call and a few list appends. Everything else waits for the flush.
         opt = getattr(optimizer, "_optimizer", optimizer)
+        self._latest = None
         st = self._window(trainer, pl_module, opt)
         params = st.params
         grads: list[Tensor] = [g for q in params if (g := q.grad) is not None]
@@ -203,9 +206,8 @@ class GradientMonitor(Callback):
             aux = self._row(st, present, param_norms(grads, math.inf if clip[0] == "value" else 2.0))
         step = trainer.global_step + 1  # the step this optimizer step completes (global_step after the batch)
         norms = param_norms(grads, p, path=st.path if dense else None)
-        # for latest_step (the NaN guard of LossDiagnostics reuses the norms); ids, not the tensors: holding the
-        # gradients would keep a whole step of them alive after Lightning frees them
-        self._latest = (opt, step, params, tuple(map(id, grads)), norms) if dense else None
+        if self.shares_latest and dense:  # for take_latest: the NaN guard of LossDiagnostics reuses the norms
+            self._latest = (opt, step, params, grads, norms)
         st.push(self._row(st, present, norms), aux, step, clip)
         # automatic optimization: exactly one optimizer step per batch, so the flush step is known in advance;
         # manual optimization may step several times per batch: every step may be the last before a flush
@@ -229,6 +231,7 @@ class GradientMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._latest = None  # never hold a step's gradients past its batch
         step = int(trainer.global_step)
         if self._schedule.is_flush(step, trainer):
             self._flush(trainer)

@@ -148,6 +148,7 @@ class LossDiagnostics(Callback):
                 self.parts[name] = part
         if "nonfinite" in self.parts and "gradients" in self.parts:  # the guard reuses the monitor's norms
             self.parts["nonfinite"].norm_source = self.parts["gradients"]  # type: ignore[attr-defined]
+            self.parts["gradients"].shares_latest = True  # type: ignore[attr-defined]
         self._dispatch: dict[str, list[Callable[..., Any]]] = {}
         self._build_dispatch()
 

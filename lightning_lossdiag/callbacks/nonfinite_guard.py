@@ -224,6 +224,8 @@ class NonFiniteGuard(Callback):
         self._param_names: dict[int, str] = {}
         self._grads_only = False  # DDP: a step is bad when its (all-reduced) gradients are
         self._found_inf_set: list[Optimizer] = []  # fused optimizers told to skip or not this batch (cleared after)
+        #: per optimizer (by id, within one fit): its :func:`fused_skip_target`, decided at its first step
+        self._fused_targets: dict[int, Optimizer | None] = {}
         self._ok: Tensor | None = None  # where the step's skip flag is written (reused: no allocation per step)
         self._batch_idx = -1
         self.nonfinite_steps = 0
@@ -248,6 +250,7 @@ class NonFiniteGuard(Callback):
         self._last_rows = None
         self._losses = []
         self._grads_only = trainer.world_size > 1
+        self._fused_targets = {}
         record_for(trainer).notes["nonfinite/policy"] = self.policy
 
     @override
@@ -260,10 +263,9 @@ class NonFiniteGuard(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        step = trainer.global_step + 1
         losses, self._losses = self._losses, []
         probe = loss_probe(losses)  # usually the loss itself: finite exactly when it is
-        params, grads, norms = self._step_grads(optimizer, step)
+        step, params, grads, norms = self._step_grads(trainer, optimizer)
         if not grads and probe is None:
             return
         if self.policy == "raise":
@@ -279,7 +281,10 @@ class NonFiniteGuard(Callback):
             ok = step_ok(norms, None if self._grads_only else probe, self._ok, rows.zeros)
             if ok is not None:
                 self._ok = ok  # used right away, never kept: the next step writes its flag into the same tensor
-                target = fused_skip_target(optimizer, trainer)
+                key = id(optimizer)
+                if key not in self._fused_targets:  # decided once per optimizer and fit (its class, the precision)
+                    self._fused_targets[key] = fused_skip_target(optimizer, trainer)
+                target = self._fused_targets[key]
                 if target is not None:  # the fused kernel skips the update itself: no pass over the gradients
                     target.found_inf = (1 - ok).to(torch.float32)  # type: ignore[attr-defined]
                     self._found_inf_set.append(target)
@@ -289,24 +294,24 @@ class NonFiniteGuard(Callback):
                     # which starts there (~0.1 ms a step on the CPU of benchmarks/overhead.py, A/B in the loop).
                     drop_update(grads[::-1], ok, rows.int_view)
 
-    def _step_grads(self, optimizer: Optimizer, step: int) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """The parameters with a dense gradient, those gradients, and their norms (``None`` when there are none).
+    def _step_grads(
+        self, trainer: Trainer, optimizer: Optimizer
+    ) -> tuple[int, list[Tensor], list[Tensor], Tensor | None]:
+        """The step, the parameters with a dense gradient, those gradients, and their norms (``None``: no gradient).
 
         Inside :class:`~lightning_lossdiag.LossDiagnostics` the gradient monitor measured the same gradients just
-        before this hook: its parameter list and norms are taken when the gradient tensors are still the very ones
-        it measured (compared by ``id``), so there is neither a walk over the optimizer's groups nor a second norm.
+        before this hook, in the same call: they are taken from it (:meth:`GradientMonitor.take_latest`), so there is
+        neither a walk over the optimizer's groups nor a second norm.
         """
         source = self.norm_source
-        seen = source.latest_step(optimizer, step) if source is not None else None
+        seen = source.take_latest(optimizer) if source is not None else None
         if seen is not None:
-            params, ids, norms = seen
-            grads = [p.grad for p in params]
-            if tuple(map(id, grads)) == ids:
-                return params, grads, norms  # type: ignore[return-value]
+            return seen  # type: ignore[no-any-return]
         pairs = _grads(optimizer)
         params = [p for p, _ in pairs]
         grads = [g for _, g in pairs]
-        return params, grads, param_norms(grads, 2.0) if grads else None  # float32 L2: NaN/inf propagate
+        step = trainer.global_step + 1
+        return step, params, grads, param_norms(grads, 2.0) if grads else None  # float32 L2: NaN/inf propagate
 
     @override
     def on_train_batch_end(

@@ -295,6 +295,27 @@ def test_in_the_bundle_the_guard_reuses_the_gradient_norms(tmp_path, monkeypatch
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the update of that step was dropped
 
 
+def test_no_step_gradients_are_held_past_the_guard(tmp_path):
+    """The monitor hands its gradients to the bundle's guard once; a lone GradientMonitor never keeps them."""
+    from lightning_lossdiag import GradientMonitor, LossDiagnostics
+
+    bundle = LossDiagnostics(activations=False, errors=False, metrics=False, doctor={"print_report": False})
+    lone = GradientMonitor()
+    held: list[object] = []
+
+    class Watch(Callback):  # runs after the monitors' on_before_optimizer_step (callbacks are called in order)
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            held.extend([bundle.parts["gradients"]._latest, lone._latest])
+
+    model = NaNInOneGradient(nan_batch=-1)
+    trainer = make_trainer(tmp_path, [bundle, lone, Watch()], max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, loaders()[0])
+    assert bundle.parts["gradients"].shares_latest
+    assert not lone.shares_latest
+    assert len(held) == 2 * trainer.global_step > 0
+    assert all(x is None for x in held)
+
+
 class FusedAdamRegressor(NaNRegressor):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True)
