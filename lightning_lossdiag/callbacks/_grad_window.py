@@ -190,7 +190,6 @@ class OptWindow:
         self.last: Tensor | None = None  # the latest step's row, kept across folds for the flush
         self.last_aux: Tensor | None = None
         self.last_clipped: Tensor | None = None  # "value" clipping: post-clip total norm, computed on flush steps
-        self.last_is_flush = False  # the latest step was known to end in a flush (group and parameter norms)
         self.param_norms: Tensor | None = None
         self.steps = 0
 
@@ -232,8 +231,8 @@ class OptWindow:
         self.zero_mask.logical_and_(zero)
         self.rows, self.aux_rows, self.step_numbers = [], [], []
 
-    def latest(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Total norm of the latest step before and after the Trainer's clipping, and its group norms if known.
+    def latest(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Total norm of the latest step before and after the Trainer's clipping, and its group norms.
 
         The post-clip norm is ``None`` when it is not known: "value" clipping on a step that was not expected to be
         flushed.
@@ -248,7 +247,7 @@ class OptWindow:
             clipped = total * clip_coef(l2, self.clip[1])
         elif self.clip is not None:
             clipped = self.last_clipped
-        groups = combine(self.last, self.index, len(self.group_names), p) if self.last_is_flush else None
+        groups = combine(self.last, self.index, len(self.group_names), p)
         return total, clipped, groups
 
     def restart(self) -> None:
@@ -256,7 +255,6 @@ class OptWindow:
         self.total_max.zero_()
         self.clip_count.zero_()
         self.param_norms = None
-        self.last_is_flush = False
         self.steps = 0
 
     def restore(self, window: dict[str, Any], dead_known: bool) -> None:

@@ -209,10 +209,11 @@ class GradientMonitor(Callback):
         if self.shares_latest and dense:  # for take_latest: the NaN guard of LossDiagnostics reuses the norms
             self._latest = (opt, step, params, grads, norms)
         st.push(self._row(st, present, norms), aux, step, clip)
+        if not self.param_norms and (clip is None or clip[0] != "value"):
+            return  # nothing else needs the gradients ahead of a flush (group norms come from the row, at the flush)
         # automatic optimization: exactly one optimizer step per batch, so the flush step is known in advance;
         # manual optimization may step several times per batch: every step may be the last before a flush
-        st.last_is_flush = not automatic or self._schedule.step_is_flushed(step, trainer)
-        if not st.last_is_flush:
+        if automatic and not self._schedule.step_is_flushed(step, trainer):
             return
         if clip is not None and clip[0] == "value":
             kept = torch._foreach_clamp_min(grads, -clip[1])

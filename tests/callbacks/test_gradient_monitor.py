@@ -226,6 +226,25 @@ def test_last_step_of_a_fit_off_the_flush_grid_is_complete(tmp_path, algorithm, 
     assert rec.values("grad/norm/a")[-1] == pytest.approx(float(ga[5].norm()), rel=1e-5)
 
 
+def test_a_stop_nobody_saw_coming_still_logs_the_group_norms_of_the_last_step(tmp_path):
+    # flushes every 4 of 8 planned steps; a callback stops the fit after step 6 (as EarlyStopping or a
+    # KeyboardInterrupt-free `should_stop` would): step 6 is flushed at train end with the norms of its own groups
+    ga, gb = scripted_grads()
+
+    class StopAfter6(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 6:
+                trainer.should_stop = True
+
+    trainer = trainer_for(tmp_path, [GradientMonitor(every_n_steps=4), StopAfter6()])
+    trainer.fit(Scripted(ga, gb))
+    assert trainer.global_step == 6
+    rec = record_for(trainer)
+    assert [s for s, _ in rec.series("grad/norm/a")] == [4, 6]
+    assert rec.values("grad/norm/a")[-1] == pytest.approx(float(ga[5].norm()), rel=1e-5)
+    assert rec.values("grad/norm/b")[-1] == pytest.approx(float(gb[5].norm()), rel=1e-5)
+
+
 def test_dead_and_nonfinite_params(tmp_path):
     ga, gb = scripted_grads()
     gb[5] = torch.tensor([[float("inf"), 1.0]])  # step 6: b.weight has an inf gradient
