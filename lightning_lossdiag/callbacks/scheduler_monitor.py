@@ -132,7 +132,7 @@ class SchedulerMonitor(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._schedule.next_step_flushes(trainer):
             self._snapshot = self._rates(trainer)  # python floats: no device work
-        if any(p.config.interval == "step" for p in self._plateaus):
+        if self._plateaus and any(p.config.interval == "step" for p in self._plateaus):
             self._poll(trainer, int(trainer.current_epoch))
 
     @override
