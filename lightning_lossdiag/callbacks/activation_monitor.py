@@ -15,18 +15,19 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_lossdiag.callbacks._activation_stats import (
+    FINISHED,
     activation_bounds,
     bucket_limits,
     call_stats,
-    finish_stats,
+    finish_all,
     first_tensor,
     histograms,
     is_activation,
     merge_stats,
 )
-from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, to_host, warn_no_logger_once
+from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, warn_no_logger_once
 from lightning_lossdiag.callbacks._grad_groups import check_depth, group_modules, resolve_depth, safe_tag
-from lightning_lossdiag.dashboards.writers import tensorboard_writers
+from lightning_lossdiag.dashboards.writers import tensorboard_writers, write_histograms
 
 _MODES = ("groups", "activations")
 
@@ -241,22 +242,22 @@ class ActivationMonitor(Callback):
         names = list(values)
         rows = histograms([values[n] for n in names], self.hist_bins).cpu().tolist()  # epoch end: one transfer
         step = int(trainer.global_step)
+        hists: dict[str, dict[str, Any]] = {}
         for name, row in zip(names, rows, strict=True):
             lo, hi, num, total, squares = row[:5]
             if not lo <= hi:  # no finite value to show
                 continue
-            for writer in writers:
-                writer.add_histogram_raw(
-                    tag=f"act/hist/{name}",
-                    min=lo,
-                    max=hi,
-                    num=int(num),
-                    sum=total,
-                    sum_squares=squares,
-                    bucket_limits=bucket_limits(lo, hi, len(row) - 5),
-                    bucket_counts=row[5:],
-                    global_step=step,
-                )
+            hists[f"act/hist/{name}"] = {
+                "min": lo,
+                "max": hi,
+                "num": int(num),
+                "sum": total,
+                "sum_squares": squares,
+                "bucket_limits": bucket_limits(lo, hi, len(row) - 5),
+                "bucket_counts": row[5:],
+            }
+        for writer in writers:
+            write_histograms(writer, hists, step)  # one event for every layer
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -334,11 +335,14 @@ class ActivationMonitor(Callback):
         pending, self._pending = self._pending, {}
         if not pending:
             return
-        values: dict[str, Tensor] = {}
-        for name, acc in pending.items():
-            for stat, value in finish_stats(acc).items():
-                values[f"act/{stat}/{name}"] = value
-        log_scalars(trainer, to_host(values), step)  # flush: one transfer for every layer
+        names = list(pending)
+        rows = finish_all([pending[name] for name in names]).cpu().tolist()  # flush: one transfer for every layer
+        values: dict[str, float] = {}
+        for name, row in zip(names, rows, strict=True):
+            for stat, value in zip(FINISHED, row, strict=True):
+                if stat != "saturated_frac" or "saturated" in pending[name]:
+                    values[f"act/{stat}/{name}"] = value
+        log_scalars(trainer, values, step)
         self._epoch_hists, self._step_hists = self._step_hists, {}
         self._flushes += 1
 

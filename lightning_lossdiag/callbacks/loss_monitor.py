@@ -201,16 +201,16 @@ class LossMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        step = int(trainer.global_step)
         out = fetch_outputs(pl_module, outputs, "train")
         if out is not None and isinstance(out.loss, Tensor):
             loss = out.loss if out.loss.numel() == 1 else out.loss.float().mean()
             self._pending.append(loss)  # a reference only: no kernel, no host read
-            self._pending_steps.append(int(trainer.global_step))
+            self._pending_steps.append(step)
             if out.terms:
                 self._terms = dict(out.terms)
             if len(self._pending) >= _COMPACT_AT:
                 self._pending = [torch.cat([t.reshape(-1).float() for t in self._pending])]  # device-only concat
-        step = int(trainer.global_step)
         if self._schedule.is_flush(step, trainer):
             self._flush(trainer)
             self._schedule.mark(step)
@@ -238,10 +238,9 @@ class LossMonitor(Callback):
         merge = trainer is not None and trainer.world_size > 1
         if not self._pending and not self._terms and not merge:
             return []
-        losses = [t.reshape(-1) for t in self._pending]
         terms = [t.reshape(-1)[:1] for t in self._terms.values()]
         extra = [self._nonfinite_all_ranks(trainer)] if merge else []
-        host = host_floats(losses + terms + extra)  # flush / epoch end: the one host read
+        host = host_floats(self._pending + terms + extra)  # flush / epoch end: the one host read
         n = len(host) - len(terms) - 2 * len(extra)  # == len(self._pending_steps): one step per batch
         s = self.stats
         before = s.nonfinite_count

@@ -81,3 +81,51 @@ def write_scalars(logger: Any, metrics: Mapping[str, float], step: int) -> None:
         for key, value in metrics.items()
     ]
     writer.add_summary(Summary(value=values), int(step))
+
+
+def write_histograms(writer: Any, histograms: Mapping[str, Mapping[str, Any]], step: int) -> None:
+    """Write several ``add_histogram_raw`` histograms (tag -> its keyword arguments) to ``writer`` in ONE event.
+
+    ``SummaryWriter.add_histogram_raw`` writes one event per tag; the writer's queue holds 10 events, so a dozen
+    layers at once made the training thread wait for the writer thread (~4 ms at the end of an epoch on the CPU).
+    One ``Summary`` with every histogram is read back by TensorBoard as the same series. A writer that is not
+    ``torch``'s ``SummaryWriter`` (no ``_get_file_writer``) gets ``add_histogram_raw`` once per tag.
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        >>> d = tempfile.mkdtemp()
+        >>> w = SummaryWriter(d)
+        >>> h = dict(min=0.0, max=2.0, num=3, sum=3.0, sum_squares=5.0, bucket_limits=[1.0, 2.0], bucket_counts=[1, 2])
+        >>> write_histograms(w, {"a": h, "b": {**h, "num": 4, "bucket_counts": [1, 3]}}, step=7)
+        >>> w.close()
+        >>> acc = EventAccumulator(d)
+        >>> _ = acc.Reload()
+        >>> sorted(acc.Tags()["histograms"]), [(e.step, e.histogram_value.num) for e in acc.Histograms("b")]
+        (['a', 'b'], [(7, 4.0)])
+    """
+    get_writer = getattr(writer, "_get_file_writer", None)
+    if not callable(get_writer):
+        for tag, kwargs in histograms.items():
+            writer.add_histogram_raw(tag=tag, global_step=step, **kwargs)
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard.summary import histogram_raw
+
+    values = [
+        value
+        for tag, kw in histograms.items()
+        for value in histogram_raw(
+            tag,
+            kw["min"],
+            kw["max"],
+            kw["num"],
+            kw["sum"],
+            kw["sum_squares"],
+            kw["bucket_limits"],
+            kw["bucket_counts"],
+        ).value
+    ]
+    if values:
+        get_writer().add_summary(Summary(value=values), int(step))

@@ -14,8 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossdiag.callbacks._activation_stats import (
+    FINISHED,
     activation_bounds,
     call_stats,
+    finish_all,
     finish_stats,
     histogram,
     histograms,
@@ -403,6 +405,27 @@ def test_conv_dead_channels_and_merge():
     both = torch.cat([a, b])
     assert m["mean"].item() == pytest.approx(both.mean().item(), rel=1e-5)
     assert m["std"].item() == pytest.approx(both.std(correction=0).item(), rel=1e-5)
+
+
+def test_finish_all_equals_finish_stats_layer_by_layer():
+    torch.manual_seed(0)
+    tanh = activation_bounds(nn.Tanh())
+    accs = [
+        call_stats(torch.relu(torch.randn(8, 5)), 1, None, 0.01),  # some dead units
+        call_stats(torch.tanh(torch.randn(4, 3, 6) * 3), 1, tanh, 0.01),  # bounded: saturation counted
+        merge_stats(call_stats(torch.randn(2, 7), 1, None, 0.01), call_stats(torch.randn(9, 7) + 1, 1, None, 0.01)),
+        call_stats(torch.zeros(3), 1, None, 0.01),  # one unit, all zeros
+    ]
+    rows = finish_all(accs)
+    assert rows.shape == (len(accs), len(FINISHED))
+    for acc, row in zip(accs, rows.tolist(), strict=True):
+        one = finish_stats(acc)
+        for stat, value in zip(FINISHED, row, strict=True):
+            if stat in one:
+                assert value == pytest.approx(one[stat].item(), rel=1e-12, abs=1e-15), stat
+            else:
+                assert value != value  # NaN: no saturation count for an unbounded layer
+    assert finish_all([]).shape == (0, len(FINISHED))
 
 
 def test_bounds_and_saturation():
