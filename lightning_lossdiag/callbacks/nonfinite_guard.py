@@ -227,6 +227,7 @@ class NonFiniteGuard(Callback):
         #: per optimizer (by id, within one fit): its :func:`fused_skip_target`, decided at its first step
         self._fused_targets: dict[int, Optimizer | None] = {}
         self._ok: Tensor | None = None  # where the step's skip flag is written (reused: no allocation per step)
+        self._found_inf: Tensor | None = None  # the same for the flag handed to a fused optimizer as `found_inf`
         self._batch_idx = -1
         self.nonfinite_steps = 0
         self.skipped_steps = 0
@@ -278,21 +279,27 @@ class NonFiniteGuard(Callback):
         if self.policy in ("skip", "stop") and grads:
             # Under DDP act on the all-reduced gradients only: the same on every rank, so no rank skips or stops
             # alone (the replicas would drift apart, or the others would wait forever on the next collective).
-            ok = step_ok(norms, None if self._grads_only else probe, self._ok, rows.zeros)
+            key = id(optimizer)
+            if key not in self._fused_targets:  # decided once per optimizer and fit (its class, the precision)
+                self._fused_targets[key] = fused_skip_target(optimizer, trainer)
+            target = self._fused_targets[key]
+            probe_used = None if self._grads_only else probe
+            if target is not None:  # the fused kernel skips the update itself: no pass over the gradients
+                # 1.0 for a bad step, written straight as float32 into one reused tensor (the optimizer holds it
+                # until the batch ends, when it is taken back; the next step writes after, in stream order)
+                found_inf = step_ok(norms, probe_used, self._found_inf, rows.zeros, found_inf=True)
+                if found_inf is not None:
+                    self._found_inf = found_inf
+                    target.found_inf = found_inf  # type: ignore[attr-defined]
+                    self._found_inf_set.append(target)
+                return
+            ok = step_ok(norms, probe_used, self._ok, rows.zeros)
             if ok is not None:
                 self._ok = ok  # used right away, never kept: the next step writes its flag into the same tensor
-                key = id(optimizer)
-                if key not in self._fused_targets:  # decided once per optimizer and fit (its class, the precision)
-                    self._fused_targets[key] = fused_skip_target(optimizer, trainer)
-                target = self._fused_targets[key]
-                if target is not None:  # the fused kernel skips the update itself: no pass over the gradients
-                    target.found_inf = (1 - ok).to(torch.float32)  # type: ignore[attr-defined]
-                    self._found_inf_set.append(target)
-                else:
-                    # Last gradient first: the norms were just computed first to last, so the pass starts on
-                    # memory still in cache, and it leaves the first gradients the warmest for the optimizer,
-                    # which starts there (~0.1 ms a step on the CPU of benchmarks/overhead.py, A/B in the loop).
-                    drop_update(grads[::-1], ok, rows.int_view)
+                # Last gradient first: the norms were just computed first to last, so the pass starts on memory
+                # still in cache, and it leaves the first gradients the warmest for the optimizer, which starts
+                # there (~0.1 ms a step on the CPU of benchmarks/overhead.py, A/B in the loop).
+                drop_update(grads[::-1], ok, rows.int_view)
 
     def _step_grads(
         self, trainer: Trainer, optimizer: Optimizer

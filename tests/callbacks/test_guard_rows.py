@@ -146,6 +146,39 @@ def test_the_flag_is_written_into_a_reused_tensor_when_one_is_given():
     assert int(out) == 0  # the same tensor now holds the new step's flag
 
 
+@pytest.mark.parametrize(
+    ("norms", "probe", "bad"),
+    [
+        ([1.0, 2.0], 0.5, 0.0),
+        ([1.0, NAN], 0.5, 1.0),
+        ([1.0, INF], None, 1.0),
+        ([3e38, 3e38], -INF, 1.0),
+        ([3e38, 3e38], 3e38, 0.0),
+        (None, NAN, 1.0),
+    ],
+)
+def test_the_found_inf_flag_is_the_inverse_as_float32(norms, probe, bad):
+    n = None if norms is None else torch.tensor(norms)
+    p = None if probe is None else torch.tensor(probe)
+    flag = step_ok(n, p, found_inf=True)
+    assert flag.dtype == torch.float32
+    assert flag.ndim == 0
+    assert float(flag) == bad
+    assert int(step_ok(n, p)) == 1 - bad  # the same decision as the int32 flag
+
+
+def test_the_found_inf_flag_reuses_a_float32_tensor_and_never_an_int32_one():
+    out = torch.empty((), dtype=torch.float32)
+    assert step_ok(torch.tensor([NAN]), None, out, found_inf=True) is out
+    assert float(out) == 1.0
+    assert step_ok(torch.tensor([1.0]), None, out, found_inf=True) is out
+    assert float(out) == 0.0
+    ints = torch.empty((), dtype=torch.int32)
+    other = step_ok(torch.tensor([1.0]), None, ints, found_inf=True)
+    assert other is not ints
+    assert other.dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_the_flag_is_exact_for_huge_finite_values(dtype):
     huge = torch.finfo(dtype).max  # a finite loss at the top of its range: nothing may overflow into a false alarm

@@ -339,7 +339,7 @@ class OptimizerProbe(Callback):
         self.leftover.append(hasattr(trainer.optimizers[0], "found_inf"))
 
     def _snapshot(self, trainer, batch_idx, when):
-        if trainer.current_epoch == 0 and batch_idx in (NAN_BATCH - 1, NAN_BATCH):
+        if trainer.current_epoch == 0 and batch_idx in (NAN_BATCH - 1, NAN_BATCH, NAN_BATCH + 1):
             opt = trainer.optimizers[0]
             self.state[(batch_idx, when)] = [
                 (p.detach().clone(), *(opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq", "step")))
@@ -360,6 +360,8 @@ def test_a_fused_optimizer_skips_the_bad_step_itself_without_touching_the_gradie
         assert all(torch.equal(x, y) for x, y in zip(b, a, strict=True))
     previous = zip(probe.state[(NAN_BATCH - 1, "before")], probe.state[(NAN_BATCH - 1, "after")], strict=True)
     assert all(not torch.equal(b[0], a[0]) for b, a in previous)  # a normal step does move the weights
+    following = zip(probe.state[(NAN_BATCH + 1, "before")], probe.state[(NAN_BATCH + 1, "after")], strict=True)
+    assert all(not torch.equal(b[0], a[0]) for b, a in following)  # and so does the one after: the flag is reset
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert guard.skipped_steps == 1
     assert not any(probe.leftover)  # `found_inf` is taken back after every batch
