@@ -86,9 +86,9 @@ def write_scalars(logger: Any, metrics: Mapping[str, float], step: int) -> None:
 def write_histograms(writer: Any, histograms: Mapping[str, Mapping[str, Any]], step: int) -> None:
     """Write several ``add_histogram_raw`` histograms (tag -> its keyword arguments) to ``writer`` in ONE event.
 
-    ``SummaryWriter.add_histogram_raw`` writes one event per tag; the writer's queue holds 10 events, so a dozen
-    layers at once made the training thread wait for the writer thread (~4 ms at the end of an epoch on the CPU).
-    One ``Summary`` with every histogram is read back by TensorBoard as the same series. A writer that is not
+    ``SummaryWriter.add_histogram_raw`` writes one event per tag, and the writer's queue holds 10 events: with more
+    layers than that, the training thread waits for the writer thread to drain it. One ``Summary`` with every
+    histogram takes one queue entry, and TensorBoard reads it back as the same series. A writer that is not
     ``torch``'s ``SummaryWriter`` (no ``_get_file_writer``) gets ``add_histogram_raw`` once per tag.
 
     Example:
