@@ -173,16 +173,8 @@ def finish_stats(acc: dict[str, Tensor]) -> dict[str, Tensor]:
         >>> f["std"].item(), f["zero_frac"].item(), f["dead_frac"].item()
         (1.0, 0.5, 0.5)
     """
-    n = acc["n"].clamp_min(1)
-    out = {
-        "mean": acc["mean"],
-        "std": (acc["m2"] / n).clamp_min(0).sqrt(),
-        "zero_frac": acc["zeros"] / n,
-        "dead_frac": 1.0 - acc["alive"].double().mean(),
-    }
-    if "saturated" in acc:
-        out["saturated_frac"] = acc["saturated"] / n
-    return out
+    row = finish_all([acc])[0]  # one formula for one layer and for all of them
+    return {stat: row[i] for i, stat in enumerate(FINISHED) if stat != "saturated_frac" or "saturated" in acc}
 
 
 #: the columns of :func:`finish_all`, in order (``saturated_frac`` is NaN for a layer without it)

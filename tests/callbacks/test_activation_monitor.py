@@ -407,24 +407,42 @@ def test_conv_dead_channels_and_merge():
     assert m["std"].item() == pytest.approx(both.std(correction=0).item(), rel=1e-5)
 
 
-def test_finish_all_equals_finish_stats_layer_by_layer():
+def test_finish_all_matches_direct_statistics_of_every_layer():
     torch.manual_seed(0)
     tanh = activation_bounds(nn.Tanh())
+    relu = torch.relu(torch.randn(8, 5))
+    relu[:, 2] = 0.0  # one dead unit
+    bounded = torch.tanh(torch.randn(4, 3, 6) * 3)
+    a, b = torch.randn(2, 7), torch.randn(9, 7) + 1
+    zeros = torch.zeros(3)
     accs = [
-        call_stats(torch.relu(torch.randn(8, 5)), 1, None, 0.01),  # some dead units
-        call_stats(torch.tanh(torch.randn(4, 3, 6) * 3), 1, tanh, 0.01),  # bounded: saturation counted
-        merge_stats(call_stats(torch.randn(2, 7), 1, None, 0.01), call_stats(torch.randn(9, 7) + 1, 1, None, 0.01)),
-        call_stats(torch.zeros(3), 1, None, 0.01),  # one unit, all zeros
+        call_stats(relu, 1, None, 0.01),
+        call_stats(bounded, 1, tanh, 0.01),  # bounded: saturation counted
+        merge_stats(call_stats(a, 1, None, 0.01), call_stats(b, 1, None, 0.01)),
+        call_stats(zeros, 1, None, 0.01),  # one unit, all zeros
     ]
+    raw = [(relu, 1, False), (bounded, 1, True), (torch.cat([a, b]), 1, False), (zeros, None, False)]
     rows = finish_all(accs)
     assert rows.shape == (len(accs), len(FINISHED))
-    for acc, row in zip(accs, rows.tolist(), strict=True):
+    for (x, unit_dim, has_bounds), row in zip(raw, rows.tolist(), strict=True):
+        got = dict(zip(FINISHED, row, strict=True))
+        assert got["mean"] == pytest.approx(x.double().mean().item(), rel=1e-6, abs=1e-9)
+        assert got["std"] == pytest.approx(x.double().std(correction=0).item(), rel=1e-5, abs=1e-9)
+        assert got["zero_frac"] == pytest.approx((x == 0).double().mean().item())
+        if unit_dim is None:
+            dead = float(bool((x == 0).all()))
+        else:
+            others = tuple(d for d in range(x.ndim) if d != unit_dim)
+            dead = (x != 0).sum(dim=others).eq(0).double().mean().item()
+        assert got["dead_frac"] == pytest.approx(dead)
+        if has_bounds:
+            assert got["saturated_frac"] == pytest.approx(((x <= -0.98) | (x >= 0.98)).double().mean().item())
+        else:
+            assert got["saturated_frac"] != got["saturated_frac"]  # NaN: no saturation count for this layer
+    for acc, row in zip(accs, rows, strict=True):  # finish_stats is the one-layer view of the same numbers
         one = finish_stats(acc)
-        for stat, value in zip(FINISHED, row, strict=True):
-            if stat in one:
-                assert value == pytest.approx(one[stat].item(), rel=1e-12, abs=1e-15), stat
-            else:
-                assert value != value  # NaN: no saturation count for an unbounded layer
+        assert [k for k in FINISHED if k in one] == list(one)
+        assert all(one[k].item() == row[FINISHED.index(k)].item() for k in one)
     assert finish_all([]).shape == (0, len(FINISHED))
 
 
