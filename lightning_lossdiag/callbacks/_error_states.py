@@ -12,11 +12,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F  # noqa: N812
 
-from lightning_lossdiag.callbacks._task import TaskInfo, as_rows, to_probabilities
-from lightning_lossdiag.dashboards.figures import confusion_matrix_figure, pred_vs_true_figure
-from lightning_lossdiag.dashboards.pr_curves import pr_thresholds, update_pr_counts, write_pr_curves
+from lightning_lossdiag.dashboards.figures import pred_vs_true_figure
 from lightning_lossdiag.dashboards.tables import worst_samples_table
 from lightning_lossdiag.stats import (
     BinnedErrors,
@@ -69,28 +66,10 @@ def _row_index(
     return (local * world + rank).float(), (pos % per_sample).float()
 
 
-def _sum_sync(t: Tensor, gather: Gather) -> None:
-    t.copy_(gather(t).sum(0))
-
-
 def _write_hist(writer: Any, tag: str, hist: FixedHistogram, step: int) -> None:
     args = histogram_raw_args(hist)  # epoch end: host read of the counts
     if args.get("num", 0) > 0:
         writer.add_histogram_raw(tag, global_step=step, **args)
-
-
-def _class_hist_args(counts: list[int]) -> dict[str, Any]:
-    """``add_histogram_raw`` arguments for class counts: one bucket per class, centred on its index."""
-    present = [c for c, n in enumerate(counts) if n > 0]
-    return {
-        "min": float(present[0]) if present else 0.0,
-        "max": float(present[-1]) if present else 0.0,
-        "num": float(sum(counts)),
-        "sum": float(sum(c * n for c, n in enumerate(counts))),
-        "sum_squares": float(sum(c * c * n for c, n in enumerate(counts))),
-        "bucket_limits": [c + 0.5 for c in range(len(counts))],
-        "bucket_counts": [float(n) for n in counts],
-    }
 
 
 def regression_ranges(
@@ -273,114 +252,4 @@ def _write_worst(writer: Any, prefix: str, step: int, worst: TopKWorst, *, class
     writer.add_text(f"{prefix}/worst", table, step)
 
 
-class ClassificationState:
-    """Confusion counts, binned PR counts, true-class probability histogram, probability moments, worst rows."""
-
-    def __init__(self, info: TaskInfo, bins: int, thresholds: int, worst_k: int, device: torch.device) -> None:
-        self.device = torch.device(device)
-        self.info = info
-        c = int(info.num_classes or 2)
-        self.num_classes = c
-        curves = 1 if info.task == "binary" else c
-        self.confusion = torch.zeros(c, c, dtype=torch.long, device=device)  # multilabel: positives, predicted
-        self.pos = torch.zeros(curves, thresholds, dtype=torch.long, device=device)
-        self.neg = torch.zeros(curves, thresholds, dtype=torch.long, device=device)
-        self.thresholds = pr_thresholds(thresholds, device)
-        self.true_prob = FixedHistogram(0.0, 1.0, bins, device=device)
-        self.moments = torch.zeros(3, curves, dtype=torch.float64, device=device)  # count, sum, sum of squares
-        self.worst = TopKWorst(worst_k, 5, device=device)
-        self.seen = 0
-
-    def update(self, preds: Tensor, target: Tensor, *, rank: int, world: int) -> None:
-        """Add one batch; device only (no boolean-mask indexing: invalid labels get weight 0)."""
-        values, labels, per_sample = as_rows(to_probabilities(preds.detach(), self.info), target.detach(), self.info)
-        n = int(target.shape[0]) if target.ndim else 1
-        index, element = _row_index(self.seen, values.shape[0], per_sample, rank, world, self.device)
-        self.seen += n
-        c = self.num_classes
-        if self.info.task == "multilabel":
-            positive = labels.clamp(0, 1)
-            pred = (values > 0.5).long()
-            self.confusion[0] += positive.long().sum(0)
-            self.confusion[1] += pred.sum(0)
-            update_pr_counts(self.pos, self.neg, values, positive, self.thresholds)
-            p_true = torch.where(positive > 0, values, 1 - values).reshape(-1)
-            lab_flat, pred_flat, prob_flat = positive.reshape(-1), pred.reshape(-1).float(), values.reshape(-1)
-            elem = (element[:, None] * c + torch.arange(c, device=self.device)).reshape(-1)
-            idx = index[:, None].expand(-1, c).reshape(-1)
-            valid = torch.ones_like(p_true, dtype=torch.bool)
-        else:
-            if self.info.task == "binary":
-                p1 = values[:, 0]
-                probs2 = torch.stack([1 - p1, p1], dim=1)
-                lab = labels[:, 0].round().long()
-            else:
-                probs2, lab = values, labels
-            valid = (lab >= 0) & (lab < c)
-            safe = lab.clamp(0, c - 1)
-            pred_cls = probs2.argmax(dim=1) if self.info.task == "multiclass" else (probs2[:, 1] > 0.5).long()
-            self.confusion.view(-1).index_add_(0, safe * c + pred_cls, valid.long())
-            curve_p = values if self.info.task == "multiclass" else values[:, :1]
-            curve_pos = F.one_hot(safe, c) if self.info.task == "multiclass" else safe[:, None]
-            curve_p = torch.where(valid[:, None], curve_p, torch.full_like(curve_p, -1.0))  # -1: never counted
-            update_pr_counts(self.pos, self.neg, curve_p, curve_pos, self.thresholds)
-            p_true = probs2.gather(1, safe[:, None]).squeeze(1)
-            lab_flat, pred_flat, prob_flat = safe.float(), pred_cls.float(), probs2.gather(1, pred_cls[:, None])[:, 0]
-            idx, elem = index, element
-        self.true_prob.update(torch.where(valid, p_true, torch.full_like(p_true, float("nan"))))
-        w = valid.reshape(values.shape[0], -1)[:, :1].double()
-        v = values.double()
-        self.moments += torch.stack([w.expand_as(v).sum(0), (v * w).sum(0), (v * v * w).sum(0)])
-        loss = -torch.log(p_true.clamp_min(1e-12))
-        loss = torch.where(valid, loss, torch.full_like(loss, float("-inf")))
-        self.worst.update(loss, torch.stack([idx, elem, lab_flat, pred_flat, prob_flat], dim=1))
-
-    def sync(self, gather: Gather) -> None:
-        """Merge every rank's state (collective; epoch end)."""
-        for t in (self.confusion, self.pos, self.neg, self.moments):
-            _sum_sync(t, gather)
-        self.true_prob.sync(gather)
-        self.worst.sync(gather)
-
-    def scalars(self, prefix: str) -> dict[str, Tensor]:
-        """Mean per-class std of the probabilities, majority-class prediction share, out-of-range share, samples."""
-        count, total, squares = self.moments
-        mean = total / count.clamp_min(1)
-        std = (squares / count.clamp_min(1) - mean * mean).clamp_min(0).sqrt().mean()
-        h = self.true_prob
-        out = {f"{prefix}/constant_pred_std": std, f"{prefix}/samples": count[0]}
-        out[f"{prefix}/out_of_range"] = (h.underflow + h.overflow).double() / (h.counts.sum() + 1e-300).clamp_min(1)
-        if self.info.task != "multilabel":
-            true_counts, pred_counts = self.confusion.sum(1), self.confusion.sum(0)
-            share = pred_counts[true_counts.argmax()].double() / pred_counts.sum().clamp_min(1)
-            out[f"{prefix}/majority_pred_share"] = share
-        return out
-
-    def class_counts(self) -> list[int]:
-        """True class counts (multilabel: positives per label); epoch end host read."""
-        counts = self.confusion[0] if self.info.task == "multilabel" else self.confusion.sum(1)
-        return [int(x) for x in counts.tolist()]  # epoch end host read
-
-    def write(self, writer: Any, prefix: str, step: int) -> None:
-        """Confusion image, PR curves, histograms and the worst table (epoch end, rank 0; host reads)."""
-        conf = self.confusion.cpu().numpy()  # epoch end host read
-        if self.info.task == "multilabel":
-            true_counts, pred_counts = conf[0].tolist(), conf[1].tolist()
-        else:
-            true_counts, pred_counts = conf.sum(1).tolist(), conf.sum(0).tolist()
-            writer.add_image(f"{prefix}/confusion_matrix", confusion_matrix_figure(conf), step, dataformats="HWC")
-        names = ["1"] if self.info.task == "binary" else [str(c) for c in range(self.pos.shape[0])]
-        write_pr_curves(writer, f"{prefix}/pr_curve", self.pos.cpu().numpy(), self.neg.cpu().numpy(), names, step)
-        _write_hist(writer, f"{prefix}/true_class_prob", self.true_prob, step)
-        if sum(true_counts) > 0:
-            writer.add_histogram_raw(f"{prefix}/target_dist", global_step=step, **_class_hist_args(true_counts))
-        if sum(pred_counts) > 0:
-            writer.add_histogram_raw(f"{prefix}/pred_dist", global_step=step, **_class_hist_args(pred_counts))
-        _write_worst(writer, prefix, step, self.worst, classes=True)
-
-    def nbytes(self) -> int:
-        """Bytes of device state."""
-        return tensor_bytes([self.confusion, self.pos, self.neg, self.moments, self.true_prob, self.worst])
-
-
-__all__ = ["ClassificationState", "RegressionState", "StageState", "regression_ranges", "tensor_bytes"]
+__all__ = ["RegressionState", "StageState", "regression_ranges", "tensor_bytes"]

@@ -28,11 +28,55 @@ class TaskInfo:
         task: ``"regression"``, ``"binary"``, ``"multiclass"`` or ``"multilabel"``.
         inputs: what ``preds`` hold: ``"logits"``, ``"probabilities"``, ``"log_probabilities"`` or ``"values"``.
         num_classes: classes (multiclass, 2 for binary), labels (multilabel), ``None`` for regression.
+        class_dim: the dimension of ``preds`` that holds the classes: ``1`` (torch's ``(N, C, d1, ...)``) or the
+            last one, ``-1`` (``(B, T, V)`` sequences).
+        ignore_index: a target value whose rows are left out of every statistic (besides the values outside
+            ``[0, C)``, which are always left out of multiclass statistics).
     """
 
     task: Task
     inputs: Inputs
     num_classes: int | None = None
+    class_dim: int = 1
+    ignore_index: int | None = None
+
+
+def check_class_dim(class_dim: Any) -> int | None:
+    """Validate a callback's ``class_dim`` option: ``None`` (tell from the shapes), ``1`` or ``-1``."""
+    if class_dim is not None and (isinstance(class_dim, bool) or class_dim not in (1, -1)):
+        raise ValueError(
+            f"`class_dim` must be None (tell from the shapes), 1 (N, C, ...) or -1 (B, T, V), got {class_dim!r}"
+        )
+    return class_dim  # type: ignore[no-any-return]
+
+
+def check_ignore_index(ignore_index: Any) -> int | None:
+    """Validate a callback's ``ignore_index`` option: ``None`` or an integer target value."""
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise ValueError(f"`ignore_index` must be None or an integer target value, got {ignore_index!r}")
+    return ignore_index  # type: ignore[no-any-return]
+
+
+def info_state(info: TaskInfo) -> dict[str, Any]:
+    """A :class:`TaskInfo` as plain checkpoint data."""
+    return {
+        "task": info.task,
+        "inputs": info.inputs,
+        "num_classes": info.num_classes,
+        "class_dim": info.class_dim,
+        "ignore_index": info.ignore_index,
+    }
+
+
+def info_from_state(state: Mapping[str, Any]) -> TaskInfo:
+    """The :class:`TaskInfo` of :func:`info_state` (older checkpoints: class dim 1, no ignore index)."""
+    return TaskInfo(
+        state.get("task", "regression"),
+        state.get("inputs", "values"),
+        state.get("num_classes"),
+        int(state.get("class_dim", 1)),
+        state.get("ignore_index"),
+    )
 
 
 def _describe(criterion: nn.Module | None) -> tuple[str | None, str | None]:
@@ -66,19 +110,27 @@ def _first_batch_facts(preds: Tensor, target: Tensor) -> dict[str, float]:
     binary_target = ((t == 0) | (t == 1)).all().float()
     facts = [p.min(), p.max(), binary_target]
     if p.ndim >= 2 and p.shape[1] > 1:
-        facts.append((p.sum(1) - 1).abs().max())
-        facts.append((p.exp().sum(1) - 1).abs().max())
+        dim = _likely_class_dim(p, target)
+        facts.append((p.sum(dim) - 1).abs().max())
+        facts.append((p.exp().sum(dim) - 1).abs().max())
     else:
         facts += [torch.full((), float("inf"), device=p.device)] * 2
     host = torch.stack([f.reshape(()) for f in facts]).tolist()  # one-time host read (first batch)
     return dict(zip(["min", "max", "binary_target", "row_sum_err", "exp_row_sum_err"], host, strict=True))
 
 
+def _likely_class_dim(preds: Tensor, target: Tensor) -> int:
+    """Dim 1, or the last dim when only it fits integer targets (``(B, T, V)`` with ``(B, T)``); shapes only."""
+    nd = preds.ndim
+    last_fits = nd > 2 and target.ndim == nd - 1 and tuple(preds.shape[:-1]) == tuple(target.shape)
+    return nd - 1 if last_fits and tuple(preds.shape[:1] + preds.shape[2:]) != tuple(target.shape) else 1
+
+
 def _infer_from_shapes(preds: Tensor, target: Tensor, facts: dict[str, float]) -> str:
     if not preds.is_floating_point():
         return "regression"
     if not target.is_floating_point() and target.dtype != torch.bool and preds.ndim == target.ndim + 1:
-        return "multiclass"
+        return "multiclass"  # (N, C, ...) with (N, ...) labels, or (B, T, V) with (B, T): class_dimension() tells
     if preds.shape == target.shape and facts["binary_target"] == 1.0:
         return _refine_binary("binary", preds)
     return "regression"
@@ -97,7 +149,14 @@ def _infer_inputs(task: str, facts: dict[str, float]) -> str:
     return "probabilities" if low >= 0.0 and high <= 1.0 else "logits"
 
 
-def infer_task_info(criterion: nn.Module | None, preds: Tensor, target: Tensor, task: str = "auto") -> TaskInfo:
+def infer_task_info(
+    criterion: nn.Module | None,
+    preds: Tensor,
+    target: Tensor,
+    task: str = "auto",
+    class_dim: int | None = None,
+    ignore_index: int | None = None,
+) -> TaskInfo:
     """Task, kind of predictions and number of classes of a first batch (one host read when the criterion is unknown).
 
     Args:
@@ -105,10 +164,15 @@ def infer_task_info(criterion: nn.Module | None, preds: Tensor, target: Tensor, 
         preds: the first batch's predictions.
         target: the first batch's targets.
         task: ``"auto"`` or a task to force.
+        class_dim: the class dimension of ``preds`` (``1`` or ``-1``); ``None`` tells it from the shapes (see
+            :func:`class_dimension`).
+        ignore_index: a target value to leave out; ``None`` takes the criterion's ``ignore_index`` when it has one.
 
     Example:
         >>> infer_task_info(None, torch.randn(8, 5), torch.randint(0, 5, (8,)))
-        TaskInfo(task='multiclass', inputs='logits', num_classes=5)
+        TaskInfo(task='multiclass', inputs='logits', num_classes=5, class_dim=1, ignore_index=None)
+        >>> infer_task_info(None, torch.randn(2, 7, 50), torch.randint(0, 50, (2, 7))).class_dim
+        -1
     """
     if task != "auto" and task not in TASKS:
         raise ValueError(f"`task` must be 'auto' or one of {TASKS}, got {task!r}")
@@ -129,13 +193,70 @@ def infer_task_info(criterion: nn.Module | None, preds: Tensor, target: Tensor, 
         facts = facts if facts is not None else _first_batch_facts(preds, target)
         inputs = _infer_inputs(chosen, facts)
     num_classes: int | None = None
+    dim = 1
     if chosen == "binary":
         num_classes = 2
     elif chosen in ("multiclass", "multilabel"):
         if preds.ndim < 2:
             raise ValueError(f"{chosen} predictions must have a class dimension (N, C, ...), got {tuple(preds.shape)}")
-        num_classes = int(preds.shape[1])
-    return TaskInfo(chosen, inputs, num_classes)  # type: ignore[arg-type]
+        known = criterion is not None and crit_task is not None  # a torch loss: classes on dim 1
+        dim = class_dimension(preds, target, chosen, class_dim if class_dim is not None else (1 if known else None))
+        num_classes = int(preds.shape[dim])
+    if ignore_index is None:
+        crit_ignore = getattr(criterion, "ignore_index", None)
+        ignore_index = crit_ignore if isinstance(crit_ignore, int) and not isinstance(crit_ignore, bool) else None
+    return TaskInfo(chosen, inputs, num_classes, dim if dim == 1 else -1, ignore_index)  # type: ignore[arg-type]
+
+
+def class_dimension(preds: Tensor, target: Tensor, task: str, class_dim: int | None = None) -> int:
+    """The class dimension of ``preds`` (``1`` or ``preds.ndim - 1``) for ``target``; shapes only, no host read.
+
+    Multiclass targets are ``preds``' shape without the class dimension: torch's ``(N, C, d1, ...)`` with
+    ``(N, d1, ...)`` labels (``class_dim=1``), or sequences ``(B, T, V)`` with ``(B, T)`` labels (``class_dim=-1``).
+    When both fit (``(B, T, T)`` logits with ``(B, T)`` labels) the shapes cannot tell, and ``class_dim`` must be
+    given. Multilabel targets have ``preds``' shape; the labels are on dim 1 unless ``class_dim`` says otherwise.
+
+    Raises:
+        ValueError: the shapes do not fit ``class_dim`` (or any class dimension), or they fit both.
+
+    Example:
+        >>> class_dimension(torch.zeros(8, 21, 4, 4), torch.zeros(8, 4, 4), "multiclass")
+        1
+        >>> class_dimension(torch.zeros(2, 16, 1000), torch.zeros(2, 16), "multiclass")
+        2
+    """
+    nd = preds.ndim
+    if class_dim is not None:
+        if class_dim not in (1, -1, nd - 1) or nd < 2:
+            raise ValueError(
+                f"`class_dim` must be 1 or -1 for predictions of shape {tuple(preds.shape)}, got {class_dim}"
+            )
+        dim = class_dim % nd
+        expected = tuple(preds.shape[:dim] + preds.shape[dim + 1 :]) if task == "multiclass" else tuple(preds.shape)
+        if task == "multiclass" and tuple(target.shape) != expected:
+            raise ValueError(
+                f"multiclass targets must have the predictions' shape without the class dimension {class_dim}: "
+                f"expected {expected}, got {tuple(target.shape)} for predictions {tuple(preds.shape)}"
+            )
+        return dim
+    if task != "multiclass" or nd == 2:
+        return 1
+    fits = [
+        d for d in dict.fromkeys((1, nd - 1)) if tuple(preds.shape[:d] + preds.shape[d + 1 :]) == tuple(target.shape)
+    ]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise ValueError(
+            f"multiclass predictions {tuple(preds.shape)} do not fit targets {tuple(target.shape)}: the targets must "
+            "be the predictions' shape without the class dimension, (N, C, d1, ...) with (N, d1, ...) or (B, T, V) "
+            "with (B, T)"
+        )
+    raise ValueError(
+        f"cannot tell the class dimension of predictions {tuple(preds.shape)} with targets {tuple(target.shape)}: "
+        "both dim 1 and the last dim fit. Pass `class_dim=1` for (N, C, d1, ...) outputs or `class_dim=-1` for "
+        "(B, T, V) sequences (LossDiagnostics: `errors: {class_dim: -1}` and `metrics: {class_dim: -1}`)"
+    )
 
 
 def infer_task(criterion: nn.Module | None, preds: Tensor, target: Tensor, task: str = "auto") -> Task:
@@ -170,7 +291,7 @@ def to_probabilities(preds: Tensor, traits: Any) -> Tensor:
     if inputs == "log_probabilities":
         return preds.exp()
     if inputs == "logits":
-        return preds.softmax(dim=1) if task == "multiclass" else preds.sigmoid()
+        return preds.softmax(dim=getattr(traits, "class_dim", 1)) if task == "multiclass" else preds.sigmoid()
     raise ValueError(f"`traits.inputs` must be one of {INPUTS}, got {inputs!r}")
 
 
@@ -193,11 +314,12 @@ def as_rows(probs: Tensor, target: Tensor, info: TaskInfo) -> tuple[Tensor, Tens
     elif info.task == "binary":
         values, labels = probs.reshape(-1, 1), target.reshape(-1, 1).float()
     elif info.task == "multiclass":
-        c = int(probs.shape[1])
-        values, labels = probs.movedim(1, -1).reshape(-1, c), target.reshape(-1).long()
+        c = int(probs.shape[info.class_dim])
+        values, labels = probs.movedim(info.class_dim, -1).reshape(-1, c), target.reshape(-1).long()
     else:
-        c = int(probs.shape[1])
-        values, labels = probs.movedim(1, -1).reshape(-1, c), target.movedim(1, -1).reshape(-1, c).float()
+        c = int(probs.shape[info.class_dim])
+        values = probs.movedim(info.class_dim, -1).reshape(-1, c)
+        labels = target.movedim(info.class_dim, -1).reshape(-1, c).float()
     if values.shape[0] != labels.shape[0]:
         raise ValueError(
             f"predictions and targets do not line up for a {info.task} task: {tuple(probs.shape)} vs "
@@ -271,6 +393,11 @@ __all__ = [
     "TaskInfo",
     "align_regression",
     "as_rows",
+    "check_class_dim",
+    "check_ignore_index",
+    "class_dimension",
+    "info_from_state",
+    "info_state",
     "infer_task",
     "infer_task_info",
     "step_parts",

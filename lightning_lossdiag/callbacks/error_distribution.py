@@ -13,14 +13,21 @@ from typing_extensions import override
 
 from lightning_lossdiag._outputs import fetch_outputs
 from lightning_lossdiag.callbacks._base import log_scalars, to_host
-from lightning_lossdiag.callbacks._error_states import (
-    ClassificationState,
-    RegressionState,
-    StageState,
-    regression_ranges,
-)
+from lightning_lossdiag.callbacks._class_engine import DEFAULT_BUDGET, DEFAULT_MAX_CONFUSION, EngineConfig, engine_for
+from lightning_lossdiag.callbacks._class_state import ClassificationState
+from lightning_lossdiag.callbacks._error_states import RegressionState, StageState, regression_ranges
 from lightning_lossdiag.callbacks._staged import StagedOutputsCallback
-from lightning_lossdiag.callbacks._task import TASKS, TaskInfo, align_regression, infer_task_info, step_parts
+from lightning_lossdiag.callbacks._task import (
+    TASKS,
+    TaskInfo,
+    align_regression,
+    check_class_dim,
+    check_ignore_index,
+    infer_task_info,
+    info_from_state,
+    info_state,
+    step_parts,
+)
 from lightning_lossdiag.dashboards.writers import tensorboard_writers
 from lightning_lossdiag.diagnosis.findings import Finding
 from lightning_lossdiag.diagnosis.record import record_for
@@ -101,6 +108,11 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
         num_classes: int | None = None,
         log_every_n_epochs: int = 1,
         thresholds: int = 101,
+        class_dim: int | None = None,
+        ignore_index: int | None = None,
+        max_classes: int = DEFAULT_MAX_CONFUSION,
+        worst_classes: int = 10,
+        budget: int = DEFAULT_BUDGET,
     ) -> None:
         bad = [s for s in stages if s not in ("train", "val", "test")]
         if not stages or bad:
@@ -114,6 +126,9 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
             ("target_bins", target_bins, 1),
             ("log_every_n_epochs", log_every_n_epochs, 1),
             ("thresholds", thresholds, 2),
+            ("max_classes", max_classes, 2),
+            ("worst_classes", worst_classes, 1),
+            ("budget", budget, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
@@ -133,6 +148,12 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
         self.num_classes = num_classes
         self.log_every_n_epochs = log_every_n_epochs
         self.thresholds = thresholds
+        self.class_dim = check_class_dim(class_dim)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.max_classes = max_classes
+        self.worst_classes = worst_classes
+        self.budget = budget
+        self._engines: dict[str, Any] = {}
         self._states: dict[str, StageState] = {}
         self._info: dict[str, TaskInfo] = {}
         self._ranges: dict[str, dict[str, Any]] = {}
@@ -185,9 +206,11 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
         self, trainer: Trainer, pl_module: LightningModule, slot: str, criterion: Any, preds: Tensor, target: Tensor
     ) -> None:
         """First batch of a stage (or of one term of it): infer the task and fit ranges (one-time host reads)."""
-        info = self._info.get(slot) or infer_task_info(criterion, preds, target, self.task)
+        info = self._info.get(slot) or infer_task_info(
+            criterion, preds, target, self.task, self.class_dim, self.ignore_index
+        )
         if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
-            info = TaskInfo(info.task, info.inputs, self.num_classes)
+            info = TaskInfo(info.task, info.inputs, self.num_classes, info.class_dim, info.ignore_index)
         self._info[slot] = info
         _note_task(record_for(trainer).notes, self._info, slot)
         if info.task == "regression":
@@ -197,6 +220,10 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
             if slot not in self._ranges:
                 gather = make_gather(trainer, pl_module)
                 self._ranges[slot] = regression_ranges(aligned, target, self.target_bins, self.residual_range, gather)
+        else:
+            config = EngineConfig(self.thresholds, self.budget, self.max_classes, self.bins, self.worst_k)
+            steps = int(getattr(trainer, "log_every_n_steps", 0) or 50)
+            self._engines[slot] = engine_for(trainer, slot, info, config, preds.device, steps, 256 * 2**10)
         self._states[slot] = self._make_state(slot, preds.device, int(trainer.global_rank))
 
     def _make_state(self, slot: str, device: torch.device, rank: int = 0) -> StageState:
@@ -204,7 +231,7 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
         if info.task == "regression":
             # each DDP rank draws its own sample keys (a shared seed would pick the same positions on every rank)
             return RegressionState(self._ranges[slot], self.bins, self.sample_size, self.worst_k, device, seed=rank)
-        return ClassificationState(info, self.bins, self.thresholds, self.worst_k, device)
+        return ClassificationState(self._engines[slot], max_classes=self.max_classes, worst_classes=self.worst_classes)
 
     def _slots(self, stage: str) -> list[str]:
         """The state keys of ``stage``: ``stage`` itself and ``stage/<term>`` for multi-task steps (sorted)."""
@@ -247,6 +274,9 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
                 if isinstance(state, RegressionState) and self.residual_range is None:
                     self._ranges[slot] = state.refit_ranges(self.target_bins)  # epoch end: next epoch's ranges
         for slot in slots:
+            finish = getattr(self._states[slot], "finish", None)
+            if finish is not None:
+                finish()  # the shared counts start fresh at the slot's next step
             self._states[slot] = self._make_state(slot, self._states[slot].device, rank)  # fresh, for the next epoch
 
     def held_bytes(self) -> int:
@@ -268,9 +298,7 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "info": {
-                s: {"task": i.task, "inputs": i.inputs, "num_classes": i.num_classes} for s, i in self._info.items()
-            },
+            "info": {s: info_state(i) for s, i in self._info.items()},
             "ranges": {s: dict(r) for s, r in self._ranges.items()},
             "epochs": dict(self._epochs),
         }
@@ -278,9 +306,7 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         for stage, info in dict(state_dict.get("info", {})).items():
-            self._info[stage] = TaskInfo(
-                info.get("task", "regression"), info.get("inputs", "values"), info.get("num_classes")
-            )
+            self._info[stage] = info_from_state(info)
         self._ranges = {s: dict(r) for s, r in dict(state_dict.get("ranges", {})).items()}
         self._epochs = {s: int(e) for s, e in dict(state_dict.get("epochs", {})).items()}
 

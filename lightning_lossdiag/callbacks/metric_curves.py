@@ -13,6 +13,13 @@ from typing_extensions import override
 
 from lightning_lossdiag._outputs import fetch_outputs
 from lightning_lossdiag.callbacks._base import to_host
+from lightning_lossdiag.callbacks._class_engine import (
+    DEFAULT_BUDGET,
+    DEFAULT_MAX_CONFUSION,
+    Engine,
+    EngineConfig,
+    engine_for,
+)
 from lightning_lossdiag.callbacks._metric_buffer import StepBuffer
 from lightning_lossdiag.callbacks._metric_sets import (
     ALL_NAMES,
@@ -24,10 +31,39 @@ from lightning_lossdiag.callbacks._metric_sets import (
     update_metrics,
 )
 from lightning_lossdiag.callbacks._staged import StagedOutputsCallback
-from lightning_lossdiag.callbacks._task import TASKS, TaskInfo, align_regression, infer_task_info, step_parts
+from lightning_lossdiag.callbacks._task import (
+    TASKS,
+    TaskInfo,
+    align_regression,
+    check_class_dim,
+    check_ignore_index,
+    infer_task_info,
+    info_from_state,
+    info_state,
+    step_parts,
+)
+from lightning_lossdiag.callbacks.error_distribution import make_gather
 from lightning_lossdiag.diagnosis.record import record_for
+from lightning_lossdiag.stats.class_metrics import class_metrics
 
 _DEFAULT_BUFFER_STEPS = 50
+_SAVED_COUNTS = ("per_class", "label_rows", "rows", "curves", "moments")
+
+
+def saved_counts(engine: Engine) -> dict[str, Any]:
+    """The metric counts of a slot as CPU tensors for a checkpoint (checkpoint save: host copies)."""
+    engine.drain()
+    return {name: getattr(engine.counts, name).detach().cpu().clone() for name in _SAVED_COUNTS}
+
+
+def restore_counts(counts: Any, saved: Any) -> None:
+    """Add saved metric counts to a slot's fresh counts (one-time, at resume; shapes that no longer fit are skipped)."""
+    if not isinstance(saved, Mapping):
+        return
+    for name in _SAVED_COUNTS:
+        value, current = saved.get(name), getattr(counts, name)
+        if isinstance(value, Tensor) and value.shape == current.shape:
+            current += value.to(device=current.device, dtype=current.dtype)
 
 
 class MetricCurves(StagedOutputsCallback):
@@ -95,6 +131,10 @@ class MetricCurves(StagedOutputsCallback):
         metrics: list[str] | None = None,
         buffer_steps: int | None = None,
         buffer_bytes: int = 256 * 2**10,
+        class_dim: int | None = None,
+        ignore_index: int | None = None,
+        max_classes: int = DEFAULT_MAX_CONFUSION,
+        budget: int = DEFAULT_BUDGET,
     ) -> None:
         bad = [s for s in stages if s not in ("train", "val", "test")]
         if not stages or bad:
@@ -119,6 +159,15 @@ class MetricCurves(StagedOutputsCallback):
         self.metrics = list(metrics) if metrics is not None else None
         self.buffer_steps = buffer_steps
         self.buffer_bytes = buffer_bytes
+        for name, value, low in (("max_classes", max_classes, 2), ("budget", budget, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+        self.class_dim = check_class_dim(class_dim)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.max_classes = max_classes
+        self.budget = budget
+        self._engines: dict[str, Engine] = {}  # classification slots: the counts shared with ErrorDistributionMonitor
+        self._gather: Any = None
         self._buffers: dict[str, StepBuffer] = {}  # per slot: steps not yet fed to the metrics
         self._state_key: tuple[Any, str] | None = None
         self._info: dict[str, TaskInfo] = {}
@@ -170,8 +219,12 @@ class MetricCurves(StagedOutputsCallback):
         for term, criterion, preds, target in parts:
             slot = stage if term is None else f"{stage}/{term}"  # keys: metrics/<stage>[/<term>]/<name>
             if slot not in self._modules:
-                self._start_slot(slot, criterion, preds, target)
+                self._start_slot(trainer, slot, criterion, preds, target)
                 self._resume_slot(slot)
+            engine = self._engines.get(slot)
+            if engine is not None:
+                engine.add(preds, target)  # counted once per step, together with the error views
+                continue
             if self._info[slot].task == "regression":
                 preds, _ = align_regression(preds, target)  # shapes only: a bad step still fails at its own step
             buffer = self._buffers.get(slot)
@@ -182,20 +235,36 @@ class MetricCurves(StagedOutputsCallback):
                 self._drain(slot)
         self._updated[stage] = True
 
-    def _start_slot(self, slot: str, criterion: Any, preds: Tensor, target: Tensor) -> None:
-        """First batch of a stage (or of one term of it): the task and the metrics (one-time host read at most)."""
-        info = self._info.get(slot) or infer_task_info(criterion, preds, target, self.task)
+    def _start_slot(self, trainer: Trainer, slot: str, criterion: Any, preds: Tensor, target: Tensor) -> None:
+        """First batch of a stage (or of one term of it): the task and the metrics (one-time host read at most).
+
+        Regression gets torchmetrics (their updates are sync-free sums); classification reads the slot's shared
+        counts (torchmetrics' classification updates call ``bincount``, which synchronises on CUDA).
+        """
+        info = self._info.get(slot) or infer_task_info(
+            criterion, preds, target, self.task, self.class_dim, self.ignore_index
+        )
         if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
-            info = TaskInfo(info.task, info.inputs, self.num_classes)
+            info = TaskInfo(info.task, info.inputs, self.num_classes, info.class_dim, info.ignore_index)
         sequence = info.task == "regression" and preds.ndim >= 2 and preds.shape[-1] >= 2
         self._info[slot] = info
-        metrics = build_metrics(info, self.thresholds, self.metrics, sequence)
-        self._modules[slot] = nn.ModuleDict(metrics).to(preds.device)
+        if info.task == "regression":
+            metrics = build_metrics(info, self.thresholds, self.metrics, sequence)
+            self._modules[slot] = nn.ModuleDict(metrics).to(preds.device)
+            return
+        self._modules[slot] = nn.ModuleDict()
+        steps = self.buffer_steps or int(getattr(trainer, "log_every_n_steps", 0) or _DEFAULT_BUFFER_STEPS)
+        config = EngineConfig(self.thresholds, self.budget, self.max_classes)
+        self._engines[slot] = engine_for(trainer, slot, info, config, preds.device, max(1, steps), self.buffer_bytes)
 
     def _resume_slot(self, slot: str) -> None:
         """Put back the saved training states of ``slot`` if they belong to this epoch (one-time, at resume)."""
         saved = self._resumed.get("slots", {}).pop(slot, None)
         if saved is None or self._resumed.get("epoch") != self._epoch or self._world_size != 1:
+            return
+        engine = self._engines.get(slot)
+        if engine is not None:
+            restore_counts(engine.counts, saved.get("counts"))
             return
         for name, metric in self._stage_metrics(slot).items():
             if name in saved:
@@ -224,7 +293,9 @@ class MetricCurves(StagedOutputsCallback):
             for t in (value if isinstance(value, list) else [value])
             if isinstance(t, Tensor)
         )
-        return states + (sum(buffer.nbytes for buffer in self._buffers.values()) if buffers else 0)
+        states += sum(engine.counts.nbytes() for engine in self._engines.values())
+        held = [*self._buffers.values(), *(e.buffer for e in self._engines.values())]
+        return states + (sum(buffer.nbytes for buffer in held) if buffers else 0)
 
     def _drain_stage(self, stage: str) -> None:
         for slot in self._slots(stage):
@@ -238,10 +309,23 @@ class MetricCurves(StagedOutputsCallback):
         return sorted(s for s in self._modules if s == stage or s.startswith(f"{stage}/"))
 
     def compute_stage(self, stage: str) -> dict[str, Tensor]:
-        """Current values of ``stage`` as device tensors keyed ``metrics/<stage>[/<term>]/<name>`` (per class split)."""
+        """Current values of ``stage`` as device tensors keyed ``metrics/<stage>[/<term>]/<name>``.
+
+        ``recall_per_class`` is split into ``metrics/<stage>/recall/<class>`` up to ``max_classes`` classes; beyond,
+        per-class recall is a histogram across classes and a table of the worst classes (``ErrorDistributionMonitor``).
+        """
         self._drain_stage(stage)
         values: dict[str, Tensor] = {}
         for slot in self._slots(stage):
+            engine = self._engines.get(slot)
+            if engine is not None:
+                wanted = [n for n in METRIC_NAMES[engine.info.task] if self.metrics is None or n in self.metrics]
+                computed = class_metrics(engine.view(self._gather), wanted)  # epoch end: one collective per slot
+                per_class = computed.pop("recall_per_class", None)
+                values.update({f"metrics/{slot}/{name}": value for name, value in computed.items()})
+                if per_class is not None and per_class.shape[0] <= self.max_classes:
+                    values.update({f"metrics/{slot}/recall/{c}": per_class[c] for c in range(per_class.shape[0])})
+                continue
             for name, metric in self._stage_metrics(slot).items():
                 value = metric.compute()
                 if name == "recall_per_class":
@@ -254,6 +338,7 @@ class MetricCurves(StagedOutputsCallback):
     def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage not in self.stages or not self._updated.get(stage, False):
             return
+        self._gather = make_gather(trainer, pl_module)
         values = self.compute_stage(stage)  # epoch end: torchmetrics syncs ranks here
         for key, value in values.items():
             # equal on every rank (torchmetrics synced them): the max over ranks is the value itself, exactly
@@ -262,6 +347,8 @@ class MetricCurves(StagedOutputsCallback):
         for slot in self._slots(stage):
             for metric in self._stage_metrics(slot).values():
                 metric.reset()
+            if slot in self._engines:
+                self._engines[slot].finish()  # the shared counts start fresh at the slot's next step
         self._updated[stage] = False
 
     # ---- layout and state ------------------------------------------------------------------------------------
@@ -289,11 +376,7 @@ class MetricCurves(StagedOutputsCallback):
     def state_dict(self) -> dict[str, Any]:
         """Plain data: the task of each slot and, mid-epoch (one process), the training metrics' states."""
         self._drain_stage("train")  # checkpoint save: the held steps go into the saved states
-        state: dict[str, Any] = {
-            "info": {
-                s: {"task": i.task, "inputs": i.inputs, "num_classes": i.num_classes} for s, i in self._info.items()
-            }
-        }
+        state: dict[str, Any] = {"info": {s: info_state(i) for s, i in self._info.items()}}
         if self._updated.get("train", False) and self._world_size == 1:
             slots = {
                 slot: {
@@ -301,6 +384,9 @@ class MetricCurves(StagedOutputsCallback):
                 }
                 for slot in self._slots("train")
             }
+            for slot in slots:
+                if slot in self._engines:
+                    slots[slot]["counts"] = saved_counts(self._engines[slot])
             state["train_states"] = {"epoch": self._epoch, "slots": slots}
         elif self._resumed.get("slots"):
             state["train_states"] = {"epoch": self._resumed.get("epoch"), "slots": dict(self._resumed["slots"])}
@@ -310,14 +396,13 @@ class MetricCurves(StagedOutputsCallback):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; missing keys keep their defaults."""
         for stage, info in dict(state_dict.get("info", {})).items():
-            self._info[stage] = TaskInfo(
-                info.get("task", "regression"), info.get("inputs", "values"), info.get("num_classes")
-            )
+            self._info[stage] = info_from_state(info)
         saved = state_dict.get("train_states") or {}
         self._resumed = {"epoch": saved.get("epoch"), "slots": dict(saved.get("slots") or {})} if saved else {}
         if self._resumed:  # the metrics are rebuilt (and given these states) at the next training batch
             self._modules = {s: m for s, m in self._modules.items() if s not in self._resumed["slots"]}
             self._buffers = {s: b for s, b in self._buffers.items() if s in self._modules}
+            self._engines = {s: e for s, e in self._engines.items() if s in self._modules}
             self._updated["train"] = False
 
 

@@ -455,9 +455,15 @@ class _TrainCapture(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.rows.append((outputs["preds"].detach().clone(), outputs["target"].clone()))
-        buffer = self.curves._buffers.get("train")
+        buffer = _held(self.curves, "train")
         self.held.append(len(buffer))
         self.held_bytes.append(buffer.nbytes)
+
+
+def _held(curves, slot):
+    """The steps held for ``slot``: MetricCurves' own buffer (regression) or the shared engine's (classification)."""
+    engine = curves._engines.get(slot)
+    return engine.buffer if engine is not None else curves._buffers.get(slot)
 
 
 def _binary_fit(tmp_path, **options):
@@ -489,7 +495,7 @@ def test_buffered_updates_equal_per_step_updates(tmp_path, options, held):
     buffered, capture = _binary_fit(tmp_path / "buffered", **options)
     assert capture.held == held
     assert max(capture.held_bytes) <= options.get("buffer_bytes", 256 * 2**10)
-    assert capture.curves._buffers["train"].nbytes == 0  # epoch end drained what was left
+    assert _held(capture.curves, "train").nbytes == 0  # epoch end drained what was left
     keys = [k for k in per_step.callback_metrics if k.startswith("metrics/")]
     assert len(keys) == 2 * 7
     for key in keys:  # counts-based states: the very same numbers, not just close ones

@@ -1,5 +1,6 @@
 """Every metric MetricCurves logs equals torchmetrics' functional value on the full data, for random data fed in
-random batch splits (the batched, merged states must not depend on how the epoch was cut)."""
+random batch splits (the batched, merged states must not depend on how the epoch was cut). Classification values
+come from the shared device counts (``ClassCounts``), regression values from torchmetrics itself."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from hypothesis import strategies as st
 
 from lightning_lossdiag.callbacks._metric_sets import METRIC_NAMES, build_metrics, update_metrics
 from lightning_lossdiag.callbacks._task import TaskInfo
+from lightning_lossdiag.stats.class_metrics import class_metrics
+from lightning_lossdiag.stats.classification import ClassCounts
 
 SETTINGS = settings(max_examples=25, deadline=None)
 THRESHOLDS = 21
@@ -24,7 +27,15 @@ def split_data(draw, max_rows=120):
     return n, seed, [0, *cuts, n]
 
 
-def feed(info, metrics, preds, target, bounds):
+def feed(info, metrics, preds, target, bounds, budget=2**16):
+    """Regression: the torchmetrics MetricCurves keeps; classification: the shared counts it reads instead."""
+    if info.task != "regression":
+        counts = ClassCounts(
+            info.task, info.inputs, info.num_classes, class_dim=info.class_dim, thresholds=THRESHOLDS, budget=budget
+        )
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            counts.update(preds[lo:hi], target[lo:hi])
+        return class_metrics(counts, list(metrics))
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         update_metrics(info, metrics, preds[lo:hi], target[lo:hi])
     return {name: m.compute() for name, m in metrics.items()}
@@ -139,3 +150,61 @@ def test_balanced_accuracy_of_an_epoch_with_one_class_is_that_class_recall():
     metrics = build_metrics(info, THRESHOLDS, ["balanced_accuracy"], sequence=False)
     got = feed(info, metrics, torch.tensor([0.9, 0.2, 0.1, 0.3]), torch.zeros(4), [0, 1, 4])
     assert got["balanced_accuracy"].item() == pytest.approx(0.75)  # 3 of the 4 negatives are predicted negative
+
+
+@settings(max_examples=8, deadline=None)
+@given(data=split_data(max_rows=60), layout=st.sampled_from(["flat", "btv", "nchw"]))
+def test_thousand_classes_dense_outputs_and_ignored_targets(data, layout):
+    # 1,000 classes handed over as (N, C), (B, T, V) or (N, C, H, W), with ignored targets (-100); the budget covers
+    # every row here, so the curves are exact and every value equals torchmetrics' on the rows that are not ignored
+    n, seed, bounds = data
+    classes = 1000
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, classes, (n, 3), generator=g)
+    target[torch.rand(n, 3, generator=g) < 0.1] = -100
+    logits = torch.randn(n, 3, classes, generator=g) + 4.0 * torch.nn.functional.one_hot(target.clamp_min(0), classes)
+    flat_logits, flat_target = logits.reshape(-1, classes), target.reshape(-1)
+    if layout == "btv":
+        preds, class_dim = logits, -1
+    elif layout == "nchw":
+        preds, class_dim = logits.permute(0, 2, 1).unsqueeze(-1), 1  # (N, C, 3, 1) with (N, 3, 1) labels
+        target = target.unsqueeze(-1)
+    else:
+        preds, target, class_dim, bounds = flat_logits, flat_target, 1, [3 * b for b in bounds]
+    info = TaskInfo("multiclass", "logits", classes, class_dim)
+    names = ["accuracy", "precision", "recall", "f1", "auroc", "average_precision", "recall_per_class"]
+    got = feed(info, dict.fromkeys(names), preds, target, bounds, budget=classes * 3 * n)
+    keep = flat_target >= 0
+    probs, kept = flat_logits[keep].softmax(dim=1), flat_target[keep]
+    kw = {"num_classes": classes}
+    expected = {
+        "accuracy": tmfc.multiclass_accuracy(probs, kept, average="micro", **kw),
+        "precision": tmfc.multiclass_precision(probs, kept, average="macro", **kw),
+        "recall": tmfc.multiclass_recall(probs, kept, average="macro", **kw),
+        "f1": tmfc.multiclass_f1_score(probs, kept, average="macro", **kw),
+        "auroc": tmfc.multiclass_auroc(probs, kept, thresholds=THRESHOLDS, **kw),
+        "average_precision": tmfc.multiclass_average_precision(probs, kept, thresholds=THRESHOLDS, **kw),
+        "recall_per_class": tmfc.multiclass_recall(probs, kept, average=None, **kw),
+    }
+    assert_same(got, expected)
+
+
+def test_sampled_curves_stay_unbiased_at_a_small_budget():
+    # 1,000 classes, 100 batches of 64 rows, a budget of 10 rows per batch: the sampled AUROC and AP stay near the
+    # exact ones, and the every-row statistics (accuracy, recall) are exact whatever the budget
+    classes, g = 1000, torch.Generator().manual_seed(0)
+    target = torch.randint(0, 50, (6400,), generator=g) * 20  # 50 classes present
+    logits = torch.randn(6400, classes, generator=g) + 3.0 * torch.nn.functional.one_hot(target, classes)
+    exact = ClassCounts("multiclass", "logits", classes, thresholds=THRESHOLDS, budget=64 * classes)
+    sampled = ClassCounts("multiclass", "logits", classes, thresholds=THRESHOLDS, budget=10 * classes)
+    for lo in range(0, 6400, 64):
+        exact.update(logits[lo : lo + 64], target[lo : lo + 64])
+        sampled.update(logits[lo : lo + 64], target[lo : lo + 64])
+    a, b = class_metrics(exact), class_metrics(sampled)
+    assert a["accuracy"].item() == b["accuracy"].item()
+    assert torch.equal(a["recall_per_class"], b["recall_per_class"])
+    # each sampled row weighs 6.4: the curve counts keep the totals of the exact ones (same expected value)
+    assert sampled.curves[:, 1].sum().item() == pytest.approx(exact.curves[:, 1].sum().item(), rel=0.05)
+    assert b["auroc"].item() == pytest.approx(a["auroc"].item(), abs=0.02)
+    assert b["average_precision"].item() == pytest.approx(a["average_precision"].item(), abs=0.05)
+    assert a["auroc"].item() != b["auroc"].item()  # the sample really is a sample

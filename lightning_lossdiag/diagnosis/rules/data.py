@@ -11,6 +11,12 @@ from lightning_lossdiag.diagnosis.record import RunRecord
 from lightning_lossdiag.diagnosis.rules._common import fmt
 
 _STAGE_ORDER = ("val", "test", "train")
+_FEW_CLASSES = 3  # up to this many classes the message still gives every count
+_SHOWN = 5  # the rarest classes a message names, whatever the number of classes
+_EMPTY_SHOWN = 3  # the classes without samples a message names
+_FULL_COUNTS = 20  # the evidence keeps the full count list up to this many classes
+_RAREST_FRAC = 0.1  # ``rarest_share``: the share of the samples held by this fraction of the classes (at least 1)
+_NAME_CHARS = 24  # longer class names are cut in messages
 
 
 def _last(record: RunRecord, key: str) -> tuple[int, float] | None:
@@ -27,25 +33,108 @@ def _first_stage_value(record: RunRecord, template: str, term: str = "") -> tupl
     return None
 
 
-def _minority_recall(record: RunRecord, minority: int, n_classes: int, term: str = "") -> tuple[str, float] | None:
+def _minority_recall(
+    record: RunRecord, minority: int, n_classes: int, term: str = "", noted: Any = None
+) -> tuple[str, float] | None:
+    """``(where it was read, value)`` of the minority class's recall: a logged scalar, else the note's list."""
     for stage in _STAGE_ORDER:
         for key in (f"metrics/{stage}/{term}recall/{minority}",):
             found = _last(record, key)
             if found is not None:
-                return key, found[1]
+                return f"`{key}`", found[1]
         if n_classes == 2 and minority == 1:
             found = _last(record, f"metrics/{stage}/{term}recall")
             if found is not None:
-                return f"metrics/{stage}/{term}recall", found[1]
+                return f"`metrics/{stage}/{term}recall`", found[1]
+    if isinstance(noted, list) and len(noted) == n_classes:  # many classes: no per-class scalars, maybe a list
+        value = noted[minority]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return "the `recall` of the `data/class_counts` note", float(value)
     return None
+
+
+def _name(names: list[str] | None, index: int) -> str:
+    """How a message names a class: its index, or its name (in backticks, cut when long) when the note gives names."""
+    if names is None:
+        return str(index)
+    name = names[index]
+    return f"`{name if len(name) <= _NAME_CHARS else name[: _NAME_CHARS - 3] + '...'}`"
+
+
+def _times(x: float) -> str:
+    """A ratio for a message: ``15.7x``, ``1000x`` (no exponent)."""
+    return f"{x:.0f}x" if x >= 100 else f"{fmt(x)}x"
+
+
+def _summary(counts: list[float], names: list[str] | None, where: str, minority: int) -> tuple[str, dict[str, Any]]:
+    """The sentences that describe the class counts, and the evidence behind them; never every count.
+
+    Up to ``_FEW_CLASSES`` classes the counts are short enough to give; beyond, the ratio of the largest to the
+    smallest non-empty class, the classes without samples, the share of the rarest ``_RAREST_FRAC`` of the classes
+    and the ``_SHOWN`` rarest classes with their counts.
+    """
+    n, total = len(counts), sum(counts)
+    order = sorted(range(n), key=lambda i: (counts[i], i))  # rarest first, ties by index
+    seen = [i for i in order if counts[i] > 0]
+    empty = [i for i in order if counts[i] <= 0]
+    ratio = max(counts) / counts[seen[0]] if len(seen) > 1 else None
+    k = max(1, int(n * _RAREST_FRAC))
+    rarest_share = sum(counts[i] for i in order[:k]) / total
+    rarest = [[i, int(counts[i])] for i in seen[:_SHOWN]]
+    evidence: dict[str, Any] = {
+        "num_classes": n,
+        "ratio": ratio,
+        "rarest": rarest,
+        "rarest_k": k,
+        "rarest_share": rarest_share,
+        "empty_classes": len(empty),
+    }
+    if n <= _FULL_COUNTS:
+        evidence["counts"] = counts
+    non_empty = " non-empty" if empty else ""
+    none_at_all = f"{len(empty)} class{'es have' if len(empty) > 1 else ' has'} no sample at all"
+    if n <= _FEW_CLASSES:
+        text = f"Class {_name(names, minority)} holds only {fmt(counts[minority] / total * 100)}% of {where} "
+        text += f"(counts {[int(c) for c in counts]})"
+        if empty:
+            text += f": {none_at_all}."
+            if ratio is not None:
+                text += f" The largest class has {_times(ratio)} the samples of the smallest non-empty one."
+        else:
+            text += f"; the largest class has {_times(ratio or 1.0)} its samples."
+        return text, evidence
+    if ratio is None:
+        return f"Of the {n} classes, {where} all fall in class {_name(names, seen[0])}; {none_at_all}.", evidence
+    text = (
+        f"{where[0].upper()}{where[1:]} span {n} classes: the largest has {_times(ratio)} the samples of the "
+        f"smallest{non_empty} one, class {_name(names, seen[0])} ({fmt(counts[seen[0]] / total * 100)}%)."
+    )
+    if empty:
+        shown = ", ".join(_name(names, i) for i in empty[:_EMPTY_SHOWN])
+        text += f" {none_at_all} ({'e.g. ' if len(empty) > _EMPTY_SHOWN else ''}{shown})."
+    if k > 1:
+        text += f" The rarest {k} classes ({fmt(k / n * 100)}%) hold {fmt(rarest_share * 100)}% of the samples."
+    shown = ", ".join(f"{_name(names, i)} ({c})" for i, c in rarest)
+    return f"{text} Rarest{non_empty} classes (samples): {shown}.", evidence
 
 
 def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     """``class_imbalance``: the smallest class holds less than ``imbalance_share`` of the samples.
 
+    Reads the ``data/class_counts`` note: ``counts`` (one per class), optional ``names`` (one string per class) and
+    ``recall`` (one per class; read when no per-class recall scalar is logged, as for many classes), and for a
+    multi-task model ``heads`` (``{term: counts}`` or ``{term: {"counts", "names", "recall"}}``, one verdict each).
+
     ``info`` when the model still finds the minority class; ``warning`` when its recall is about 0
-    (``metrics/<stage>/recall/<class>``, or the binary recall) or nearly every prediction is the majority class
-    (``errors/<stage>/majority_pred_share``).
+    (``metrics/<stage>/recall/<class>``, the binary recall, or the note's ``recall``) or nearly every prediction is
+    the majority class (``errors/<stage>/majority_pred_share``). A class without samples has no recall: the recall read
+    is that of the rarest class with samples.
+
+    The message stays short whatever the number of classes: up to 3 classes it gives the counts; beyond, the ratio
+    of the largest to the smallest non-empty class, how many classes have no sample, the share of the samples held by
+    the rarest 10% of the classes and the 5 rarest classes with their counts. The evidence holds ``num_classes``,
+    ``ratio``, ``rarest`` (``[class, count]`` pairs), ``rarest_k``, ``rarest_share``, ``empty_classes``,
+    ``minority_class``, ``share``, ``stage`` and ``counts`` up to 20 classes.
 
     Example:
         >>> r = RunRecord()
@@ -53,6 +142,12 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
         >>> r.add_scalars(100, {"metrics/val/recall": 0.0})
         >>> [(f.code, f.severity) for f in class_imbalance(r, DoctorConfig())]
         [('class_imbalance', 'warning')]
+        >>> counts = [1000 // (c + 1) for c in range(1000)]  # long-tailed: 1000, 500, 333, ..., 1
+        >>> r = RunRecord()
+        >>> r.notes["data/class_counts"] = {"stage": "train", "counts": counts}
+        >>> (f,) = class_imbalance(r, DoctorConfig())
+        >>> f.evidence["ratio"], f.evidence["rarest"][:2], f.evidence["empty_classes"], "counts" in f.evidence
+        (1000.0, [[500, 1], [501, 1]], 0, False)
     """
     note = record.notes.get("data/class_counts")
     if not isinstance(note, dict) or record.notes.get("task") == "multilabel":
@@ -60,17 +155,21 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     stage = str(note.get("stage", "train"))
     heads = note.get("heads")
     if isinstance(heads, dict) and heads:  # multi-task: one verdict per classification head
-        found = [_imbalance(record, cfg, counts, stage, str(term)) for term, counts in heads.items()]
+        found = [_imbalance(record, cfg, value, stage, str(term)) for term, value in heads.items()]
         return [f for f in found if f is not None]
-    single = _imbalance(record, cfg, note.get("counts"), stage, None)
+    single = _imbalance(record, cfg, note, stage, None)
     return [single] if single is not None else []
 
 
 def _imbalance(record: RunRecord, cfg: DoctorConfig, raw: Any, stage: str, term: str | None) -> Finding | None:
-    """The ``class_imbalance`` verdict for one set of class counts (``term``: the head of a multi-task model)."""
-    if not isinstance(raw, list):
+    """The ``class_imbalance`` verdict for one set of class counts (``term``: the head of a multi-task model).
+
+    ``raw``: the counts, or a dict with ``counts`` and optional ``names`` and ``recall``.
+    """
+    info = raw if isinstance(raw, dict) else {"counts": raw}
+    if not isinstance(info.get("counts"), list):
         return None
-    counts = [float(c) for c in raw if isinstance(c, (int, float))]
+    counts = [float(c) for c in info["counts"] if isinstance(c, (int, float))]
     total = sum(counts)
     if len(counts) < 2 or total <= 0:
         return None
@@ -78,37 +177,49 @@ def _imbalance(record: RunRecord, cfg: DoctorConfig, raw: Any, stage: str, term:
     share = counts[minority] / total
     if share >= cfg.imbalance_share:
         return None
+    names_raw = info.get("names")
+    names = [str(n) for n in names_raw] if isinstance(names_raw, list) and len(names_raw) == len(counts) else None
     prefix = f"{term}/" if term else ""
-    evidence: dict[str, Any] = {"stage": stage, "counts": counts, "minority_class": minority, "share": share}
+    where = f"the {stage} samples of head `{term}`" if term else f"the {stage} samples"
+    summary, evidence = _summary(counts, names, where, minority)
+    evidence.update({"stage": stage, "minority_class": minority, "share": share})
     if term:
         evidence["term"] = term
+    with_samples = [i for i in range(len(counts)) if counts[i] > 0]
+    rarest_seen = min(with_samples, key=counts.__getitem__)  # an empty class has no recall: read the rarest seen
     symptoms = []
-    recall = _minority_recall(record, minority, len(counts), prefix)
+    recall = None
+    if len(with_samples) > 1:
+        recall = _minority_recall(record, rarest_seen, len(counts), prefix, info.get("recall"))
     if recall is not None:
         evidence["minority_recall"] = recall[1]
+        if rarest_seen != minority:
+            evidence["recall_class"] = rarest_seen
         if recall[1] <= cfg.recall_zero:
-            symptoms.append(f"its recall is {fmt(recall[1])} (`{recall[0]}`)")
+            symptoms.append(f"its recall is {fmt(recall[1])} ({recall[0]})")
     majority = _first_stage_value(record, "errors/{stage}/{term}majority_pred_share", prefix)
     if majority is not None:
         evidence["majority_pred_share"] = majority[2]
         if majority[2] >= cfg.majority_share_one:
             symptoms.append(f"{fmt(majority[2] * 100)}% of the {majority[0]} predictions are the majority class")
     severity: Severity = "warning" if symptoms else "info"
-    seen = (
-        "The model ignores it: " + " and ".join(symptoms) + "."
-        if symptoms
-        else "The model still finds it, but accuracy alone hides how well."
-    )
+    rare = f"class {_name(names, rarest_seen)}"
+    if symptoms:
+        seen = f"The model ignores {rare}: " + " and ".join(symptoms) + "."
+    elif len(with_samples) < 2:
+        seen = f"With every sample in {rare}, nothing shows how the model does on the others."
+    elif recall is not None:
+        seen = f"The model still finds {rare} (recall {fmt(recall[1])}), but accuracy alone hides how well."
+    else:
+        seen = f"No per-class recall was logged to show whether the model finds {rare}."
     binary = len(counts) == 2
     fix = (
         "`pos_weight: auto` for `bce_with_logits`, or the `focal` loss"
         if binary
         else "class weights in the cross-entropy, or the `focal` loss"
     )
-    where = f"the {stage} samples of head `{term}`" if term else f"the {stage} samples"
     msg = (
-        f"Class {minority} holds only {fmt(share * 100)}% of {where} (counts {[int(c) for c in counts]}). "
-        f"{seen} A model can reach high accuracy by always predicting the majority class. Try: {fix}, or a "
+        f"{summary} {seen} A model can reach high accuracy by always predicting the majority class. Try: {fix}, or a "
         "balanced sampler; watch recall/F1 per class rather than accuracy."
     )
     return Finding("class_imbalance", severity, msg, None, evidence)

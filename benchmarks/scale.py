@@ -1,0 +1,403 @@
+"""Outputs at scale: bare Trainer vs the same Trainer with LossDiagnostics() on real-sized classification outputs.
+
+Every workload is a small LightningModule with seeded synthetic data made here; its training_step and
+validation_step return ``{"loss": loss, "preds": logits.detach(), "target": y}``, so both configurations run the same
+module and only the callbacks differ. Each configuration of each repeat runs in its own subprocess (bare, diag, bare,
+diag, ...) so one's memory never leaks into the other's; the numbers are medians over repeats.
+
+Columns: median wall time per training step (``on_train_batch_start`` to the next one, warm-up steps and the steps
+that cross an epoch end left out; on CUDA the timer synchronises at the batch boundaries, in both configurations);
+the ratio of the diag and bare medians; seconds added per epoch outside the training steps (validation and epoch-end
+hooks); peak memory added (CUDA: ``max_memory_allocated``; CPU: peak RSS of the process); bytes of TensorBoard event
+files the diag run wrote per stage (train, val) and epoch.
+
+    python benchmarks/scale.py                                  # all workloads, CPU, 1 thread
+    python benchmarks/scale.py --quick --repeats 1              # smoke run with tiny sizes
+    python benchmarks/scale.py --device cuda --precision bf16-mixed --json scale.json
+    python benchmarks/scale.py --workloads cls1000,lm32k_btv --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+WORKLOADS = ("small", "cls1000", "tag1000", "seg21", "lm32k_flat", "lm32k_btv")
+WARMUP = 3  # training steps at the start of each epoch left out of the per-step timing
+MARK = " ✗"
+TARGETS = {"ratio": 1.10, "epoch_s": 2.0, "mem_mib": 256.0, "events_mib": 5.0}
+RESULT = "@@scale-result@@ "
+
+
+def sizes(quick: bool) -> dict[str, dict[str, int]]:
+    """Workload sizes: real ones, or tiny ones for a smoke run (``--quick``)."""
+    if quick:
+        return {
+            "small": {"classes": 5, "batch": 16, "features": 32, "hidden": 64},
+            "cls1000": {"classes": 50, "batch": 32, "features": 32, "hidden": 64},
+            "tag1000": {"classes": 50, "batch": 32, "features": 32, "hidden": 64},
+            "seg21": {"classes": 21, "batch": 2, "side": 16, "hidden": 8},
+            "lm": {"classes": 500, "batch": 2, "seq": 16, "hidden": 32},
+        }
+    return {
+        "small": {"classes": 5, "batch": 16, "features": 32, "hidden": 64},
+        "cls1000": {"classes": 1000, "batch": 256, "features": 256, "hidden": 512},
+        "tag1000": {"classes": 1000, "batch": 256, "features": 256, "hidden": 512},
+        "seg21": {"classes": 21, "batch": 8, "side": 64, "hidden": 32},
+        "lm": {"classes": 32000, "batch": 4, "seq": 64, "hidden": 128},
+    }
+
+
+def make_module(name: str, size: dict[str, int]) -> Any:
+    from lightning.pytorch import LightningModule
+
+    class Workload(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            c, h = size["classes"], size["hidden"]
+            if name in ("small", "cls1000", "tag1000"):
+                self.net = nn.Sequential(nn.Linear(size["features"], h), nn.ReLU(), nn.Linear(h, h), nn.ReLU())
+                self.head = nn.Linear(h, c)
+            elif name == "seg21":
+                self.net = nn.Sequential(
+                    *(m for i in range(3) for m in (nn.Conv2d(3 if i == 0 else h, h, 3, padding=1), nn.ReLU()))
+                )
+                self.head = nn.Conv2d(h, c, 1)
+            else:
+                self.embed = nn.Embedding(c, h)
+                self.net = nn.TransformerEncoderLayer(h, 4, 2 * h, dropout=0.0, batch_first=True)
+                self.head = nn.Linear(h, c)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if name.startswith("lm"):
+                mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
+                return self.head(self.net(self.embed(x), src_mask=mask, is_causal=True))
+            return self.head(self.net(x))
+
+        def step(self, batch: Any) -> dict[str, torch.Tensor]:
+            x, y = batch
+            logits = self(x)
+            if name == "tag1000":
+                loss = F.binary_cross_entropy_with_logits(logits, y)
+            elif name == "seg21":
+                loss = F.cross_entropy(logits, y, ignore_index=255)
+            elif name == "lm32k_flat":
+                logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+                loss = F.cross_entropy(logits, y, ignore_index=-100)
+            elif name == "lm32k_btv":  # the loss wants the class dim 1; the hand-over stays (B, T, V)
+                loss = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(logits, y)
+            return {"loss": loss, "preds": logits.detach(), "target": y}
+
+        def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+            return self.step(batch)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+            return self.step(batch)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    return Workload()
+
+
+def make_data(name: str, size: dict[str, int], batches: int, seed: int) -> DataLoader:
+    """``batches`` batches of seeded synthetic data that the workload can learn from."""
+    g = torch.Generator().manual_seed(seed)
+    n, c = batches * size["batch"], size["classes"]
+    if name in ("small", "cls1000", "tag1000"):
+        x = torch.randn(n, size["features"], generator=g)
+        scores = x @ torch.randn(size["features"], c, generator=g) + 0.5 * torch.randn(n, c, generator=g)
+        # tag1000: ~1 % positives (standardized scores above the 99th percentile of N(0, 1)); else the best class
+        y = (scores / scores.std() > 2.326).float() if name == "tag1000" else scores.argmax(1)
+    elif name == "seg21":
+        x = torch.randn(n, 3, size["side"], size["side"], generator=g)
+        y = F.conv2d(x, torch.randn(c, 3, 3, 3, generator=g), padding=1).argmax(1)
+        y[torch.rand(y.shape, generator=g) < 0.05] = 255  # void pixels
+    else:
+        tokens = torch.randint(0, c, (n, size["seq"] + 1), generator=g)
+        x, y = tokens[:, :-1], tokens[:, 1:].clone()
+        y[torch.rand(y.shape, generator=g) < 0.05] = -100
+    return DataLoader(TensorDataset(x, y), batch_size=size["batch"], shuffle=False)
+
+
+def handed_over(name: str, size: dict[str, int]) -> str:
+    b, c = size["batch"], size["classes"]
+    if name == "seg21":
+        return f"({b}, {c}, {size['side']}, {size['side']}) vs ({b}, {size['side']}, {size['side']})"
+    if name == "lm32k_flat":
+        return f"({b * size['seq']}, {c}) vs ({b * size['seq']},)"
+    if name == "lm32k_btv":
+        return f"({b}, {size['seq']}, {c}) vs ({b}, {size['seq']})"
+    return f"({b}, {c}) vs ({b}, {c})" if name == "tag1000" else f"({b}, {c}) vs ({b},)"
+
+
+def timers(cuda: bool) -> tuple[Any, Any]:
+    """A step timer (first callback) and a tail marker (last callback: its batch end follows every other's)."""
+    from lightning.pytorch import Callback
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class StepTimer(Callback):
+        def __init__(self) -> None:
+            self.steps: list[float] = []
+            self.outside: list[float] = []  # per epoch: its last step's end to the next epoch's first step / train end
+            self.prev: float | None = None
+            self.index = 0
+            self.tail_end: float | None = None
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self.prev, self.index = None, 0
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            t = now()
+            if self.index == 0 and self.tail_end is not None:  # previous epoch: its validation and end hooks
+                self.outside.append(t - self.tail_end)
+                self.tail_end = None
+            if self.prev is not None and self.index > WARMUP:
+                self.steps.append(t - self.prev)
+            self.prev, self.index = t, self.index + 1
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.tail_end is not None:
+                self.outside.append(now() - self.tail_end)
+
+    class Tail(Callback):
+        def __init__(self, timer: StepTimer) -> None:
+            self.timer = timer
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.timer.tail_end = now()
+
+    timer = StepTimer()
+    return timer, Tail(timer)
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration of one workload, in this process: fit, then report times, memory and event bytes."""
+    import logging
+
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    args, name, config = argparse.Namespace(**spec["args"]), spec["workload"], spec["config"]
+    cuda = args.device == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for logger in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(logger).setLevel("ERROR")
+    seen: dict[str, int] = {}
+    warnings.simplefilter("default")
+    warnings.showwarning = lambda msg, cat, *a, **k: seen.__setitem__(f"{cat.__name__}: {msg}", 1)
+    size = sizes(args.quick)["lm" if name.startswith("lm") else name]
+    per_epoch = WARMUP + 1 + math.ceil(args.steps / args.epochs)
+    out: dict[str, Any] = {"workload": name, "config": config, "shapes": handed_over(name, size)}
+    seed_everything(spec["seed"], verbose=False)
+    model = make_module(name, size)
+    train = make_data(name, size, per_epoch, seed=spec["seed"])
+    val = make_data(name, size, max(args.val_batches, 1), seed=spec["seed"] + 1000)
+    timer, tail = timers(cuda)
+    callbacks: list[Any] = [timer]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if config == "diag":
+                from lightning_lossdiag import LossDiagnostics
+
+                callbacks.append(LossDiagnostics())
+            trainer = Trainer(
+                max_epochs=args.epochs,
+                limit_val_batches=args.val_batches,
+                num_sanity_val_steps=0,
+                accelerator=args.device,
+                devices=1,
+                precision=args.precision,
+                logger=TensorBoardLogger(tmp, name="", version=""),
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+                callbacks=[*callbacks, tail],
+            )
+            trainer.fit(model, train, val)
+        except Exception as err:  # noqa: BLE001 - reported in the workload's row
+            frames = [f for f in traceback.extract_tb(err.__traceback__) if "lightning_lossdiag" in f.filename]
+            where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+            out["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:240]}{where}"
+            out["traceback"] = traceback.format_exc()
+        out["event_bytes"] = sum(p.stat().st_size for p in Path(tmp).rglob("events.out.tfevents*"))
+    out["step_s"] = timer.steps
+    out["outside_s"] = timer.outside
+    out["peak_bytes"] = (
+        torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    out["warnings"] = sorted(seen)
+    return out
+
+
+def run_child(name: str, config: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    spec = json.dumps({"workload": name, "config": config, "seed": seed, "args": vars(args)})
+    proc = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT) :])  # type: ignore[no-any-return]
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"workload": name, "config": config, "error": f"process exited {proc.returncode}: {tail}"[:300]}
+
+
+def med(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> dict[str, Any]:
+    """Medians over repeats of each configuration, and the differences diag - bare."""
+    s: dict[str, Any] = {}
+    for config, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        s[config] = {
+            "step_s": med([m for r in ok if (m := med(r["step_s"])) is not None]),
+            "outside_s": med([m for r in ok if (m := med(r["outside_s"])) is not None]),
+            "peak_bytes": med([r["peak_bytes"] for r in ok]),
+            "event_bytes": med([r["event_bytes"] for r in ok]),
+            "errors": sorted({r["error"] for r in rs if "error" in r}),
+        }
+    bare, diag = s["bare"], s["diag"]
+    stages = 2 if args.val_batches > 0 else 1
+
+    def diff(key: str) -> float | None:
+        return None if bare[key] is None or diag[key] is None else diag[key] - bare[key]
+
+    s["ratio"] = diag["step_s"] / bare["step_s"] if bare["step_s"] and diag["step_s"] else None
+    s["outside_added_s"] = diff("outside_s")
+    s["peak_added_bytes"] = diff("peak_bytes")
+    s["events_per_stage_epoch"] = None if diag["event_bytes"] is None else diag["event_bytes"] / (args.epochs * stages)
+    warned = {w for r in runs["diag"] for w in r.get("warnings", [])}
+    s["diag_only_warnings"] = sorted(warned - {w for r in runs["bare"] for w in r.get("warnings", [])})
+    return s
+
+
+def mib(nbytes: float) -> float:
+    return nbytes / 2**20
+
+
+def cell(value: float | None, fmt: str, limit: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return fmt.format(value) + (MARK if limit is not None and value > limit else "")
+
+
+def row(name: str, shapes: str, s: dict[str, Any]) -> str:
+    errors = s["bare"]["errors"] + [f"diag: {e}" for e in s["diag"]["errors"]]
+    if s["ratio"] is None and errors:
+        bare = cell(s["bare"]["step_s"] and s["bare"]["step_s"] * 1000, "{:.1f}")
+        return f"| {name} | {shapes} | {bare} | failed: {'; '.join(errors)} | | | | |"
+    cells = [
+        name,
+        shapes,
+        cell(s["bare"]["step_s"] and s["bare"]["step_s"] * 1000, "{:.1f}"),
+        cell(s["diag"]["step_s"] and s["diag"]["step_s"] * 1000, "{:.1f}"),
+        cell(s["ratio"], "{:.3f}x", TARGETS["ratio"]),
+        cell(s["outside_added_s"], "{:+.3f}", TARGETS["epoch_s"]),
+        cell(s["peak_added_bytes"] and mib(s["peak_added_bytes"]), "{:+.1f}", TARGETS["mem_mib"]),
+        cell(s["events_per_stage_epoch"] and mib(s["events_per_stage_epoch"]), "{:.3f}", TARGETS["events_mib"]),
+    ]
+    if errors:  # some repeats failed: the row is the others'
+        cells[-1] += " (failed: " + "; ".join(errors) + ")"
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list from " + ", ".join(WORKLOADS))
+    parser.add_argument("--steps", type=int, default=None, help="measured training steps in all (default 40)")
+    parser.add_argument("--val-batches", type=int, default=None, help="validation batches per epoch (default 4)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on cpu)")
+    parser.add_argument("--precision", default=None, help="Trainer precision, e.g. bf16-mixed (default 32-true)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (and 8 steps, 2 val batches): smoke run")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(RESULT + json.dumps(child(json.loads(args.child))), flush=True)
+        return
+    args.steps = args.steps if args.steps is not None else (8 if args.quick else 40)
+    args.val_batches = args.val_batches if args.val_batches is not None else (2 if args.quick else 4)
+    args.threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+    import lightning
+    import torchmetrics
+
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    header = [
+        f"`{shlex.join([sys.executable, *sys.argv])}`",
+        "",
+        f"torch {torch.__version__}, lightning {lightning.__version__}, torchmetrics {torchmetrics.__version__}; "
+        f"device {device}; torch threads {args.threads or torch.get_num_threads()}; "
+        f"precision {args.precision or '32-true'}; {args.epochs} epochs x "
+        f"({WARMUP} warm-up + {math.ceil(args.steps / args.epochs)} measured + 1 last) training steps, "
+        f"{args.val_batches} val batches per epoch; {args.repeats} repeats (bare, diag alternating, one process each)"
+        + ("; QUICK sizes" if args.quick else ""),
+    ]
+    print("\n".join(header), flush=True)
+    results: dict[str, Any] = {}
+    for name in names:
+        runs: dict[str, list[dict[str, Any]]] = {"bare": [], "diag": []}
+        for r in range(args.repeats):
+            for config in ("bare", "diag"):
+                start = time.perf_counter()
+                runs[config].append(run_child(name, config, seed=r, args=args))
+                status = runs[config][-1].get("error", "ok")
+                print(f"  {name} repeat {r + 1}/{args.repeats} {config}: {time.perf_counter() - start:.1f} s, {status}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        shapes = next((x["shapes"] for x in runs["bare"] + runs["diag"] if "shapes" in x), "?")
+        results[name] = {"shapes": shapes, "runs": runs, "summary": summarize(runs, args)}
+    print()
+    print("| workload | preds vs target | bare ms/step | diag ms/step | diag/bare | epoch end +s | peak mem +MiB "
+          "| events MiB/stage/epoch |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, res in results.items():
+        print(row(name, res["shapes"], res["summary"]))
+    memory = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS (ru_maxrss) of the process"
+    print(
+        f"\nTargets (cells that miss are marked{MARK}): per step <= {TARGETS['ratio']:.2f}x bare (ratio of the "
+        f"per-step medians); epoch end <= +{TARGETS['epoch_s']:.0f} s (validation + epoch-end hooks per epoch, diag - "
+        f"bare); memory added <= {TARGETS['mem_mib']:.0f} MiB at 32k classes (applied to every row; {memory}, diag - "
+        f"bare); events <= {TARGETS['events_mib']:.0f} MiB per stage and epoch (TensorBoard files of the diag run / "
+        f"(epochs x stages), stages train and val)."
+    )
+    for name, res in results.items():
+        for w in res["summary"]["diag_only_warnings"][:5]:
+            print(f"\nNote: {name}: diag-only warning: {w[:300]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": sys.argv, "args": vars(args), "results": results}, indent=1))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""One classification engine per Trainer and stage slot, shared by ``ErrorDistributionMonitor`` and ``MetricCurves``.
+
+Both callbacks see the same step. The first that hands it over feeds the slot's
+:class:`~lightning_lossdiag.stats.classification.ClassCounts`; the second finds the same tensors already taken and
+does nothing, so a batch is counted once whichever parts are on. Steps are held as references (no kernel) and fed in
+one concatenated update every ``buffer_steps`` steps or once the held tensors pass ``buffer_bytes`` (large outputs:
+every step), and at epoch end. At the end of an epoch each reader takes the merged counts (one collective per slot
+and epoch, cached for the other reader) and marks the slot finished; its next batch starts fresh counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lossdiag.callbacks._metric_buffer import StepBuffer
+from lightning_lossdiag.callbacks._task import TaskInfo
+from lightning_lossdiag.stats.classification import ClassCounts
+
+_ENGINES_ATTR = "lossdiag_class_engines"
+DEFAULT_BUDGET = 2**16
+DEFAULT_MAX_CONFUSION = 32
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What two readers must agree on to share counts (``bins``/``worst_k`` ``None``: any will do)."""
+
+    thresholds: int = 101
+    budget: int = DEFAULT_BUDGET
+    max_confusion: int = DEFAULT_MAX_CONFUSION
+    bins: int | None = None
+    worst_k: int | None = None
+
+    def fits(self, other: EngineConfig) -> bool:
+        """True when counts built with ``other`` serve this reader."""
+        same = (self.thresholds, self.budget, self.max_confusion) == (
+            other.thresholds,
+            other.budget,
+            other.max_confusion,
+        )
+        return same and self.bins in (None, other.bins) and self.worst_k in (None, other.worst_k)
+
+
+@dataclass
+class Engine:
+    """The counts of one slot, the steps held for them, and the last step taken."""
+
+    info: TaskInfo
+    config: EngineConfig
+    counts: ClassCounts
+    buffer: StepBuffer
+    rank: int = 0
+    world: int = 1
+    last: tuple[Tensor, Tensor] | None = None
+    finished: bool = False
+    version: int = 0
+    merged: tuple[int, ClassCounts] | None = None
+    readers: set[int] = field(default_factory=set)
+
+    def add(self, preds: Tensor, target: Tensor) -> None:
+        """Take one step (once, whichever reader comes first); no kernel unless the buffer is full."""
+        if self.last is not None and self.last[0] is preds and self.last[1] is target:
+            return
+        if self.finished:  # first batch of a new epoch of this stage
+            self.counts = _new_counts(self.info, self.config, self.counts.device, self.rank)
+            self.finished, self.merged = False, None
+        self.last = (preds, target)
+        self.version += 1
+        if self.buffer.add(preds, target):
+            self.drain()
+
+    def drain(self) -> None:
+        """Feed the held steps to the counts (device only)."""
+        for preds, target in self.buffer.take():
+            self.counts.update(preds, target, rank=self.rank, world=self.world)
+
+    def view(self, gather: Any) -> ClassCounts:
+        """The counts merged over ranks (epoch end: one collective per slot and epoch, then cached)."""
+        self.drain()
+        if self.merged is None or self.merged[0] != self.version:
+            self.merged = (self.version, self.counts.merged(gather, self.world))
+        return self.merged[1]
+
+    def finish(self) -> None:
+        """The epoch of this slot is over: the next step starts fresh counts (left as they are until then)."""
+        self.drain()
+        self.finished = True
+        self.last = None
+
+
+def _new_counts(info: TaskInfo, config: EngineConfig, device: torch.device, rank: int) -> ClassCounts:
+    return ClassCounts(
+        info.task,
+        info.inputs,
+        int(info.num_classes or 2),
+        class_dim=info.class_dim,
+        ignore_index=info.ignore_index,
+        thresholds=config.thresholds,
+        budget=config.budget,
+        max_confusion=config.max_confusion,
+        bins=config.bins or 64,
+        worst_k=config.worst_k or 20,
+        device=device,
+        seed=rank,  # each DDP rank samples its own rows
+    )
+
+
+def engine_for(
+    trainer: Any,
+    slot: str,
+    info: TaskInfo,
+    config: EngineConfig,
+    device: torch.device,
+    buffer_steps: int,
+    buffer_bytes: int,
+) -> Engine:
+    """The engine of ``slot`` on ``trainer`` that fits ``config`` (created at the first batch of the slot)."""
+    engines: dict[str, list[Engine]] = trainer.__dict__.setdefault(_ENGINES_ATTR, {})
+    for engine in engines.get(slot, []):
+        if engine.info == info and config.fits(engine.config):
+            return engine
+    built = EngineConfig(
+        config.thresholds, config.budget, config.max_confusion, config.bins or 64, config.worst_k or 20
+    )
+    rank, world = int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
+    engine = Engine(
+        info, built, _new_counts(info, built, device, rank), StepBuffer(buffer_steps, buffer_bytes), rank, world
+    )
+    engines.setdefault(slot, []).append(engine)
+    return engine
+
+
+__all__ = ["DEFAULT_BUDGET", "DEFAULT_MAX_CONFUSION", "Engine", "EngineConfig", "engine_for"]

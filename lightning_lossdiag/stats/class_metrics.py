@@ -1,0 +1,93 @@
+"""Classification metrics from :class:`~lightning_lossdiag.stats.classification.ClassCounts`: pure tensor formulas.
+
+The values equal torchmetrics' functional results on the same rows (``validate_args=False``, binned curves with the
+same thresholds): accuracy is micro, precision, recall and F1 are macro (for multiclass, classes that are neither
+present nor predicted are left out of the mean, as torchmetrics does; for multilabel every label counts), AUROC and
+average precision are the macro means of the per-class binned areas (a class with no positive scores 0 there, as in
+torchmetrics). Nothing here reads the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lossdiag.stats.curves import binned_auroc, binned_average_precision
+
+NAMES = ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "balanced_accuracy", "recall_per_class")
+
+
+def _div(num: Tensor, den: Tensor) -> Tensor:
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+
+
+def stat_scores(counts: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(tp, fp, tn, fn)`` per class (multilabel: per label) from ``per_class`` support, predicted and correct.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> c = SimpleNamespace(task="multiclass", per_class=torch.tensor([[2.0, 1.0], [1.0, 2.0], [1.0, 1.0]]),
+        ...                     rows=torch.tensor([3.0, 0.0]), label_rows=torch.zeros(2))
+        >>> [t.tolist() for t in stat_scores(c)]
+        [[1.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
+    """
+    support, predicted, correct = counts.per_class
+    tp, fp, fn = correct, predicted - correct, support - correct
+    total = counts.label_rows if counts.task == "multilabel" else counts.rows[0]
+    return tp, fp, total - tp - fp - fn, fn
+
+
+def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> dict[str, Tensor]:
+    """The metrics ``names`` of a task (those that apply), as device tensors.
+
+    ``recall_per_class`` is a ``(C,)`` tensor; every other value is 0-d. ``balanced_accuracy`` is binary only (the
+    mean recall of the classes present).
+
+    Example:
+        >>> from lightning_lossdiag.stats.classification import ClassCounts
+        >>> c = ClassCounts("binary", "probabilities", 2, thresholds=11)
+        >>> c.update(torch.tensor([0.9, 0.2, 0.7, 0.4]), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+        >>> {k: round(v.item(), 3) for k, v in class_metrics(c, ["accuracy", "precision", "auroc"]).items()}
+        {'accuracy': 0.5, 'precision': 0.5, 'auroc': 0.75}
+    """
+    tp, fp, tn, fn = stat_scores(counts)
+    out: dict[str, Tensor] = {}
+    binary = counts.task == "binary"
+    if binary:
+        pos = (tp[1], fp[1], fn[1])
+        values = {
+            "accuracy": _div(tp.sum(), counts.rows[0]),
+            "precision": _div(pos[0], pos[0] + pos[1]),
+            "recall": _div(pos[0], pos[0] + pos[2]),
+            "f1": _div(2 * pos[0], 2 * pos[0] + pos[1] + pos[2]),
+        }
+        present = (tp + fn) > 0
+        recalls = _div(tp, tp + fn)
+        values["balanced_accuracy"] = _div((recalls * present).sum(), present.sum().double())
+    else:
+        if counts.task == "multilabel":
+            weights = torch.ones_like(tp)
+            accuracy = _div((tp + tn).sum(), (tp + tn + fp + fn).sum())
+        else:
+            weights = ((tp + fp + fn) > 0).double()
+            accuracy = _div(tp.sum(), (tp + fn).sum())
+        values = {
+            "accuracy": accuracy,
+            "precision": _div((_div(tp, tp + fp) * weights).sum(), weights.sum()),
+            "recall": _div((_div(tp, tp + fn) * weights).sum(), weights.sum()),
+            "f1": _div((_div(2 * tp, 2 * tp + fp + fn) * weights).sum(), weights.sum()),
+            "recall_per_class": _div(tp, tp + fn),
+        }
+    if "auroc" in names:
+        values["auroc"] = binned_auroc(counts.curves).mean()
+    if "average_precision" in names:
+        values["average_precision"] = binned_average_precision(counts.curves).mean()
+    for name in names:
+        if name in values:
+            out[name] = values[name]
+    return out
+
+
+__all__ = ["NAMES", "class_metrics", "stat_scores"]

@@ -1,0 +1,133 @@
+"""Binned threshold curves (PR, ROC, AUROC, average precision) from per-bin counts: bucketize once, cumulate at read.
+
+Each curve ``k`` (a class, a label, or the one positive class of a binary task) keeps two rows of weights over ``T``
+fixed thresholds ``t_0 < ... < t_{T-1}`` (``linspace(0, 1, T)``, as torchmetrics uses): in bin ``j`` the weight of the
+positives and of the negatives whose largest threshold ``<= p`` is ``t_j``. A value below ``t_0`` is never predicted
+positive and is not counted. The reverse cumulative sum over ``j`` gives, for every threshold, the positives and
+negatives with ``p >= t_j``: torchmetrics' binned rule, so the areas below equal ``binary_auroc``,
+``multiclass_auroc`` and ``*_average_precision`` with ``thresholds=T`` on the same data.
+
+An update costs ``O(values)`` (one ``bucketize`` and one ``index_add_``), never ``values x thresholds``; the state is
+``K x 2 x T`` whatever the number of samples. Weights are float64 (exact for integer counts up to ``2**53``) so a
+uniform sample of rows can stand for a whole batch (each sampled row weighs ``rows / sampled``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def curve_thresholds(num_thresholds: int, device: torch.device | str | None = None) -> Tensor:
+    """``linspace(0, 1, num_thresholds)`` in float32, the thresholds torchmetrics uses for ``thresholds=T``.
+
+    Example:
+        >>> curve_thresholds(3)
+        tensor([0.0000, 0.5000, 1.0000])
+    """
+    if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, int) or num_thresholds < 2:
+        raise ValueError(f"`thresholds` must be an integer >= 2, got {num_thresholds!r}")
+    return torch.linspace(0, 1, num_thresholds, device=device)
+
+
+def add_curve_counts(counts: Tensor, probs: Tensor, positive: Tensor, weight: Tensor, thresholds: Tensor) -> None:
+    """Add ``(M, K)`` probabilities to ``counts`` ``(K, 2, T)`` in place: row 0 negatives, row 1 positives.
+
+    Args:
+        counts: float64 ``(K, 2, T)`` state.
+        probs: ``(M, K)`` probabilities (values below ``t_0`` and NaN are never counted).
+        positive: ``(M, K)`` 0/1 labels (any dtype).
+        weight: ``(M,)`` or ``(M, K)`` weight of each value (0 for ignored rows).
+        thresholds: the ``(T,)`` ascending thresholds.
+
+    Device only, no host read.
+
+    Example:
+        >>> c = torch.zeros(1, 2, 3, dtype=torch.float64)
+        >>> add_curve_counts(c, torch.tensor([[0.2], [0.9], [0.6]]), torch.tensor([[0], [1], [1]]),
+        ...                  torch.ones(3), curve_thresholds(3))
+        >>> c[0].tolist()
+        [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]
+    """
+    k, _, t = counts.shape
+    p = probs.float()
+    idx = torch.bucketize(p, thresholds, right=True) - 1  # largest j with t_j <= p; -1 below every threshold
+    w = weight.to(torch.float64)
+    if w.ndim == 1:
+        w = w[:, None]
+    w = torch.where((idx >= 0) & ~torch.isnan(p), w, torch.zeros((), dtype=w.dtype, device=w.device)).expand_as(p)
+    column = (torch.arange(k, device=p.device) * (2 * t))[None, :] + positive.to(torch.long) * t
+    counts.view(-1).index_add_(0, (column + idx.clamp_min(0)).reshape(-1), w.reshape(-1))
+
+
+def rates_at_thresholds(counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(tp, fp, tn, fn)``, each ``(K, T)``: the weights predicted positive (``p >= t_j``) and not, per threshold.
+
+    Example:
+        >>> c = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])
+        >>> [x.tolist() for x in rates_at_thresholds(c)]
+        [[[2.0, 2.0, 0.0]], [[1.0, 0.0, 0.0]], [[0.0, 1.0, 1.0]], [[0.0, 0.0, 2.0]]]
+    """
+    neg, pos = counts[:, 0], counts[:, 1]
+    tp = pos.flip(-1).cumsum(-1).flip(-1)
+    fp = neg.flip(-1).cumsum(-1).flip(-1)
+    return tp, fp, neg.sum(-1, keepdim=True) - fp, pos.sum(-1, keepdim=True) - tp
+
+
+def _safe(num: Tensor, den: Tensor, zero: float) -> Tensor:
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, zero))
+
+
+def binned_auroc(counts: Tensor) -> Tensor:
+    """Area under the ROC curve of each of the ``K`` curves (trapezoids over the ``T`` thresholds).
+
+    A curve with no positives has ``tpr = 0`` everywhere (area 0), as torchmetrics' binned AUROC gives.
+
+    Example:
+        >>> c = torch.zeros(1, 2, 11, dtype=torch.float64)
+        >>> add_curve_counts(c, torch.tensor([[0.1], [0.4], [0.35], [0.8]]), torch.tensor([[0], [0], [1], [1]]),
+        ...                  torch.ones(4), curve_thresholds(11))
+        >>> round(binned_auroc(c).item(), 4)
+        0.75
+    """
+    tp, fp, tn, fn = rates_at_thresholds(counts)
+    tpr = _safe(tp, tp + fn, 0.0).flip(-1)
+    fpr = _safe(fp, fp + tn, 0.0).flip(-1)
+    return torch.trapz(tpr, fpr, dim=-1)
+
+
+def binned_precision_recall(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Precision and recall per curve and threshold, ``(K, T + 1)`` each, with torchmetrics' end point (1, 0).
+
+    Precision where nothing is predicted positive and recall where there is no positive are 0 (torchmetrics gives
+    NaN there and sets it to 0 before the area, which is what is returned).
+    """
+    tp, fp, _, fn = rates_at_thresholds(counts)
+    precision = _safe(tp, tp + fp, 0.0)
+    recall = _safe(tp, tp + fn, 0.0)
+    one = torch.ones_like(precision[:, :1])
+    return torch.cat([precision, one], dim=-1), torch.cat([recall, one * 0], dim=-1)
+
+
+def binned_average_precision(counts: Tensor) -> Tensor:
+    """Average precision of each curve: ``-sum((R[j+1] - R[j]) * P[j])``, torchmetrics' binned formula.
+
+    Example:
+        >>> c = torch.zeros(1, 2, 11, dtype=torch.float64)
+        >>> add_curve_counts(c, torch.tensor([[0.1], [0.4], [0.35], [0.8]]), torch.tensor([[0], [0], [1], [1]]),
+        ...                  torch.ones(4), curve_thresholds(11))
+        >>> round(binned_average_precision(c).item(), 4)
+        0.8333
+    """
+    precision, recall = binned_precision_recall(counts)
+    return -((recall[:, 1:] - recall[:, :-1]) * precision[:, :-1]).sum(-1)
+
+
+__all__ = [
+    "add_curve_counts",
+    "binned_auroc",
+    "binned_average_precision",
+    "binned_precision_recall",
+    "curve_thresholds",
+    "rates_at_thresholds",
+]
