@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         f"per-step medians); epoch end <= +{TARGETS['epoch_s']:.0f} s (validation + epoch-end hooks per epoch, diag - "
         f"bare); memory added <= {TARGETS['mem_mib']:.0f} MiB at 32k classes (applied to every row; {memory}, diag - "
         f"bare); events <= {TARGETS['events_mib']:.0f} MiB per stage and epoch (TensorBoard files of the diag run / "
-        f"(epochs x stages), stages train and val)."
+        f"(epochs x stages), stages train and val, or train alone with --val-batches 0)."
     )
     for name, res in results.items():
         for w in res["summary"]["diag_only_warnings"][:5]:

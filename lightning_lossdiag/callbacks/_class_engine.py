@@ -122,6 +122,9 @@ def engine_for(
     engines: dict[str, list[Engine]] = trainer.__dict__.setdefault(_ENGINES_ATTR, {})
     for engine in engines.get(slot, []):
         if engine.info == info and config.fits(engine.config):
+            # the reader that asks to hold fewer steps (or bytes) sets the shared buffer's limits
+            engine.buffer.max_steps = min(engine.buffer.max_steps, buffer_steps)
+            engine.buffer.max_bytes = min(engine.buffer.max_bytes, buffer_bytes)
             return engine
     built = EngineConfig(
         config.thresholds, config.budget, config.max_confusion, config.bins or 64, config.worst_k or 20

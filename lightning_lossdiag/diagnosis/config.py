@@ -33,7 +33,8 @@ class DoctorConfig:
         overfit_epochs: evaluations since the best validation loss that make ``overfitting``...
         overfit_rel_rise: ...when the last validation loss is this much (relative) above the best one...
         overfit_train_drop: ...and the training loss fell by at least this share over the same evaluations.
-        imbalance_share: ``class_imbalance`` when the smallest class holds less than this share of the samples.
+        imbalance_share: ``class_imbalance`` when the smallest class holds less than this share of the samples
+            (two classes; with ``C`` classes, less than ``imbalance_share * 2 / C``: the even share is ``1 / C``).
         recall_zero: a minority-class recall at or below this counts as "never predicted".
         majority_share_one: a share of predictions in the majority class at or above this counts as "always".
         constant_pred_std: prediction std over target std (``errors/<stage>/target_std`` logged), or std of the

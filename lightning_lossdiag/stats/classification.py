@@ -198,7 +198,8 @@ class ClassCounts:
         else:
             sample, s_safe, w = moved[_unravel(r, tuple(moved.shape[:-1]))], safe[r], v[r] * (m / k)
         probs = self._probabilities(sample, multiclass=True)
-        add_curve_counts(self.curves, probs, F.one_hot(s_safe, c), w, self.thresholds)
+        positive = s_safe[:, None] == torch.arange(c, device=self.device)  # one_hot reads min() on the CPU
+        add_curve_counts(self.curves, probs, positive, w, self.thresholds)
         self._moments(probs, w[:, None])
 
     def _probabilities(self, x: Tensor, *, multiclass: bool) -> Tensor:

@@ -84,9 +84,7 @@ def _pairs_update(
     stored = _estimates(counts, state.keys, coef, num_classes)
     wins = counted & (est == best.gather(1, idx)) & (est >= stored.gather(1, idx))
     claim = torch.full_like(state.keys, -1).scatter_reduce(1, idx, torch.where(wins, key, -1), "amax")
-    keys = torch.where(claim >= 0, claim, state.keys)
-    keys[:, width] = -1  # the trash column never holds a candidate
-    return PairsState(counts, keys)
+    return PairsState(counts, torch.where(claim >= 0, claim, state.keys))  # the trash column never gets a claim
 
 
 def _pairs_reduce(stacked: Sequence[Tensor]) -> PairsState:

@@ -74,7 +74,8 @@ def test_a_thousand_long_tailed_classes_give_a_short_summary_not_every_count():
 
 @pytest.mark.parametrize("n_classes", [4, 20, 21, 1000, 5000], ids=lambda n: f"{n}-classes")
 def test_the_message_names_at_most_five_counts_whatever_the_number_of_classes(n_classes):
-    counts = [10_000 // (c + 1) ** 2 + 1 for c in range(n_classes)]
+    counts = [10_000 // (c + 1) ** 2 + 5 for c in range(n_classes)]
+    counts[-1] = 1  # a rare tail: below a fifth of the mean count at every size
     found = _finding({"stage": "val", "counts": counts})
     assert len(re.findall(r"\((\d+)\)", found.message)) == min(5, n_classes)
     assert len(NUMBER.findall(found.message)) <= 25
@@ -173,3 +174,14 @@ def test_multitask_heads_may_carry_names_and_are_summarised_each():
     assert "head `tag`" in found.message
     assert f"`t99` ({counts[99]})" in found.message
     assert "counts" not in found.evidence
+
+
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_balanced_many_classes_do_not_fire_and_a_rare_one_does(classes):
+    # the smallest class is held against the even share 1/C: equal classes are balanced at any class count
+    balanced = RunRecord()
+    balanced.notes["data/class_counts"] = {"stage": "train", "counts": [100] * classes}
+    assert class_imbalance(balanced, DoctorConfig()) == []
+    rare = RunRecord()
+    rare.notes["data/class_counts"] = {"stage": "train", "counts": [100] * (classes - 1) + [10]}
+    assert [f.code for f in class_imbalance(rare, DoctorConfig())] == ["class_imbalance"]

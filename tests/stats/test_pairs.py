@@ -112,14 +112,30 @@ def test_merge_of_two_halves_equals_one_stream_and_sync_equals_merge():
         ConfusedPairs(num_classes=1000).merge(ConfusedPairs(num_classes=1000, seed=1))
 
 
-def test_merge_keeps_the_candidate_of_the_rank_that_counted_most_in_a_bucket():
-    # One bucket (width 2, depth 1): find a light pair that shares the heavy pair's bucket.
-    def bucket(t: int, p: int) -> int:
-        probe = ConfusedPairs(num_classes=100, width=2, depth=1)
-        probe.update(torch.tensor([t]), torch.tensor([p]))
-        return int(probe.counts[0].argmax())
+def row_buckets(pair: tuple[int, int], width: int, depth: int) -> tuple[int, ...]:
+    """The bucket of ``pair`` in each hash row of a ``ConfusedPairs(num_classes=100, width, depth)``."""
+    probe = ConfusedPairs(num_classes=100, width=width, depth=depth)
+    probe.update(torch.tensor([pair[0]]), torch.tensor([pair[1]]))
+    return tuple(probe.counts.argmax(1).tolist())
 
-    light = next((t, t + 1) for t in range(2, 99) if bucket(t, t + 1) == bucket(1, 2))
+
+def test_the_heaviest_pair_of_a_batch_claims_its_buckets():
+    # Width 2, depth 2: light pairs with larger keys share the heavy pair's bucket in one row only.
+    heavy = (1, 2)
+    h0, h1 = row_buckets(heavy, 2, 2)
+    pairs = [(t, p) for t in range(2, 99) for p in (t + 1, t - 1)]
+    light0 = next(q for q in pairs if row_buckets(q, 2, 2) == (h0, 1 - h1))
+    light1 = next(q for q in pairs if row_buckets(q, 2, 2) == (1 - h0, h1))
+    rows = [light0, heavy, *[heavy] * 9, light1]
+    cp = ConfusedPairs(num_classes=100, width=2, depth=2)
+    cp.update(torch.tensor([t for t, _ in rows]), torch.tensor([p for _, p in rows]))
+    assert cp.top(1) == [(*heavy, 11.0)]
+    assert sorted(cp.top(3)[1:]) == sorted([(*light0, 1.0), (*light1, 1.0)])
+
+
+def test_merge_keeps_the_candidate_of_the_rank_that_counted_most_in_a_bucket():
+    # One bucket (width 2, depth 1): a light pair shares the heavy pair's bucket.
+    light = next((t, t + 1) for t in range(2, 99) if row_buckets((t, t + 1), 2, 1) == row_buckets((1, 2), 2, 1))
     heavy, other = ConfusedPairs(num_classes=100, width=2, depth=1), ConfusedPairs(num_classes=100, width=2, depth=1)
     heavy.update(torch.full((10,), 1), torch.full((10,), 2))
     other.update(torch.tensor([light[0]] * 3), torch.tensor([light[1]] * 3))

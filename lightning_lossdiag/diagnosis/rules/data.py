@@ -119,7 +119,11 @@ def _summary(counts: list[float], names: list[str] | None, where: str, minority:
 
 
 def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
-    """``class_imbalance``: the smallest class holds less than ``imbalance_share`` of the samples.
+    """``class_imbalance``: the smallest class holds less than ``imbalance_share * 2 / C`` of the samples.
+
+    With two classes that is ``imbalance_share``; with ``C`` classes the smallest class is held against the even
+    share ``1 / C`` (``imbalance_share = 0.1``: below a fifth of the mean class count), so many balanced classes
+    never fire.
 
     Reads the ``data/class_counts`` note: ``counts`` (one per class), optional ``names`` (one string per class) and
     ``recall`` (one per class; read when no per-class recall scalar is logged, as for many classes), and for a
@@ -175,7 +179,9 @@ def _imbalance(record: RunRecord, cfg: DoctorConfig, raw: Any, stage: str, term:
         return None
     minority = min(range(len(counts)), key=counts.__getitem__)
     share = counts[minority] / total
-    if share >= cfg.imbalance_share:
+    # held against the even share 1/C: two classes fire below imbalance_share, C classes below
+    # imbalance_share * 2 / C (1,000 equal classes hold 0.1% each and are balanced)
+    if share >= cfg.imbalance_share * 2.0 / len(counts):
         return None
     names_raw = info.get("names")
     names = [str(n) for n in names_raw] if isinstance(names_raw, list) and len(names_raw) == len(counts) else None
