@@ -7,6 +7,7 @@ expected tags appear or a 90 s deadline passes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -18,9 +19,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lossdiag import LossDiagnostics
+from lightning_lossdiag import LossDiagnostics, LossMixin
 
 _DEADLINE_S = 90.0
 _POLL_S = 0.5
@@ -76,6 +80,32 @@ def _poll(port: int, path: str, ready, deadline: float):
     return body
 
 
+@contextlib.contextmanager
+def _serve(logdir: Path, tmp_path: Path):
+    """A TensorBoard server on loopback over ``logdir``: yields ``(port, deadline)``, stops it on the way out."""
+    log_file = tmp_path / "tensorboard.log"
+    with log_file.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+                "--port", "0", "--load_fast", "false", "--reload_interval", "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + _DEADLINE_S
+        yield _wait_for_port(proc, log_file, deadline), deadline
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
 def _only_run(body: dict) -> tuple[str, object]:
     assert len(body) == 1, f"expected one run, got {sorted(body)}"
     return next(iter(body.items()))
@@ -102,21 +132,7 @@ def test_tensorboard_server_serves_every_kind_of_data_we_write(
         _, tags = _only_run(body)
         return set(tags)
 
-    log_file = tmp_path / "tensorboard.log"
-    with log_file.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
-                "--port", "0", "--load_fast", "false", "--reload_interval", "1",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + _DEADLINE_S
-        port = _wait_for_port(proc, log_file, deadline)
-
+    with _serve(logdir, tmp_path) as (port, deadline):
         served: dict[str, set[str]] = {}
         for path, want in expected.items():
             body = _poll(port, path, lambda b, want=want: want <= tags_of(b), deadline)
@@ -142,10 +158,76 @@ def test_tensorboard_server_serves_every_kind_of_data_we_write(
             assert chart, f"no chart for {key!r} in {sorted(charts)}"
             regexes = charts[chart[0]]
             assert any(re.match(r, tag) for r in regexes for tag in scalar_tags), (chart[0], regexes)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+
+
+class _ThousandClasses(LossMixin, L.LightningModule):
+    """A 1,000-class head over 16 features; half the samples of class c look like class c + 1 (confused pairs)."""
+
+    def __init__(self) -> None:
+        super().__init__(loss="cross_entropy")
+        self.net = nn.Linear(16, 1000)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.compute_loss(self.net(x), y, stage="train")
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return self.compute_loss(self.net(x), y, stage="val")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _thousand_class_loader(seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 1000, (256,), generator=g)
+    return DataLoader(TensorDataset(torch.randn(256, 16, generator=g), y), batch_size=64)
+
+
+@pytest.mark.slow
+def test_tensorboard_server_at_1000_classes_serves_a_bounded_readable_set(tmp_path, trainer_kwargs):
+    logdir = tmp_path / "tb"
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=4,
+        log_every_n_steps=2,
+        logger=TensorBoardLogger(save_dir=str(logdir), name="run"),
+        callbacks=[LossDiagnostics(errors={"stages": ["train", "val"]}, activations=False)],
+        **trainer_kwargs,
+    )
+    trainer.fit(_ThousandClasses(), _thousand_class_loader(0), _thousand_class_loader(1))
+    worst = {f"errors/val/pr_curve/worst_{r:02d}" for r in range(1, 11)}
+    expected = {
+        "/data/plugin/images/tags": {"errors/val/confusion_matrix"},
+        "/data/plugin/pr_curves/tags": {"errors/val/pr_curve/micro", *worst},
+        "/data/plugin/histograms/tags": {"errors/val/class_recall", "errors/val/class_precision"},
+        "/data/plugin/text/tags": {"errors/val/worst_classes/text_summary", "errors/val/confused_pairs/text_summary"},
+        "/data/plugin/scalars/tags": {"metrics/val/accuracy", "metrics/val/auroc", "errors/val/samples"},
+    }
+
+    def tags_of(body) -> set[str]:
+        return set(_only_run(body)[1]) if body else set()
+
+    with _serve(logdir, tmp_path) as (port, deadline):
+        served = {
+            path: tags_of(_poll(port, path, lambda b, w=want: w <= tags_of(b), deadline))
+            for path, want in expected.items()
+        }
+        missing = {path: sorted(want - served[path]) for path, want in expected.items() if not want <= served[path]}
+        assert not missing, f"tags not served: {missing}"
+        # bounded whatever the class count: no curve, scalar or tick per class
+        for stage in ("train", "val"):
+            curves = {t for t in served["/data/plugin/pr_curves/tags"] if t.startswith(f"errors/{stage}/")}
+            assert len(curves) == 11, sorted(curves)
+        scalars = served["/data/plugin/scalars/tags"]
+        assert not [t for t in scalars if "/recall/" in t], "no per-class recall scalar at 1,000 classes"
+        assert len(scalars) < 80, len(scalars)
+        assert sum(len(tags) for tags in served.values()) < 150
+        # the confusion image is the most confused classes plus "other": a normal size, not 1,000 ticks
+        run = _only_run(_get(port, "/data/plugin/images/tags"))[0]
+        shown = _get(port, "/data/plugin/images/images", run=run, tag="errors/val/confusion_matrix", sample="0")
+        assert [entry["step"] for entry in shown] == [4, 8]
+        # the worst-classes table names real classes, ranked
+        table = _get(port, "/data/plugin/text/text", run=run, tag="errors/val/worst_classes/text_summary")
+        assert "worst_01" in table[-1]["text"]
