@@ -5,8 +5,9 @@ validation_step return ``{"loss": loss, "preds": logits.detach(), "target": y}``
 module and only the callbacks differ. Each configuration of each repeat runs in its own subprocess (bare, diag, bare,
 diag, ...) so one's memory never leaks into the other's; the numbers are medians over repeats.
 
-Columns: median wall time per training step (``on_train_batch_start`` to the next one, warm-up steps and the steps
-that cross an epoch end left out; on CUDA the timer synchronises at the batch boundaries, in both configurations);
+Columns: mean wall time per training step within a run, flush steps and batched-count steps included
+(``on_train_batch_start`` to the next one, warm-up steps and the steps that cross an epoch end left out; on CUDA
+the timer synchronises at the batch boundaries, in both configurations);
 the ratio of the diag and bare medians; seconds added per epoch outside the training steps (validation and epoch-end
 hooks); peak memory added (CUDA: ``max_memory_allocated``; CPU: peak RSS of the process); bytes of TensorBoard event
 files the diag run wrote per stage (train, val) and epoch.
@@ -66,7 +67,7 @@ def sizes(quick: bool) -> dict[str, dict[str, int]]:
     }
 
 
-def make_module(name: str, size: dict[str, int]) -> Any:
+def make_module(name: str, size: dict[str, int], handover: bool = True) -> Any:
     from lightning.pytorch import LightningModule
 
     class Workload(LightningModule):
@@ -106,6 +107,8 @@ def make_module(name: str, size: dict[str, int]) -> Any:
                 loss = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100)
             else:
                 loss = F.cross_entropy(logits, y)
+            if not handover:  # config "loss": LossDiagnostics() sees the loss only (what the hand-over adds shows)
+                return {"loss": loss}
             return {"loss": loss, "preds": logits.detach(), "target": y}
 
         def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -215,14 +218,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     per_epoch = WARMUP + 1 + math.ceil(args.steps / args.epochs)
     out: dict[str, Any] = {"workload": name, "config": config, "shapes": handed_over(name, size)}
     seed_everything(spec["seed"], verbose=False)
-    model = make_module(name, size)
+    model = make_module(name, size, handover=config != "loss")
     train = make_data(name, size, per_epoch, seed=spec["seed"])
     val = make_data(name, size, max(args.val_batches, 1), seed=spec["seed"] + 1000)
     timer, tail = timers(cuda)
     callbacks: list[Any] = [timer]
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            if config == "diag":
+            if config in ("diag", "loss"):
                 from lightning_lossdiag import LossDiagnostics
 
                 callbacks.append(LossDiagnostics())
@@ -230,6 +233,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 max_epochs=args.epochs,
                 limit_val_batches=args.val_batches,
                 num_sanity_val_steps=0,
+                log_every_n_steps=args.log_every,
                 accelerator=args.device,
                 devices=1,
                 precision=args.precision,
@@ -275,7 +279,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     for config, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
         s[config] = {
-            "step_s": med([m for r in ok if (m := med(r["step_s"])) is not None]),
+            # the mean step of a run counts the periodic flush and batched-count steps; the median over repeats
+            "step_s": med([statistics.fmean(r["step_s"]) for r in ok if r["step_s"]]),
             "outside_s": med([m for r in ok if (m := med(r["outside_s"])) is not None]),
             "peak_bytes": med([r["peak_bytes"] for r in ok]),
             "event_bytes": med([r["event_bytes"] for r in ok]),
@@ -288,6 +293,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         return None if bare[key] is None or diag[key] is None else diag[key] - bare[key]
 
     s["ratio"] = diag["step_s"] / bare["step_s"] if bare["step_s"] and diag["step_s"] else None
+    loss = s.get("loss", {})
+    s["handover_ms"] = (diag["step_s"] - loss["step_s"]) * 1000 if loss.get("step_s") and diag["step_s"] else None
     s["outside_added_s"] = diff("outside_s")
     s["peak_added_bytes"] = diff("peak_bytes")
     s["events_per_stage_epoch"] = None if diag["event_bytes"] is None else diag["event_bytes"] / (args.epochs * stages)
@@ -310,13 +317,14 @@ def row(name: str, shapes: str, s: dict[str, Any]) -> str:
     errors = s["bare"]["errors"] + [f"diag: {e}" for e in s["diag"]["errors"]]
     if s["ratio"] is None and errors:
         bare = cell(s["bare"]["step_s"] and s["bare"]["step_s"] * 1000, "{:.1f}")
-        return f"| {name} | {shapes} | {bare} | failed: {'; '.join(errors)} | | | | |"
+        return f"| {name} | {shapes} | {bare} | failed: {'; '.join(errors)} | | | | | |"
     cells = [
         name,
         shapes,
         cell(s["bare"]["step_s"] and s["bare"]["step_s"] * 1000, "{:.1f}"),
         cell(s["diag"]["step_s"] and s["diag"]["step_s"] * 1000, "{:.1f}"),
         cell(s["ratio"], "{:.3f}x", TARGETS["ratio"]),
+        cell(s["handover_ms"], "{:+.2f}"),
         cell(s["outside_added_s"], "{:+.3f}", TARGETS["epoch_s"]),
         cell(s["peak_added_bytes"] and mib(s["peak_added_bytes"]), "{:+.1f}", TARGETS["mem_mib"]),
         cell(s["events_per_stage_epoch"] and mib(s["events_per_stage_epoch"]), "{:.3f}", TARGETS["events_mib"]),
@@ -336,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on cpu)")
     parser.add_argument("--precision", default=None, help="Trainer precision, e.g. bf16-mixed (default 32-true)")
+    parser.add_argument(
+        "--log-every", type=int, default=10, help="the Trainer's log_every_n_steps: flushes and batched counts"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (and 8 steps, 2 val batches): smoke run")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -361,15 +372,15 @@ def main(argv: list[str] | None = None) -> None:
         f"device {device}; torch threads {args.threads or torch.get_num_threads()}; "
         f"precision {args.precision or '32-true'}; {args.epochs} epochs x "
         f"({WARMUP} warm-up + {math.ceil(args.steps / args.epochs)} measured + 1 last) training steps, "
-        f"{args.val_batches} val batches per epoch; {args.repeats} repeats (bare, diag alternating, one process each)"
+        f"{args.val_batches} val batches per epoch; {args.repeats} repeats (bare, loss, diag in turn, one process each)"
         + ("; QUICK sizes" if args.quick else ""),
     ]
     print("\n".join(header), flush=True)
     results: dict[str, Any] = {}
     for name in names:
-        runs: dict[str, list[dict[str, Any]]] = {"bare": [], "diag": []}
+        runs: dict[str, list[dict[str, Any]]] = {"bare": [], "loss": [], "diag": []}
         for r in range(args.repeats):
-            for config in ("bare", "diag"):
+            for config in ("bare", "loss", "diag"):
                 start = time.perf_counter()
                 runs[config].append(run_child(name, config, seed=r, args=args))
                 status = runs[config][-1].get("error", "ok")
@@ -378,17 +389,18 @@ def main(argv: list[str] | None = None) -> None:
         shapes = next((x["shapes"] for x in runs["bare"] + runs["diag"] if "shapes" in x), "?")
         results[name] = {"shapes": shapes, "runs": runs, "summary": summarize(runs, args)}
     print()
-    print("| workload | preds vs target | bare ms/step | diag ms/step | diag/bare | epoch end +s | peak mem +MiB "
-          "| events MiB/stage/epoch |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| workload | preds vs target | bare ms/step | diag ms/step | diag/bare | hand-over ms/step | epoch end +s "
+          "| peak mem +MiB | events MiB/stage/epoch |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, res in results.items():
         print(row(name, res["shapes"], res["summary"]))
     memory = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS (ru_maxrss) of the process"
     print(
         f"\nTargets (cells that miss are marked{MARK}): per step <= {TARGETS['ratio']:.2f}x bare (ratio of the "
-        f"per-step medians); epoch end <= +{TARGETS['epoch_s']:.0f} s (validation + epoch-end hooks per epoch, diag - "
+        f"per-step means); epoch end <= +{TARGETS['epoch_s']:.0f} s (validation + epoch-end hooks per epoch, diag - "
         f"bare); memory added <= {TARGETS['mem_mib']:.0f} MiB at 32k classes (applied to every row; {memory}, diag - "
-        f"bare); events <= {TARGETS['events_mib']:.0f} MiB per stage and epoch (TensorBoard files of the diag run / "
+        "bare); hand-over = diag minus the same LossDiagnostics() given the loss only (config 'loss'); "
+        f"events <= {TARGETS['events_mib']:.0f} MiB per stage and epoch (TensorBoard files of the diag run / "
         f"(epochs x stages), stages train and val, or train alone with --val-batches 0)."
     )
     for name, res in results.items():

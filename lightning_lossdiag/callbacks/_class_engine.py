@@ -21,8 +21,9 @@ from lightning_lossdiag.callbacks._task import TaskInfo
 from lightning_lossdiag.stats.classification import ClassCounts
 
 _ENGINES_ATTR = "lossdiag_class_engines"
-DEFAULT_BUDGET = 2**16
+DEFAULT_BUDGET = 2**14
 DEFAULT_MAX_CONFUSION = 32
+DEFAULT_BUFFER_BYTES = 8 * 2**20  # held step outputs per slot: a few steps of 1,000-class logits, one 32k-token step
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,11 @@ class Engine:
             self.drain()
 
     def drain(self) -> None:
-        """Feed the held steps to the counts (device only)."""
-        for preds, target in self.buffer.take():
-            self.counts.update(preds, target, rank=self.rank, world=self.world)
+        """Feed the held steps to the counts (device only); the sampling budget is per step, so it scales with them."""
+        steps = len(self.buffer)
+        pairs = self.buffer.take()
+        for preds, target in pairs:
+            self.counts.update(preds, target, rank=self.rank, world=self.world, steps=max(1, steps // len(pairs)))
 
     def view(self, gather: Any) -> ClassCounts:
         """The counts merged over ranks (epoch end: one collective per slot and epoch, then cached)."""
@@ -137,4 +140,4 @@ def engine_for(
     return engine
 
 
-__all__ = ["DEFAULT_BUDGET", "DEFAULT_MAX_CONFUSION", "Engine", "EngineConfig", "engine_for"]
+__all__ = ["DEFAULT_BUDGET", "DEFAULT_BUFFER_BYTES", "DEFAULT_MAX_CONFUSION", "Engine", "EngineConfig", "engine_for"]

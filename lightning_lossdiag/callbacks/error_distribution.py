@@ -13,7 +13,13 @@ from typing_extensions import override
 
 from lightning_lossdiag._outputs import fetch_outputs
 from lightning_lossdiag.callbacks._base import log_scalars, to_host
-from lightning_lossdiag.callbacks._class_engine import DEFAULT_BUDGET, DEFAULT_MAX_CONFUSION, EngineConfig, engine_for
+from lightning_lossdiag.callbacks._class_engine import (
+    DEFAULT_BUDGET,
+    DEFAULT_BUFFER_BYTES,
+    DEFAULT_MAX_CONFUSION,
+    EngineConfig,
+    engine_for,
+)
 from lightning_lossdiag.callbacks._class_state import ClassificationState
 from lightning_lossdiag.callbacks._error_states import RegressionState, StageState, regression_ranges
 from lightning_lossdiag.callbacks._staged import StagedOutputsCallback
@@ -57,8 +63,17 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
     |---|---|---|---|
     | ``errors/<stage>/residual``, ``errors/<stage>/abs_error`` | histogram | epoch end | regression |
     | ``errors/<stage>/pred_vs_true`` | image | epoch end | regression |
-    | ``errors/<stage>/confusion_matrix`` | image | epoch end | binary, multiclass |
-    | ``errors/<stage>/pr_curve/<class>`` | PR curve | epoch end | classification (binary: ``1``) |
+    | ``errors/<stage>/confusion_matrix`` | image | epoch end | binary, multiclass (many classes: the most
+    confused ones plus "other") |
+    | ``errors/<stage>/pr_curve/<class>`` | PR curve | epoch end | classification up to ``max_classes`` (binary:
+    ``1``) |
+    | ``errors/<stage>/pr_curve/micro``, ``errors/<stage>/pr_curve/worst_<rank>`` | PR curve | epoch end | more than
+    ``max_classes`` classes (``worst_01`` is the worst class, named in ``worst_classes``) |
+    | ``errors/<stage>/class_recall``, ``errors/<stage>/class_precision`` | histogram | epoch end | more than
+    ``max_classes`` classes (one value per class) |
+    | ``errors/<stage>/worst_classes`` | text | epoch end | classification (recall, precision, F1, AP, most
+    confused with) |
+    | ``errors/<stage>/confused_pairs`` | text | epoch end | more than ``max_classes`` classes (multiclass) |
     | ``errors/<stage>/true_class_prob`` | histogram | epoch end | classification |
     | ``errors/<stage>/target_dist``, ``errors/<stage>/pred_dist`` | histogram | epoch end | all |
     | ``errors/<stage>/worst`` | text | epoch end | all |
@@ -89,6 +104,17 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
         num_classes: classes when the predictions' dim 1 does not say it.
         log_every_n_epochs: write every this many epochs of the stage.
         thresholds: thresholds of the binned PR curves.
+        class_dim: the class dimension of the predictions: ``None`` tells it from the shapes (``(N, C, d1, ...)``
+            with ``(N, d1, ...)`` targets, or ``(B, T, V)`` with ``(B, T)``), ``1`` or ``-1`` where both fit.
+        ignore_index: a target value left out of every statistic (``-100`` tokens, ``255`` void pixels); targets
+            outside ``[0, C)`` are always left out; the criterion's ``ignore_index`` is used when it has one.
+        max_classes: the largest class count with a full confusion matrix and one PR curve per class; beyond, the
+            most confused classes (plus "other"), the micro PR curve and those of the ``worst_classes`` worst
+            classes, per-class recall and precision as histograms across classes and a table of the worst classes.
+        worst_classes: classes in the worst-classes table and PR curves of many-class tasks.
+        budget: values of ``rows x classes`` per step for the PR counts, probability moments and histograms: a
+            uniform sample of ``budget // classes`` rows (every row while the batch fits), each weighing
+            ``rows / sampled``, so the curves stay unbiased. Counts, confusions, losses and worst rows use every row.
 
     Example:
         >>> monitor = ErrorDistributionMonitor(stages=("val",), bins=32)
@@ -223,7 +249,7 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
         else:
             config = EngineConfig(self.thresholds, self.budget, self.max_classes, self.bins, self.worst_k)
             steps = int(getattr(trainer, "log_every_n_steps", 0) or 50)
-            self._engines[slot] = engine_for(trainer, slot, info, config, preds.device, steps, 256 * 2**10)
+            self._engines[slot] = engine_for(trainer, slot, info, config, preds.device, steps, DEFAULT_BUFFER_BYTES)
         self._states[slot] = self._make_state(slot, preds.device, int(trainer.global_rank))
 
     def _make_state(self, slot: str, device: torch.device, rank: int = 0) -> StageState:

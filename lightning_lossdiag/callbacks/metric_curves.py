@@ -15,6 +15,7 @@ from lightning_lossdiag._outputs import fetch_outputs
 from lightning_lossdiag.callbacks._base import to_host
 from lightning_lossdiag.callbacks._class_engine import (
     DEFAULT_BUDGET,
+    DEFAULT_BUFFER_BYTES,
     DEFAULT_MAX_CONFUSION,
     Engine,
     EngineConfig,
@@ -86,6 +87,12 @@ class MetricCurves(StagedOutputsCallback):
     ``reduce_fx="max"``: the max of equal values is the value, exactly, and Lightning does not warn about syncing.
 
     The task comes from the criterion (``LossMixin``) or from the first batch's shapes; pass ``task`` to force it.
+    Regression metrics are torchmetrics' own (their updates are sync-free sums). Classification metrics are computed
+    from the stage's device counts, shared with ``ErrorDistributionMonitor`` (one pass over a batch feeds both):
+    per-class support, predicted and correct counts over every row, and binned PR/ROC counts over a uniform sample
+    of ``budget // classes`` rows per step (every row while the batch fits, so small tasks are exact). The values
+    equal torchmetrics' functional ones on the same rows (``thresholds`` binned curves, macro averages); nothing in
+    the update synchronises (torchmetrics' classification updates call ``bincount``, which does on CUDA).
     Training metrics use the training steps' outputs (computed under the model's training mode, e.g. dropout on).
 
     | key | kind | when | tasks |
@@ -95,7 +102,7 @@ class MetricCurves(StagedOutputsCallback):
     | ``metrics/<stage>/accuracy``, ``precision``, ``recall``, ``f1`` (macro), ``auroc``, ``average_precision`` |
     scalar | epoch end | classification |
     | ``metrics/<stage>/balanced_accuracy`` | scalar | epoch end | binary (macro recall) |
-    | ``metrics/<stage>/recall/<class>`` | scalar | epoch end | multiclass, multilabel |
+    | ``metrics/<stage>/recall/<class>`` | scalar | epoch end | multiclass, multilabel, up to ``max_classes`` |
     | ``metrics/<stage>/<term>/<name>`` (every name above, e.g. ``metrics/val/ctr/auroc``),
     ``metrics/<stage>/<term>/recall/<class>`` | scalar | epoch end | multi-task steps, each term's own task |
 
@@ -114,7 +121,18 @@ class MetricCurves(StagedOutputsCallback):
         buffer_steps: steps held before one batched update of the metrics (default: the Trainer's
             ``log_every_n_steps``, else 50); ``1`` updates every step.
         buffer_bytes: bytes of held tensors (per stage and term) past which they are fed to the metrics at once,
-            whatever the step count (memory stays below this plus one step, plus one copy while concatenating).
+            whatever the step count (memory stays below this plus one step, plus one copy while concatenating;
+            default 8 MiB: a few steps of 1,000-class logits, a 32k-vocabulary step alone).
+        class_dim: the class dimension of the predictions: ``None`` tells it from the shapes (``(N, C, d1, ...)``
+            with ``(N, d1, ...)`` targets, or ``(B, T, V)`` with ``(B, T)``), ``1`` or ``-1`` to say it where both
+            fit.
+        ignore_index: a target value left out of every metric (``-100`` tokens, ``255`` void pixels). Targets outside
+            ``[0, C)`` are always left out of multiclass metrics; the criterion's ``ignore_index`` is used when it
+            has one.
+        max_classes: up to this many classes, ``recall_per_class`` is logged as one scalar per class; beyond, it is
+            a histogram across classes and a table of the worst classes (``ErrorDistributionMonitor``).
+        budget: values of ``rows x classes`` per step for AUROC and average precision: a uniform sample of
+            ``budget // classes`` rows (every row while the batch fits), each weighing ``rows / sampled``.
 
     Example:
         >>> cb = MetricCurves(stages=("val",), task="regression")
@@ -130,7 +148,7 @@ class MetricCurves(StagedOutputsCallback):
         thresholds: int = 101,
         metrics: list[str] | None = None,
         buffer_steps: int | None = None,
-        buffer_bytes: int = 256 * 2**10,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         class_dim: int | None = None,
         ignore_index: int | None = None,
         max_classes: int = DEFAULT_MAX_CONFUSION,

@@ -108,6 +108,9 @@ def _example() -> ClassSummary:
     )
 
 
+_AP_BLOCK = 1024  # classes per block of the AP computation
+
+
 def is_small(summary: ClassSummary, max_classes: int) -> bool:
     """Whether the task keeps one view per class (``C <= max_classes``).
 
@@ -126,7 +129,10 @@ def _curve(summary: ClassSummary, c: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _average_precision(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """Binned AP of each row of ``(K, T)`` counts; NaN for a row without positives."""
+    """Binned AP of each row of ``(K, T)`` counts; NaN for a row without positives (in blocks: bounded memory)."""
+    if pos.shape[0] > _AP_BLOCK:
+        blocks = range(0, pos.shape[0], _AP_BLOCK)
+        return np.concatenate([_average_precision(pos[i : i + _AP_BLOCK], neg[i : i + _AP_BLOCK]) for i in blocks])
     tp = pos[:, ::-1].cumsum(1)[:, ::-1]
     fp = neg[:, ::-1].cumsum(1)[:, ::-1]
     total = tp[:, :1]
@@ -147,6 +153,9 @@ def per_class_table(summary: ClassSummary) -> dict[str, np.ndarray]:
         [1.0, 0.661, nan]
     """
     s = summary
+    cached = s.__dict__.get("_table")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
     recall = np.divide(s.correct, s.support, out=np.full_like(s.support, np.nan), where=s.support > 0)
     precision = np.divide(s.correct, s.predicted, out=np.full_like(s.support, np.nan), where=s.predicted > 0)
     both = s.support + s.predicted
@@ -154,7 +163,9 @@ def per_class_table(summary: ClassSummary) -> dict[str, np.ndarray]:
     curves = [_curve(s, c) for c in range(2)] if s.task == "binary" else [(s.pos, s.neg)]
     pos = np.concatenate([np.atleast_2d(p) for p, _ in curves])
     neg = np.concatenate([np.atleast_2d(n) for _, n in curves])
-    return {"recall": recall, "precision": precision, "f1": f1, "average_precision": _average_precision(pos, neg)}
+    table = {"recall": recall, "precision": precision, "f1": f1, "average_precision": _average_precision(pos, neg)}
+    s.__dict__["_table"] = table  # computed once per summary (the views read it several times)
+    return table
 
 
 def worst_classes(summary: ClassSummary, k: int) -> list[int]:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_lossdiag.stats.curves import binned_auroc, binned_average_precision
 
+_BLOCK = 1024
 NAMES = ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "balanced_accuracy", "recall_per_class")
 
 
@@ -80,10 +81,11 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
             "f1": _div((_div(2 * tp, 2 * tp + fp + fn) * weights).sum(), weights.sum()),
             "recall_per_class": _div(tp, tp + fn),
         }
+    blocks = counts.curves.split(_BLOCK)  # blocks of classes: temporaries stay small at 32k classes
     if "auroc" in names:
-        values["auroc"] = binned_auroc(counts.curves).mean()
+        values["auroc"] = torch.cat([binned_auroc(b) for b in blocks]).mean()
     if "average_precision" in names:
-        values["average_precision"] = binned_average_precision(counts.curves).mean()
+        values["average_precision"] = torch.cat([binned_average_precision(b) for b in blocks]).mean()
     for name in names:
         if name in values:
             out[name] = values[name]

@@ -34,6 +34,8 @@ from lightning_lossdiag.stats.topk import TopKWorst
 
 _TASKS = ("binary", "multiclass", "multilabel")
 _INPUTS = ("logits", "probabilities", "log_probabilities")
+_ARGMAX_CHUNK = 64
+_HISTOGRAM_VALUES = 4096  # multilabel: probabilities per update in the true-label probability histogram
 _TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion")
 
 
@@ -46,11 +48,46 @@ def _unravel(flat: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, ...]:
     return tuple(reversed(coords))
 
 
-def _row_index(
-    seen: int, m: int, per_sample: int, rank: int, world: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Sample index of each row (in the stage's loader order; under DDP the sampler's) and its element in the sample."""
-    pos = torch.arange(m, device=device)
+def first_argmax(x: Tensor, dim: int, top: Tensor) -> Tensor:
+    """``x.argmax(dim)`` (first maximum) given ``top = x.amax(dim)``, at a fraction of ``argmax``'s CPU cost.
+
+    torch's CPU ``argmax``/``max`` with indices is several times slower than ``amax``: over a class dim that is not
+    the last one (``(N, C, H, W)``), the first class whose value equals the maximum is found with one comparison and
+    an ``amax`` of descending class weights; over a long last dim (a 32k vocabulary), the maximum's chunk of 64 is
+    found first and searched alone. Short last dims use ``argmax`` itself. No host read.
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 5.0], [5.0, 2.0]], [[0.0, 5.0], [3.0, 1.0]]])  # (N=2, C=2, L=2)
+        >>> first_argmax(x, 1, x.amax(1)).tolist()
+        [[1, 0], [1, 0]]
+    """
+    c = x.shape[dim]
+    if dim == x.ndim - 1:
+        if c < 2048:
+            return x.argmax(dim)
+        b = _ARGMAX_CHUNK
+        rows = x.reshape(-1, c)
+        full = c - c % b
+        chunks = rows[:, :full].reshape(rows.shape[0], full // b, b).amax(-1)
+        if full < c:
+            chunks = torch.cat([chunks, rows[:, full:].amax(-1, keepdim=True)], 1)
+        start = chunks.argmax(-1) * b
+        inside = rows.gather(1, (start[:, None] + torch.arange(b, device=x.device)).clamp_(max=c - 1))
+        return (start + inside.argmax(-1)).reshape(x.shape[:-1])
+    shape = [1] * x.ndim
+    shape[dim] = c
+    dtype = torch.int16 if c < 2**15 else torch.int32
+    weights = (c - torch.arange(c, device=x.device, dtype=torch.int32)).to(dtype).view(shape)
+    return c - ((x == top.unsqueeze(dim)) * weights).amax(dim).to(torch.long)
+
+
+def _count(mask: Tensor, dim: int) -> Tensor:
+    """``mask.sum(dim)`` of a bool tensor without an int64 copy of it (summed as bytes into int32)."""
+    return mask.view(torch.uint8).sum(dim, dtype=torch.int32)
+
+
+def _row_index(pos: Tensor, seen: int, per_sample: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """Sample index of rows ``pos`` (in the stage's loader order; under DDP the sampler's) and their element."""
     local = seen + torch.div(pos, per_sample, rounding_mode="floor")
     return (local * world + rank).double(), (pos % per_sample).double()
 
@@ -88,7 +125,7 @@ class ClassCounts:
         class_dim: int = 1,
         ignore_index: int | None = None,
         thresholds: int = 101,
-        budget: int = 2**16,
+        budget: int = 2**14,
         max_confusion: int = 32,
         bins: int = 64,
         worst_k: int = 20,
@@ -126,13 +163,18 @@ class ClassCounts:
         self.true_prob = FixedHistogram(0.0, 1.0, bins, device=self.device)
         self.worst = TopKWorst(worst_k, 5, device=self.device)
         self.seen = 0
+        self._steps = 1
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(seed)
 
     # ---- per batch: device only ------------------------------------------------------------------------------
-    def update(self, preds: Tensor, target: Tensor, *, rank: int = 0, world: int = 1) -> None:
-        """Add one batch (predictions as handed over, targets as the loss takes them). No host read."""
+    def update(self, preds: Tensor, target: Tensor, *, rank: int = 0, world: int = 1, steps: int = 1) -> None:
+        """Add one batch (predictions as handed over, targets as the loss takes them). No host read.
+
+        ``steps``: how many training steps the batch joins (held steps fed at once): the budget is per step.
+        """
         n = int(target.shape[0]) if target.ndim else 1
+        self._steps = max(1, steps)
         if self.task == "multiclass":
             self._update_multiclass(preds.detach(), target.detach(), n, rank, world)
         elif self.task == "binary":
@@ -143,15 +185,28 @@ class ClassCounts:
 
     def _sample(self, m: int, width: int) -> tuple[Tensor | None, int]:
         """Row positions of the budget sample (``None``: every row) and how many."""
-        k = max(1, self.budget // max(1, width))
+        k = max(1, self.budget * self._steps // max(1, width))
         if k >= m:
             return None, m
         return torch.randint(0, m, (k,), device=self.device, generator=self._generator), k
 
+    def _offer_worst(self, loss: Tensor, columns: list[Tensor], n: int, rank: int, world: int) -> None:
+        """Offer the rows with the largest ``loss`` (``-inf``: never): top-k first, then only their columns are built.
+
+        ``columns`` are ``(M,)`` tensors ``(true, predicted, probability)``; the sample index and element of each kept
+        row are computed from its position. No host read.
+        """
+        m = loss.shape[0]
+        scores, at = loss.topk(min(self.worst.k, m))
+        index, element = _row_index(at, self.seen, max(1, m // max(n, 1)), rank, world)
+        self.worst.update(scores, torch.stack([index, element, *(c[at].double() for c in columns)], dim=1))
+
     def _counts(self, safe: Tensor, pred: Tensor, v: Tensor, m: int) -> None:
         c = self.num_classes
-        index = torch.cat([safe, pred + c, safe + 2 * c])
-        self.per_class.view(-1).index_add_(0, index, torch.cat([v, v, v * (pred == safe)]))
+        flat = self.per_class.view(-1)
+        flat.index_add_(0, safe, v)
+        flat.index_add_(0, pred + c, v)
+        flat.index_add_(0, safe + 2 * c, v * (pred == safe))
         counted = v.sum()
         self.rows += torch.stack([counted, m - counted])
         if self.confusion.numel():
@@ -171,11 +226,15 @@ class ClassCounts:
         x = x if x.dtype in (torch.float32, torch.float64) else x.float()
         lab = target.long()
         valid, safe = self._valid_labels(lab)
-        top, pred = x.max(dim=d)
+        top = x.amax(dim=d)
+        pred = first_argmax(x, d, top)
         picked = x.gather(d, safe.unsqueeze(d)).squeeze(d)
         if self.inputs == "logits":
-            lse = x.logsumexp(dim=d)
-            log_true, log_pred = picked - lse, top - lse
+            # the fused cross-entropy is -log p_true; logsumexp follows from it (a separate logsumexp costs 2-3x)
+            rows = x.reshape(-1, c) if d == x.ndim - 1 else x
+            loss = F.cross_entropy(rows, safe.reshape(-1) if d == x.ndim - 1 else safe, reduction="none")
+            log_true = -loss.reshape(picked.shape)
+            log_pred = top - (picked - log_true)
         elif self.inputs == "log_probabilities":
             log_true, log_pred = picked, top
         else:
@@ -185,22 +244,21 @@ class ClassCounts:
         m = lab.shape[0]
         v = valid.double()
         self._counts(safe, pred, v, m)
-        p_true = log_true.exp()
-        self.true_prob.update(torch.where(valid, p_true, torch.full_like(p_true, float("nan"))))
-        index, element = _row_index(self.seen, m, max(1, m // max(n, 1)), rank, world, self.device)
         loss = torch.where(valid, -log_true, torch.full_like(log_true, float("-inf")))
-        rows = torch.stack([index, element, lab.double(), pred.double(), log_pred.exp().double()], dim=1)
-        self.worst.update(loss, rows)
+        self._offer_worst(loss, [lab, pred, log_pred.exp()], n, rank, world)
         moved = x.movedim(d, -1)  # a view: rows are gathered from it, never copied whole
         r, k = self._sample(m, c)
         if r is None:
-            sample, s_safe, w = moved.reshape(-1, c), safe, v
+            sample, s_safe, s_valid = moved.reshape(-1, c), safe, valid
         else:
-            sample, s_safe, w = moved[_unravel(r, tuple(moved.shape[:-1]))], safe[r], v[r] * (m / k)
+            sample, s_safe, s_valid = moved[_unravel(r, tuple(moved.shape[:-1]))], safe[r], valid[r]
+        w = s_valid.double() * (m / k)
         probs = self._probabilities(sample, multiclass=True)
         positive = s_safe[:, None] == torch.arange(c, device=self.device)  # one_hot reads min() on the CPU
         add_curve_counts(self.curves, probs, positive, w, self.thresholds)
         self._moments(probs, w[:, None])
+        p_true = probs.gather(1, s_safe[:, None]).squeeze(1)  # the histogram of the sampled rows
+        self.true_prob.update(torch.where(s_valid, p_true, torch.full_like(p_true, float("nan"))))
 
     def _probabilities(self, x: Tensor, *, multiclass: bool) -> Tensor:
         x = x.float()
@@ -225,10 +283,8 @@ class ClassCounts:
         self._counts(safe, pred, v, m)
         p_true = torch.where(safe == 1, p, 1 - p)
         self.true_prob.update(torch.where(valid, p_true, torch.full_like(p_true, float("nan"))))
-        index, element = _row_index(self.seen, m, max(1, m // max(n, 1)), rank, world, self.device)
         loss = torch.where(valid, -p_true.clamp_min(1e-12).log(), torch.full_like(p_true, float("-inf")))
-        p_pred = torch.where(pred == 1, p, 1 - p)
-        self.worst.update(loss, torch.stack([index, element, safe.double(), pred.double(), p_pred.double()], dim=1))
+        self._offer_worst(loss, [safe, pred, torch.where(pred == 1, p, 1 - p)], n, rank, world)
         r, k = self._sample(m, 1)
         s_p, s_pos, w = (p, safe, v) if r is None else (p[r], safe[r], v[r] * (m / k))
         add_curve_counts(self.curves, s_p[:, None].contiguous(), s_pos[:, None], w, self.thresholds)
@@ -237,7 +293,8 @@ class ClassCounts:
     def _update_multilabel(self, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
         d = self.class_dim % x.ndim
         c = self.num_classes
-        xs, ts = x.movedim(d, -1).reshape(-1, c), target.movedim(d, -1).reshape(-1, c).float()
+        xs, ts = x.movedim(d, -1).reshape(-1, c), target.movedim(d, -1).reshape(-1, c)
+        xs, ts = (xs if xs.dtype in (torch.float32, torch.float64) else xs.float()), ts.float()
         m = xs.shape[0]
         valid = (ts >= 0) & (ts <= 1)
         if self.ignore_index is not None:
@@ -245,35 +302,33 @@ class ClassCounts:
         positive = (ts > 0.5) & valid
         pred = (xs > 0.0) if self.inputs == "logits" else (self._probabilities(xs, multiclass=False) > 0.5)
         predicted = pred & valid
-        vd = valid.double()
-        stats = torch.stack(
-            [positive.double().sum(0), predicted.double().sum(0), (predicted & positive).double().sum(0)]
+        sums = torch.stack(
+            [_count(positive, 0), _count(predicted, 0), _count(predicted & positive, 0), _count(valid, 0)]
         )
-        self.per_class += stats
-        self.label_rows += vd.sum(0)
-        counted = vd.amax(1).sum() if m else vd.sum()
+        self.per_class += sums[:3]
+        self.label_rows += sums[3]
+        per_row = _count(valid, 1)
+        counted = (per_row > 0).sum()
         self.rows += torch.stack([counted, m - counted])
         r, k = self._sample(m, c)
         sample = xs if r is None else xs[r]
         probs = self._probabilities(sample, multiclass=False)
-        s_pos, s_valid = (positive, vd) if r is None else (positive[r], vd[r])
-        w = s_valid * (m / k if r is not None else 1.0)
+        s_pos, s_valid = (positive, valid) if r is None else (positive[r], valid[r])
+        w = s_valid.to(torch.float64) * (m / k if r is not None else 1.0)
         add_curve_counts(self.curves, probs, s_pos, w, self.thresholds)
-        p_true = torch.where(s_pos, probs, 1 - probs)
-        self.true_prob.update(torch.where(s_valid > 0, p_true, torch.full_like(p_true, float("nan"))))
         self.moments += torch.stack([w.sum(0), (w * probs).sum(0), (w * probs * probs).sum(0)])
+        shown = max(1, _HISTOGRAM_VALUES // c)  # the probability histogram takes a few of the sampled rows
+        p_true = torch.where(s_pos[:shown], probs[:shown], 1 - probs[:shown])
+        self.true_prob.update(torch.where(s_valid[:shown], p_true, torch.full_like(p_true, float("nan"))))
         # worst rows: the mean binary cross-entropy of each row over its valid labels (every row)
-        bce = (
-            F.binary_cross_entropy_with_logits(xs.float(), ts.clamp(0, 1), reduction="none")
-            if (self.inputs == "logits")
-            else F.binary_cross_entropy(
-                self._probabilities(xs, multiclass=False).clamp(0, 1), ts.clamp(0, 1), reduction="none"
-            )
-        )
-        per_row = (bce * vd).sum(1) / vd.sum(1).clamp_min(1)
-        index, element = _row_index(self.seen, m, max(1, m // max(n, 1)), rank, world, self.device)
-        rows = torch.stack([index, element, positive.double().sum(1), predicted.double().sum(1), (-per_row).exp()], 1)
-        self.worst.update(torch.where(vd.sum(1) > 0, per_row, torch.full_like(per_row, float("-inf"))), rows)
+        clean = ts.clamp(0, 1)
+        if self.inputs == "logits":
+            bce = F.binary_cross_entropy_with_logits(xs, clean, reduction="none")
+        else:
+            bce = F.binary_cross_entropy(self._probabilities(xs, multiclass=False).clamp(0, 1), clean, reduction="none")
+        row_loss = bce.masked_fill_(~valid, 0.0).sum(1) / per_row.clamp_min(1)
+        loss = torch.where(per_row > 0, row_loss, torch.full_like(row_loss, float("-inf")))
+        self._offer_worst(loss, [_count(positive, 1), _count(predicted, 1), (-row_loss).exp()], n, rank, world)
 
     # ---- epoch end (host reads allowed) ----------------------------------------------------------------------
     def merged(self, gather: GatherFn | None = None, world: int = 1) -> ClassCounts:

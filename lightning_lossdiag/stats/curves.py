@@ -51,13 +51,39 @@ def add_curve_counts(counts: Tensor, probs: Tensor, positive: Tensor, weight: Te
     """
     k, _, t = counts.shape
     p = probs.float()
-    idx = torch.bucketize(p, thresholds, right=True) - 1  # largest j with t_j <= p; -1 below every threshold
+    j = threshold_bins(p, thresholds)
     w = weight.to(torch.float64)
     if w.ndim == 1:
         w = w[:, None]
-    w = torch.where((idx >= 0) & ~torch.isnan(p), w, torch.zeros((), dtype=w.dtype, device=w.device)).expand_as(p)
-    column = (torch.arange(k, device=p.device) * (2 * t))[None, :] + positive.to(torch.long) * t
-    counts.view(-1).index_add_(0, (column + idx.clamp_min(0)).reshape(-1), w.reshape(-1))
+    w = torch.where(j >= 0, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    flat = j.clamp_min_(0).add_(positive.to(torch.long) * t).add_(_curve_offsets(k, t, p.device))
+    counts.view(-1).index_add_(0, flat.reshape(-1), w.expand_as(p).reshape(-1))
+
+
+def _curve_offsets(k: int, t: int, device: torch.device) -> Tensor:
+    return (torch.arange(k, device=device) * (2 * t))[None, :]
+
+
+def threshold_bins(p: Tensor, thresholds: Tensor) -> Tensor:
+    """Index of the largest threshold ``<= p`` (``-1`` below the first one, and for NaN): torchmetrics' ``p >= t_j``.
+
+    ``thresholds`` must be ``linspace(0, 1, T)`` (:func:`curve_thresholds`). The index is ``floor(p * (T - 1))``,
+    moved by one where float rounding put ``p`` on the other side of the float32 threshold, so it equals
+    ``bucketize(p, thresholds, right=True) - 1`` exactly, at a constant cost (a binary search costs 3-5x more on
+    probabilities spread over ``[0, 1]``, where its branches mispredict).
+
+    Example:
+        >>> th = curve_thresholds(11)
+        >>> threshold_bins(torch.tensor([0.0, 0.3, 0.29999998, 1.0, 7.0, -0.5, float("nan")]), th).tolist()
+        [0, 3, 2, 10, 10, -1, -1]
+    """
+    t = thresholds.shape[0]
+    q = torch.nan_to_num(p, nan=-1.0)
+    j = (q * (t - 1)).floor_().clamp_(-1, t - 1).to(torch.long)
+    j -= (thresholds.take(j.clamp(min=0)) > q).to(torch.long)
+    nxt = (j + 1).clamp_(max=t - 1)
+    j += ((thresholds.take(nxt) <= q) & (nxt > j)).to(torch.long)
+    return j.clamp_(min=-1)
 
 
 def rates_at_thresholds(counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -125,6 +151,7 @@ def binned_average_precision(counts: Tensor) -> Tensor:
 
 __all__ = [
     "add_curve_counts",
+    "threshold_bins",
     "binned_auroc",
     "binned_average_precision",
     "binned_precision_recall",

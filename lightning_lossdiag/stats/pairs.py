@@ -81,8 +81,8 @@ def _pairs_update(
     key = true * num_classes + pred
     est = torch.where(counted, counts.gather(1, idx).amin(0), -1.0).expand(depth, -1)
     best = torch.full_like(counts, -1.0).scatter_reduce(1, idx, est, "amax")
-    stored = _estimates(counts, state.keys, coef, num_classes)
-    wins = counted & (est == best.gather(1, idx)) & (est >= stored.gather(1, idx))
+    stored = _estimates(counts, state.keys.gather(1, idx), coef, num_classes)  # only the buckets this batch touches
+    wins = counted & (est == best.gather(1, idx)) & (est >= stored)
     claim = torch.full_like(state.keys, -1).scatter_reduce(1, idx, torch.where(wins, key, -1), "amax")
     return PairsState(counts, torch.where(claim >= 0, claim, state.keys))  # the trash column never gets a claim
 
