@@ -48,6 +48,8 @@ def make_data(task: str, n: int, seed: int) -> TensorDataset:
     x = torch.randn(n, 4, generator=g)
     if task == "regression":
         y = torch.sin(2 * x[:, 0]) + 0.5 * x[:, 1] + 0.1 * torch.randn(n, generator=g)
+    elif task == "manyclass":  # 40 classes: above max_classes, so the confused pairs are a sketch merged over ranks
+        y = ((x[:, 0] + 2 * x[:, 1] + x[:, 2]) * 5).long().clamp(-20, 19) + 20
     else:
         y = (x[:, 0] > 0.3).long() + (x[:, 1] > -0.2).long()  # three classes
     return TensorDataset(x, y)
@@ -57,6 +59,8 @@ def make_model(task: str, seed: int = 0) -> L.LightningModule:
     L.seed_everything(seed, verbose=False)
     if task == "regression":
         return MLPRegressor(in_features=4, hidden=16, depth=1, loss="mse", lr=0.01)
+    if task == "manyclass":
+        return MLPClassifier(in_features=4, num_classes=40, hidden=16, depth=1, loss="cross_entropy", lr=0.01)
     return MLPClassifier(in_features=4, num_classes=3, hidden=16, depth=1, loss="cross_entropy", lr=0.01)
 
 
@@ -135,6 +139,7 @@ def run_validate(out: Path, devices: int) -> None:
     for task in ("regression", "multiclass"):
         validate_task(task, out, devices)
         fit_task(task, out, devices)
+    validate_task("manyclass", out, devices)
 
 
 class NaNOnRankOne(MLPRegressor):
