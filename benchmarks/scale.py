@@ -337,7 +337,7 @@ def row(name: str, shapes: str, s: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list from " + ", ".join(WORKLOADS))
-    parser.add_argument("--steps", type=int, default=None, help="measured training steps in all (default 40)")
+    parser.add_argument("--steps", type=int, default=None, help="measured training steps in all (default 100)")
     parser.add_argument("--val-batches", type=int, default=None, help="validation batches per epoch (default 4)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on cpu)")
     parser.add_argument("--precision", default=None, help="Trainer precision, e.g. bf16-mixed (default 32-true)")
     parser.add_argument(
-        "--log-every", type=int, default=10, help="the Trainer's log_every_n_steps: flushes and batched counts"
+        "--log-every", type=int, default=50, help="the Trainer's log_every_n_steps: flushes and batched counts"
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (and 8 steps, 2 val batches): smoke run")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(RESULT + json.dumps(child(json.loads(args.child))), flush=True)
         return
-    args.steps = args.steps if args.steps is not None else (8 if args.quick else 40)
+    args.steps = args.steps if args.steps is not None else (8 if args.quick else 100)
     args.val_batches = args.val_batches if args.val_batches is not None else (2 if args.quick else 4)
     args.threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]

@@ -10,6 +10,8 @@ thin class holding the state tensors on one device. Every class has ``update`` (
 * :class:`BoundedSample`: a uniform sample of at most ``k`` rows (bottom-k of random keys).
 * :class:`TopKWorst`: the ``k`` rows with the largest scores.
 * :class:`BinnedErrors` and :func:`quantile_edges_from_sample`: errors grouped by target bins.
+* :class:`ClassCounts`: a classification stage's device counts (per-class counts, binned curves, confusion or
+  :class:`ConfusedPairs`), read by :func:`class_metrics`.
 
 Example:
     >>> import torch
@@ -21,19 +23,25 @@ Example:
 """
 
 from lightning_lossdiag.stats.binned import BinnedErrors, quantile_edges_from_sample
+from lightning_lossdiag.stats.class_metrics import class_metrics
+from lightning_lossdiag.stats.classification import ClassCounts
 from lightning_lossdiag.stats.distributed import GatherFn, single_process_gather
 from lightning_lossdiag.stats.histogram import FixedHistogram, histogram_edges, histogram_raw_args
 from lightning_lossdiag.stats.moments import RunningMoments
+from lightning_lossdiag.stats.pairs import ConfusedPairs
 from lightning_lossdiag.stats.sample import BoundedSample
 from lightning_lossdiag.stats.topk import TopKWorst
 
 __all__ = [
     "BinnedErrors",
     "BoundedSample",
+    "ClassCounts",
+    "ConfusedPairs",
     "FixedHistogram",
     "GatherFn",
     "RunningMoments",
     "TopKWorst",
+    "class_metrics",
     "histogram_edges",
     "histogram_raw_args",
     "quantile_edges_from_sample",

@@ -81,7 +81,7 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
             "f1": _div((_div(2 * tp, 2 * tp + fp + fn) * weights).sum(), weights.sum()),
             "recall_per_class": _div(tp, tp + fn),
         }
-    blocks = counts.curves.split(_BLOCK)  # blocks of classes: temporaries stay small at 32k classes
+    blocks = counts.curves.double().split(_BLOCK)  # blocks of classes: temporaries stay small at 32k classes
     if "auroc" in names:
         values["auroc"] = torch.cat([binned_auroc(b) for b in blocks]).mean()
     if "average_precision" in names:

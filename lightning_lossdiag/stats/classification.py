@@ -53,8 +53,8 @@ def first_argmax(x: Tensor, dim: int, top: Tensor) -> Tensor:
 
     torch's CPU ``argmax``/``max`` with indices is several times slower than ``amax``: over a class dim that is not
     the last one (``(N, C, H, W)``), the first class whose value equals the maximum is found with one comparison and
-    an ``amax`` of descending class weights; over a long last dim (a 32k vocabulary), the maximum's chunk of 64 is
-    found first and searched alone. Short last dims use ``argmax`` itself. No host read.
+    an ``amax`` of descending class weights; over a long last dim (512 classes or more, a 32k vocabulary), the
+    maximum's chunk of 64 is found first and searched alone. Short last dims use ``argmax`` itself. No host read.
 
     Example:
         >>> x = torch.tensor([[[1.0, 5.0], [5.0, 2.0]], [[0.0, 5.0], [3.0, 1.0]]])  # (N=2, C=2, L=2)
@@ -63,7 +63,7 @@ def first_argmax(x: Tensor, dim: int, top: Tensor) -> Tensor:
     """
     c = x.shape[dim]
     if dim == x.ndim - 1:
-        if c < 2048:
+        if c < 512:
             return x.argmax(dim)
         b = _ARGMAX_CHUNK
         rows = x.reshape(-1, c)
@@ -155,7 +155,8 @@ class ClassCounts:
         self.per_class = zeros(3, c)  # support, predicted, correct
         self.label_rows = zeros(c)  # multilabel: valid values per label
         self.rows = zeros(2)  # rows counted, rows left out
-        self.curves = zeros(k, 2, thresholds)
+        # float32 curve weights: exact integer counts up to 2**24 per bin, half the memory of float64 at 32k classes
+        self.curves = torch.zeros(k, 2, thresholds, dtype=torch.float32, device=self.device)
         self.moments = zeros(3, k)  # weight, sum p, sum p^2 (sampled)
         dense = task != "multilabel" and c <= max_confusion
         self.confusion = zeros(c if dense else 0, c if dense else 0)

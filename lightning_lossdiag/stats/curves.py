@@ -8,8 +8,9 @@ negatives with ``p >= t_j``: torchmetrics' binned rule, so the areas below equal
 ``multiclass_auroc`` and ``*_average_precision`` with ``thresholds=T`` on the same data.
 
 An update costs ``O(values)`` (one ``bucketize`` and one ``index_add_``), never ``values x thresholds``; the state is
-``K x 2 x T`` whatever the number of samples. Weights are float64 (exact for integer counts up to ``2**53``) so a
-uniform sample of rows can stand for a whole batch (each sampled row weighs ``rows / sampled``).
+``K x 2 x T`` whatever the number of samples. Weights are floating (``ClassCounts`` keeps float32: exact for integer
+counts up to ``2**24`` per bin, half the memory at 32k classes) so a uniform sample of rows can stand for a whole
+batch (each sampled row weighs ``rows / sampled``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def add_curve_counts(counts: Tensor, probs: Tensor, positive: Tensor, weight: Te
     """Add ``(M, K)`` probabilities to ``counts`` ``(K, 2, T)`` in place: row 0 negatives, row 1 positives.
 
     Args:
-        counts: float64 ``(K, 2, T)`` state.
+        counts: floating ``(K, 2, T)`` state (float32 counts integers exactly up to ``2**24`` per bin).
         probs: ``(M, K)`` probabilities (values below ``t_0`` and NaN are never counted).
         positive: ``(M, K)`` 0/1 labels (any dtype).
         weight: ``(M,)`` or ``(M, K)`` weight of each value (0 for ignored rows).
@@ -52,7 +53,7 @@ def add_curve_counts(counts: Tensor, probs: Tensor, positive: Tensor, weight: Te
     k, _, t = counts.shape
     p = probs.float()
     j = threshold_bins(p, thresholds)
-    w = weight.to(torch.float64)
+    w = weight.to(counts.dtype)
     if w.ndim == 1:
         w = w[:, None]
     w = torch.where(j >= 0, w, torch.zeros((), dtype=w.dtype, device=w.device))
