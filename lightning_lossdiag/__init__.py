@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "ErrorDistributionMonitor": "lightning_lossdiag.callbacks.error_distribution",
     "MetricCurves": "lightning_lossdiag.callbacks.metric_curves",
     "ActivationMonitor": "lightning_lossdiag.callbacks.activation_monitor",
+    "AmpMonitor": "lightning_lossdiag.callbacks.amp_monitor",
     "Doctor": "lightning_lossdiag.callbacks.doctor",
     "NonFiniteGuard": "lightning_lossdiag.callbacks.nonfinite_guard",
     "LossDiagnostics": "lightning_lossdiag.callbacks.loss_diagnostics",

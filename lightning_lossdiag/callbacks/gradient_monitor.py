@@ -16,6 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lossdiag.callbacks._amp import grad_scaler, scaler_found_inf
 from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, warn_no_logger_once
 from lightning_lossdiag.callbacks._grad_groups import (
     OTHER_GROUP,
@@ -206,6 +207,10 @@ class GradientMonitor(Callback):
             aux = self._row(st, present, param_norms(grads, math.inf if clip[0] == "value" else 2.0))
         step = trainer.global_step + 1  # the step this optimizer step completes (global_step after the batch)
         norms = param_norms(grads, p, path=st.path if dense else None)
+        skipped = scaler_found_inf(grad_scaler(trainer), opt)  # fp16: the GradScaler's own verdict, on the device
+        if skipped is not None:  # a step the scaler skips applies no update: zero norms, not non-finite gradients
+            norms = torch.where(skipped > 0, torch.zeros_like(norms), norms)
+            aux = None if aux is None else torch.where(skipped > 0, torch.zeros_like(aux), aux)
         if self.shares_latest and dense:  # for take_latest: the NaN guard of LossDiagnostics reuses the norms
             self._latest = (opt, step, params, grads, norms)
         st.push(self._row(st, present, norms), aux, step, clip)

@@ -22,12 +22,13 @@ _PARTS: dict[str, tuple[str, str]] = {
     "gradients": ("lightning_lossdiag.callbacks.gradient_monitor", "GradientMonitor"),
     "scheduler": ("lightning_lossdiag.callbacks.scheduler_monitor", "SchedulerMonitor"),
     "activations": ("lightning_lossdiag.callbacks.activation_monitor", "ActivationMonitor"),
+    "amp": ("lightning_lossdiag.callbacks.amp_monitor", "AmpMonitor"),
     "errors": ("lightning_lossdiag.callbacks.error_distribution", "ErrorDistributionMonitor"),
     "metrics": ("lightning_lossdiag.callbacks.metric_curves", "MetricCurves"),
     "nonfinite": ("lightning_lossdiag.callbacks.nonfinite_guard", "NonFiniteGuard"),
     "doctor": ("lightning_lossdiag.callbacks.doctor", "Doctor"),
 }
-_FLUSHING_PARTS = ("loss", "gradients", "scheduler", "activations", "nonfinite")
+_FLUSHING_PARTS = ("loss", "gradients", "scheduler", "activations", "amp", "nonfinite")
 _NONFINITE_POLICIES = ("warn", "skip", "stop", "raise")
 
 _HOOKS: tuple[str, ...] = tuple(
@@ -79,6 +80,7 @@ class LossDiagnostics(Callback):
         gradients: :class:`~lightning_lossdiag.GradientMonitor` options (norms, clipping).
         scheduler: :class:`~lightning_lossdiag.SchedulerMonitor` options (learning rate, ReduceLROnPlateau state).
         activations: :class:`~lightning_lossdiag.ActivationMonitor` options (flush steps only).
+        amp: :class:`~lightning_lossdiag.AmpMonitor` options (fp16 loss scale and the steps the scaler skipped).
         errors: :class:`~lightning_lossdiag.ErrorDistributionMonitor` options (residuals, confusion, PR, worst).
         metrics: :class:`~lightning_lossdiag.MetricCurves` options (torchmetrics for train and val).
         doctor: :class:`~lightning_lossdiag.Doctor` options (findings and the end-of-fit report).
@@ -97,6 +99,7 @@ class LossDiagnostics(Callback):
     ``grad/norm_total``, ``grad/norm/<layer>``  GradientMonitor (flush)
     ``lr/<optimizer>/<group>``, ``plateau/*``   SchedulerMonitor (flush, scheduler step)
     ``act/<stat>/<layer>``, ``act/hist/*``      ActivationMonitor (flush, epoch end)
+    ``amp/scale``, ``amp/skipped_steps``        AmpMonitor (flush; fp16 with a GradScaler)
     ``errors/<stage>/*``                        ErrorDistributionMonitor (epoch end)
     ``metrics/<stage>/<name>``                  MetricCurves (epoch end)
     ``nonfinite/skipped_steps``                 NonFiniteGuard (flush; "skip" and "stop")
@@ -118,6 +121,7 @@ class LossDiagnostics(Callback):
         gradients: PartOption = True,
         scheduler: PartOption = True,
         activations: PartOption = True,
+        amp: PartOption = True,
         errors: PartOption = True,
         metrics: PartOption = True,
         doctor: PartOption = True,
@@ -133,6 +137,7 @@ class LossDiagnostics(Callback):
             "gradients": gradients,
             "scheduler": scheduler,
             "activations": activations,
+            "amp": amp,
             "errors": errors,
             "metrics": metrics,
             # "warn" needs no guard: the monitors count non-finite values on the device and the Doctor reports them.

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_lossdiag.callbacks._amp import grad_scaler, scaler_found_inf
 from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars
 from lightning_lossdiag.callbacks._grad_groups import host_floats
 from lightning_lossdiag.callbacks._grad_window import param_norms
@@ -308,7 +309,9 @@ class NonFiniteGuard(Callback):
 
         Inside :class:`~lightning_lossdiag.LossDiagnostics` the gradient monitor measured the same gradients just
         before this hook, in the same call: they are taken from it (:meth:`GradientMonitor.take_latest`), so there is
-        neither a walk over the optimizer's groups nor a second norm.
+        neither a walk over the optimizer's groups nor a second norm. Under fp16 a step the ``GradScaler`` found
+        non-finite gets zero norms (the monitor's or these): the scaler skips it and lowers the scale itself, so
+        the guard neither drops it a second time nor reports it.
         """
         source = self.norm_source
         seen = source.take_latest(optimizer) if source is not None else None
@@ -318,7 +321,11 @@ class NonFiniteGuard(Callback):
         params = [p for p, _ in pairs]
         grads = [g for _, g in pairs]
         step = trainer.global_step + 1
-        return step, params, grads, param_norms(grads, 2.0) if grads else None  # float32 L2: NaN/inf propagate
+        norms = param_norms(grads, 2.0) if grads else None  # float32 L2: NaN/inf propagate
+        skipped = scaler_found_inf(grad_scaler(trainer), optimizer)
+        if skipped is not None and norms is not None:  # fp16: the GradScaler skips this step itself, not the guard
+            norms = torch.where(skipped > 0, torch.zeros_like(norms), norms)
+        return step, params, grads, norms
 
     @override
     def on_train_batch_end(

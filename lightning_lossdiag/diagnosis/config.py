@@ -46,6 +46,8 @@ class DoctorConfig:
         dead_frac: ``act/dead_frac/<layer>`` above this is a dead layer...
         saturated_frac: ``act/saturated_frac/<layer>`` above this is a saturated layer...
         activation_flushes: ...when it holds for each of the last this many flushes.
+        amp_min_scale: ``amp_scale_collapse`` when the fp16 loss scale falls below this...
+        amp_skip_share: ...or when the GradScaler skipped at least this share of the steps in the second half.
 
     Example:
         >>> cfg = DoctorConfig.from_value({"plateau_epochs": 10})
@@ -80,6 +82,8 @@ class DoctorConfig:
     dead_frac: float = 0.5
     saturated_frac: float = 0.5
     activation_flushes: int = 3
+    amp_min_scale: float = 1.0
+    amp_skip_share: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -90,7 +94,15 @@ class DoctorConfig:
                 raise ValueError(f"`{f.name}` must be an integer, got {value!r}")
             if value < 0:
                 raise ValueError(f"`{f.name}` must be >= 0, got {value!r}")
-        for name in ("window_frac", "clip_rate", "clip_share", "imbalance_share", "dead_frac", "saturated_frac"):
+        for name in (
+            "window_frac",
+            "clip_rate",
+            "clip_share",
+            "imbalance_share",
+            "dead_frac",
+            "saturated_frac",
+            "amp_skip_share",
+        ):
             if getattr(self, name) > 1:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)!r}")
 

@@ -43,6 +43,7 @@ DESIGN_CODES = {
     "scheduler_monitor_missing",
     "dead_units",
     "saturated_activations",
+    "amp_scale_collapse",
 }
 
 

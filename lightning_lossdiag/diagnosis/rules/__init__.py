@@ -11,6 +11,7 @@ module             codes
 ``metrics``        ``metric_scale_mismatch``
 ``schedule``       ``scheduler_mode_mismatch``, ``scheduler_monitor_missing``
 ``activations``    ``dead_units``, ``saturated_activations``
+``amp``            ``amp_scale_collapse``
 =================  ===========================================================================================
 
 ``double_sigmoid``, ``softmax_into_cross_entropy`` and ``shape_broadcast`` come from one-time input checks, which add
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from lightning_lossdiag.diagnosis.config import DoctorConfig
 from lightning_lossdiag.diagnosis.findings import Finding
 from lightning_lossdiag.diagnosis.record import RunRecord
-from lightning_lossdiag.diagnosis.rules import activations, data, fit, gradients, loss, metrics, schedule
+from lightning_lossdiag.diagnosis.rules import activations, amp, data, fit, gradients, loss, metrics, schedule
 
 Rule = Callable[[RunRecord, DoctorConfig], list[Finding]]
 
@@ -37,6 +38,7 @@ ALL_RULES: tuple[Rule, ...] = (
     *metrics.RULES,
     *schedule.RULES,
     *activations.RULES,
+    *amp.RULES,
 )
 
 __all__ = ["ALL_RULES", "Rule"]
