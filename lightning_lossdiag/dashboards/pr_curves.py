@@ -1,9 +1,9 @@
-"""Precision-recall curves from binned counts: bounded memory on the device, written with ``add_pr_curve_raw``.
+"""Precision-recall curves from binned counts, written with ``add_pr_curve_raw``.
 
-Each class keeps two count vectors over ``T`` fixed thresholds ``linspace(0, 1, T)``: how many positives and how
-many negatives had their largest threshold ``<= p`` at index ``j``. A reverse cumulative sum gives, for every
-threshold ``t_j``, the positives and negatives predicted positive (``p >= t_j``), which is torchmetrics' binned rule.
-The state is ``2 * C * T`` integers whatever the number of samples.
+Each class has two count vectors over ``T`` fixed thresholds ``linspace(0, 1, T)`` (counted on the device by
+:mod:`lightning_lossdiag.stats.curves`): how many positives and how many negatives had their largest threshold
+``<= p`` at index ``j``. A reverse cumulative sum gives, for every threshold ``t_j``, the positives and negatives
+predicted positive (``p >= t_j``), which is torchmetrics' binned rule.
 """
 
 from __future__ import annotations
@@ -13,45 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-
-
-def pr_thresholds(num_thresholds: int, device: torch.device | str | None = None) -> Tensor:
-    """The ``num_thresholds`` thresholds ``linspace(0, 1, num_thresholds)`` (float32, as torchmetrics uses).
-
-    Example:
-        >>> pr_thresholds(5)
-        tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000])
-    """
-    if not isinstance(num_thresholds, int) or num_thresholds < 2:
-        raise ValueError(f"`num_thresholds` must be an integer >= 2, got {num_thresholds!r}")
-    return torch.linspace(0, 1, num_thresholds, device=device)
-
-
-def update_pr_counts(pos: Tensor, neg: Tensor, probs: Tensor, positive: Tensor, thresholds: Tensor) -> None:
-    """Add one batch to the binned counts in place (device only, no host reads).
-
-    Args:
-        pos: ``(C, T)`` integer counts of positives per class and threshold bin.
-        neg: ``(C, T)`` integer counts of negatives.
-        probs: ``(N, C)`` probabilities in ``[0, 1]`` (a value below 0 never counts as predicted positive).
-        positive: ``(N, C)`` 0/1 (or bool) labels: sample ``n`` is a positive of class ``c``.
-        thresholds: the ``(T,)`` ascending thresholds.
-
-    Example:
-        >>> pos = torch.zeros(1, 3, dtype=torch.long); neg = torch.zeros(1, 3, dtype=torch.long)
-        >>> update_pr_counts(pos, neg, torch.tensor([[0.2], [0.9], [0.6]]), torch.tensor([[0], [1], [1]]),
-        ...                  pr_thresholds(3))
-        >>> pos.tolist(), neg.tolist()
-        ([[0, 2, 0]], [[1, 0, 0]])
-    """
-    num_classes, num_t = pos.shape
-    # index of the largest threshold <= p; -1 (below every threshold) goes to an extra dropped slot
-    idx = torch.bucketize(probs.float(), thresholds, right=True) - 1
-    valid = (idx >= 0).to(pos.dtype)
-    idx = idx.clamp(min=0) + torch.arange(num_classes, device=probs.device) * num_t
-    is_pos = positive.to(pos.dtype)
-    pos.view(-1).index_add_(0, idx.reshape(-1), (is_pos * valid).reshape(-1))
-    neg.view(-1).index_add_(0, idx.reshape(-1), ((1 - is_pos) * valid).reshape(-1))
 
 
 def confusion_at_thresholds(pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -120,8 +81,6 @@ def write_pr_curves(writer: Any, prefix: str, pos: np.ndarray, neg: np.ndarray, 
 __all__ = [
     "confusion_at_thresholds",
     "pr_curve_raw_args",
-    "pr_thresholds",
     "precision_recall",
-    "update_pr_counts",
     "write_pr_curves",
 ]

@@ -18,12 +18,8 @@ from lightning_lossdiag.dashboards.class_views import (
     worst_classes,
     write_class_views,
 )
-from lightning_lossdiag.dashboards.pr_curves import (
-    confusion_at_thresholds,
-    pr_curve_raw_args,
-    pr_thresholds,
-    update_pr_counts,
-)
+from lightning_lossdiag.dashboards.pr_curves import confusion_at_thresholds, pr_curve_raw_args
+from lightning_lossdiag.stats.curves import add_curve_counts, curve_thresholds
 
 PREFIX = "errors/val"
 T = 21
@@ -259,9 +255,9 @@ def test_per_class_table_matches_direct_formulas_and_torchmetrics_ap():
     probs = torch.rand(300, 4, generator=g)
     positive = (probs + 0.6 * torch.rand(300, 4, generator=g)) > 0.9
     positive[:, 3] = False  # label 3 has no positives
-    pos = torch.zeros(4, T, dtype=torch.long)
-    neg = torch.zeros_like(pos)
-    update_pr_counts(pos, neg, probs, positive, pr_thresholds(T))
+    counts = torch.zeros(4, 2, T)
+    add_curve_counts(counts, probs, positive, torch.ones(300), curve_thresholds(T))
+    pos, neg = counts[:, 1].long(), counts[:, 0].long()
     support = np.array([10.0, 8.0, 5.0, 0.0])
     predicted = np.array([12.0, 0.0, 5.0, 3.0])
     correct = np.array([6.0, 0.0, 5.0, 0.0])

@@ -8,22 +8,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_lossdiag.dashboards.pr_curves import (
-    confusion_at_thresholds,
-    pr_curve_raw_args,
-    pr_thresholds,
-    update_pr_counts,
-    write_pr_curves,
-)
+from lightning_lossdiag.dashboards.pr_curves import confusion_at_thresholds, pr_curve_raw_args, write_pr_curves
+from lightning_lossdiag.stats.curves import add_curve_counts, curve_thresholds
 
 
 def _counts(probs, positive, t):
-    pos = torch.zeros(probs.shape[1], t, dtype=torch.long)
-    neg = torch.zeros_like(pos)
-    thr = pr_thresholds(t)
+    """The engine's binned counts (``stats.curves``), fed in several batches, as ``(pos, neg)`` integer arrays."""
+    counts = torch.zeros(probs.shape[1], 2, t, dtype=torch.float32)
+    thr = curve_thresholds(t)
     for chunk in range(0, probs.shape[0], 37):  # several batches
-        update_pr_counts(pos, neg, probs[chunk : chunk + 37], positive[chunk : chunk + 37], thr)
-    return pos, neg
+        rows = slice(chunk, chunk + 37)
+        add_curve_counts(counts, probs[rows], positive[rows], torch.ones(probs[rows].shape[0]), thr)
+    return counts[:, 1].long(), counts[:, 0].long()
 
 
 def test_counts_equal_numpy_threshold_rule():
@@ -82,5 +78,5 @@ def test_write_pr_curves_reads_back(tmp_path):
 
 
 def test_bad_threshold_count():
-    with pytest.raises(ValueError, match="`num_thresholds`"):
-        pr_thresholds(1)
+    with pytest.raises(ValueError, match="`thresholds` must be an integer >= 2"):
+        curve_thresholds(1)
