@@ -99,6 +99,35 @@ def host_to_device(values: list[int] | list[bool], device: torch.device, dtype: 
     return host.to(device)
 
 
+_SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def refuse_sharded(trainer: Any, who: str, what: str) -> None:
+    """Fail at fit start under a sharding strategy, where ``who`` would see one rank's shard of each gradient.
+
+    FSDP (``FSDPStrategy``), FSDP2/tensor parallel (``ModelParallelStrategy``) and DeepSpeed hand each rank a slice of
+    every gradient: norms and non-finite checks of those slices are not the full gradient's, and numbers that look
+    right but are not are worse than none.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> class FSDPStrategy: ...
+        >>> try:
+        ...     refuse_sharded(SimpleNamespace(strategy=FSDPStrategy()), "GradientMonitor", "gradient norms")
+        ... except RuntimeError as err:
+        ...     print(str(err)[:45])
+        GradientMonitor does not support FSDPStrategy
+    """
+    names = {cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__}
+    found = next((n for n in _SHARDED if n in names), None)
+    if found is not None:
+        raise RuntimeError(
+            f"{who} does not support {found} yet: each rank holds a shard of every gradient, so its {what} would "
+            "be one shard's, not the model's. Turn it off to train with the other parts, e.g. "
+            "`LossDiagnostics(gradients=False, on_nonfinite='warn')`; DDP is supported."
+        )
+
+
 def to_host(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
     """Move a mapping of scalar tensors to host floats in ONE transfer. Flush/epoch-end only (one host sync).
 

@@ -71,8 +71,8 @@ class Engine:
             self.finished, self.merged = False, None
         self.last = (preds, target)
         self.version += 1
-        if self.buffer.add(preds, target):
-            self.drain()
+        if self.buffer.add(preds, target) or _large(preds, self.buffer.max_bytes):
+            self.drain()  # a large step goes alone: concatenating it would copy more than it saves
 
     def drain(self) -> None:
         """Feed the held steps to the counts (device only); the sampling budget is per step, so it scales with them."""
@@ -93,6 +93,11 @@ class Engine:
         self.drain()
         self.finished = True
         self.last = None
+
+
+def _large(preds: Tensor, max_bytes: int) -> bool:
+    """Predictions of at least 1 MiB that fill a quarter of the buffer (storage size: metadata, no host read)."""
+    return preds.untyped_storage().nbytes() >= max(max_bytes // 4, 2**20)
 
 
 def _new_counts(info: TaskInfo, config: EngineConfig, device: torch.device, rank: int) -> ClassCounts:

@@ -17,7 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossdiag.callbacks._amp import grad_scaler, scaler_found_inf
-from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, warn_no_logger_once
+from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, refuse_sharded, warn_no_logger_once
 from lightning_lossdiag.callbacks._grad_groups import (
     OTHER_GROUP,
     check_depth,
@@ -126,6 +126,11 @@ class GradientMonitor(Callback):
             names = ("every_n_steps", "depth", "max_groups", "norm_type", "param_norms")
             cached = self._key_cache = (opts, self._generate_state_key(**dict(zip(names, opts, strict=True))))
         return cached[1]
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_sharded(trainer, "GradientMonitor", "gradient norms")
 
     def _setup(self, pl_module: LightningModule, optimizer: Any, idx: int) -> OptWindow:
         """One-time: the optimizer's parameters, their names and groups, the group index tensor."""

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_lossdiag.callbacks._amp import grad_scaler, scaler_found_inf
-from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars
+from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, refuse_sharded
 from lightning_lossdiag.callbacks._grad_groups import host_floats
 from lightning_lossdiag.callbacks._grad_window import param_norms
 from lightning_lossdiag.callbacks._guard_rows import FOLD_ROWS, NO_STEP, GuardRows, loss_probe, step_ok
@@ -245,6 +245,11 @@ class NonFiniteGuard(Callback):
         return self._generate_state_key(policy=self.policy)
 
     # ---- hooks -----------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self.policy != "warn":
+            refuse_sharded(trainer, "NonFiniteGuard", "decision to skip a step")
+
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}

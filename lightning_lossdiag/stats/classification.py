@@ -76,9 +76,10 @@ def first_argmax(x: Tensor, dim: int, top: Tensor) -> Tensor:
         return (start + inside.argmax(-1)).reshape(x.shape[:-1])
     shape = [1] * x.ndim
     shape[dim] = c
-    dtype = torch.int16 if c < 2**15 else torch.int32
+    dtype = torch.uint8 if c < 2**8 else torch.int16 if c < 2**15 else torch.int32
     weights = (c - torch.arange(c, device=x.device, dtype=torch.int32)).to(dtype).view(shape)
-    return c - ((x == top.unsqueeze(dim)) * weights).amax(dim).to(torch.long)
+    hits = (x == top.unsqueeze(dim)).view(torch.uint8) if dtype == torch.uint8 else (x == top.unsqueeze(dim))
+    return c - (hits * weights).amax(dim).to(torch.long)
 
 
 def _count(mask: Tensor, dim: int) -> Tensor:
