@@ -112,7 +112,7 @@ class LossDiagnostics(Callback):
     Example:
         >>> diag = LossDiagnostics(activations=False, gradients={"depth": 2})
         >>> sorted(diag.parts)[:3]
-        ['doctor', 'errors', 'gradients']
+        ['amp', 'doctor', 'errors']
     """
 
     def __init__(
