@@ -10,6 +10,7 @@ and epoch, cached for the other reader) and marks the slot finished; its next ba
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,25 @@ class Engine:
         self.last = None
 
 
+_SAVED_COUNTS = ("per_class", "label_rows", "rows", "curves", "moments")
+
+
+def saved_counts(engine: Engine) -> dict[str, Any]:
+    """The metric counts of a slot as CPU tensors for a checkpoint (checkpoint save: host copies)."""
+    engine.drain()
+    return {name: getattr(engine.counts, name).detach().cpu().clone() for name in _SAVED_COUNTS}
+
+
+def restore_counts(counts: Any, saved: Any) -> None:
+    """Add saved metric counts to a slot's fresh counts (one-time, at resume; shapes that no longer fit are skipped)."""
+    if not isinstance(saved, Mapping):
+        return
+    for name in _SAVED_COUNTS:
+        value, current = saved.get(name), getattr(counts, name)
+        if isinstance(value, Tensor) and value.shape == current.shape:
+            current += value.to(device=current.device, dtype=current.dtype)
+
+
 def _large(preds: Tensor, max_bytes: int) -> bool:
     """Predictions of at least 1 MiB that fill a quarter of the buffer (storage size: metadata, no host read)."""
     return preds.untyped_storage().nbytes() >= max(max_bytes // 4, 2**20)
@@ -145,4 +165,13 @@ def engine_for(
     return engine
 
 
-__all__ = ["DEFAULT_BUDGET", "DEFAULT_BUFFER_BYTES", "DEFAULT_MAX_CONFUSION", "Engine", "EngineConfig", "engine_for"]
+__all__ = [
+    "DEFAULT_BUDGET",
+    "DEFAULT_BUFFER_BYTES",
+    "restore_counts",
+    "saved_counts",
+    "DEFAULT_MAX_CONFUSION",
+    "Engine",
+    "EngineConfig",
+    "engine_for",
+]

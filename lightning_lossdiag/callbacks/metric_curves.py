@@ -20,6 +20,8 @@ from lightning_lossdiag.callbacks._class_engine import (
     Engine,
     EngineConfig,
     engine_for,
+    restore_counts,
+    saved_counts,
 )
 from lightning_lossdiag.callbacks._metric_buffer import StepBuffer
 from lightning_lossdiag.callbacks._metric_sets import (
@@ -48,23 +50,6 @@ from lightning_lossdiag.diagnosis.record import record_for
 from lightning_lossdiag.stats.class_metrics import class_metrics
 
 _DEFAULT_BUFFER_STEPS = 50
-_SAVED_COUNTS = ("per_class", "label_rows", "rows", "curves", "moments")
-
-
-def saved_counts(engine: Engine) -> dict[str, Any]:
-    """The metric counts of a slot as CPU tensors for a checkpoint (checkpoint save: host copies)."""
-    engine.drain()
-    return {name: getattr(engine.counts, name).detach().cpu().clone() for name in _SAVED_COUNTS}
-
-
-def restore_counts(counts: Any, saved: Any) -> None:
-    """Add saved metric counts to a slot's fresh counts (one-time, at resume; shapes that no longer fit are skipped)."""
-    if not isinstance(saved, Mapping):
-        return
-    for name in _SAVED_COUNTS:
-        value, current = saved.get(name), getattr(counts, name)
-        if isinstance(value, Tensor) and value.shape == current.shape:
-            current += value.to(device=current.device, dtype=current.dtype)
 
 
 class MetricCurves(StagedOutputsCallback):
