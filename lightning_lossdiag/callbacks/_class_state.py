@@ -10,15 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from lightning_lossdiag.callbacks._class_engine import Engine
+from lightning_lossdiag.callbacks._error_states import write_worst
 from lightning_lossdiag.dashboards.class_views import ClassSummary, write_class_views
-from lightning_lossdiag.dashboards.tables import worst_samples_table
 from lightning_lossdiag.stats import histogram_raw_args
 from lightning_lossdiag.stats.classification import ClassCounts
-from lightning_lossdiag.stats.topk import TopKWorst
 
 Gather = Any
 _MAX_DIST_BUCKETS = 128  # class-index histograms of more classes are re-binned to this many buckets
@@ -128,35 +126,11 @@ class ClassificationState:
         for name, counts in (("target_dist", summary.support), ("pred_dist", summary.predicted)):
             if float(counts.sum()) > 0:
                 writer.add_histogram_raw(f"{prefix}/{name}", global_step=step, **class_hist_args(counts.tolist()))
-        write_worst_classes(writer, prefix, step, v.worst, multilabel=v.task == "multilabel")
+        write_worst(writer, prefix, step, v.worst, kind="labels" if v.task == "multilabel" else "classes")
 
     def nbytes(self) -> int:
         """Bytes of device state of the slot's counts."""
         return self.engine.counts.nbytes()
 
 
-def write_worst_classes(writer: Any, prefix: str, step: int, worst: TopKWorst, *, multilabel: bool) -> None:
-    """The worst rows as a text table: sample, element, true and predicted class (multilabel: label counts)."""
-    scores, rows = worst.scores.cpu(), worst.rows.cpu()  # epoch end: top-k rows to the host
-    keep = torch.isfinite(scores).tolist()  # host list (epoch end)
-    data = [(float(s), r.tolist()) for s, r, k in zip(scores, rows, keep, strict=True) if k]
-    if not data:
-        return
-    many = any(r[1] > 0 for _, r in data)
-    if multilabel:
-        targets: list[object] = [f"{int(r[2])} labels" for _, r in data]
-        predictions: list[object] = [f"{int(r[3])} labels (p={r[4]:.3g})" for _, r in data]
-    else:
-        targets = [int(r[2]) for _, r in data]
-        predictions = [f"{int(r[3])} (p={r[4]:.3g})" for _, r in data]
-    table = worst_samples_table(
-        [r[0] for _, r in data],
-        targets,
-        predictions,
-        [s for s, _ in data],
-        element=[r[1] for _, r in data] if many else None,
-    )
-    writer.add_text(f"{prefix}/worst", table, step)
-
-
-__all__ = ["ClassificationState", "class_hist_args", "summary_of", "write_worst_classes"]
+__all__ = ["ClassificationState", "class_hist_args", "summary_of"]

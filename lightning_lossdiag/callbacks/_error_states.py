@@ -209,7 +209,7 @@ class RegressionState:
                 self.binned.count.cpu().numpy(),
             )
             writer.add_image(f"{prefix}/pred_vs_true", image, step, dataformats="HWC")
-        _write_worst(writer, prefix, step, self.worst, classes=False)
+        write_worst(writer, prefix, step, self.worst)
 
     def refit_ranges(self, target_bins: int) -> dict[str, Any]:
         """Ranges for the next epoch from this epoch's merged sample (epoch end; one host read)."""
@@ -229,16 +229,25 @@ class RegressionState:
         return tensor_bytes(self._stats())
 
 
-def _write_worst(writer: Any, prefix: str, step: int, worst: TopKWorst, *, classes: bool) -> None:
+def write_worst(writer: Any, prefix: str, step: int, worst: TopKWorst, *, kind: str = "values") -> None:
+    """The worst rows as the text ``<prefix>/worst`` (epoch end, rank 0; host reads).
+
+    Rows are ``(sample, element, true, predicted, ...)``: ``kind="values"`` (regression: the values),
+    ``"classes"`` (class indices and the predicted class's probability) or ``"labels"`` (multilabel: how many labels
+    are true and predicted, and the mean probability given to the true labels).
+    """
     scores, rows = worst.scores.cpu(), worst.rows.cpu()  # epoch end: top-k rows to the host
     keep = torch.isfinite(scores).tolist()  # host list (epoch end)
     data = [(float(s), r.tolist()) for s, r, k in zip(scores, rows, keep, strict=True) if k]
     if not data:
         return
     many = any(r[1] > 0 for _, r in data)
-    if classes:
+    if kind == "classes":
         targets: list[object] = [int(r[2]) for _, r in data]
         predictions: list[object] = [f"{int(r[3])} (p={r[4]:.3g})" for _, r in data]
+    elif kind == "labels":
+        targets = [f"{int(r[2])} labels" for _, r in data]
+        predictions = [f"{int(r[3])} labels (p={r[4]:.3g})" for _, r in data]
     else:
         targets = [r[2] for _, r in data]
         predictions = [r[3] for _, r in data]
@@ -252,4 +261,4 @@ def _write_worst(writer: Any, prefix: str, step: int, worst: TopKWorst, *, class
     writer.add_text(f"{prefix}/worst", table, step)
 
 
-__all__ = ["RegressionState", "StageState", "regression_ranges", "tensor_bytes"]
+__all__ = ["RegressionState", "StageState", "regression_ranges", "tensor_bytes", "write_worst"]
