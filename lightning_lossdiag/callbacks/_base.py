@@ -102,12 +102,13 @@ def host_to_device(values: list[int] | list[bool], device: torch.device, dtype: 
 _SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
-def refuse_sharded(trainer: Any, who: str, what: str) -> None:
+def refuse_sharded(trainer: Any, who: str, what: str, way_out: str = "`LossDiagnostics(gradients=False)`") -> None:
     """Fail at fit start under a sharding strategy, where ``who`` would see one rank's shard of each gradient.
 
     FSDP (``FSDPStrategy``), FSDP2/tensor parallel (``ModelParallelStrategy``) and DeepSpeed hand each rank a slice of
     every gradient: norms and non-finite checks of those slices are not the full gradient's, and numbers that look
-    right but are not are worse than none.
+    right but are not are worse than none. (``GradientMonitor`` sums FSDP2's DTensor shards itself and calls this for
+    the others only.)
 
     Example:
         >>> from types import SimpleNamespace
@@ -123,8 +124,8 @@ def refuse_sharded(trainer: Any, who: str, what: str) -> None:
     if found is not None:
         raise RuntimeError(
             f"{who} does not support {found} yet: each rank holds a shard of every gradient, so its {what} would "
-            "be one shard's, not the model's. Turn it off to train with the other parts, e.g. "
-            "`LossDiagnostics(gradients=False, on_nonfinite='warn')`; DDP is supported."
+            f"be one shard's, not the model's. Turn it off to train with the other parts: {way_out}. DDP is "
+            "supported, and gradient norms under ModelParallelStrategy (FSDP2)."
         )
 
 

@@ -192,6 +192,8 @@ class OptWindow:
         self.last_clipped: Tensor | None = None  # "value" clipping: post-clip total norm, computed on flush steps
         self.param_norms: Tensor | None = None
         self.steps = 0
+        #: FSDP2: turns local shards' norms into the full gradients' (a collective; see ``_shards.py``), else None
+        self.reduce: Any = None
 
     def full_row(self, present: list[int], values: Tensor) -> Tensor:
         """Norms of the present parameters as a row over all parameters (absent ones: 0, like a zero gradient)."""
@@ -222,7 +224,16 @@ class OptWindow:
             return
         aux = torch.stack(self.aux_rows) if len(self.aux_rows) == len(self.rows) else None
         steps = host_to_device(self.step_numbers, self.rows[0].device)
-        top, clipped, bad, first, bad_params, zero = reduce_rows(torch.stack(self.rows), aux, steps, self.p, self.clip)
+        rows = torch.stack(self.rows)
+        if (
+            self.reduce is not None
+        ):  # sharded gradients: the full norms, one collective per block (same steps on all ranks)
+            rows = self.reduce(rows, self.p)
+            self.last = rows[-1]
+            if aux is not None:
+                aux = self.reduce(aux, math.inf if self.clip is not None and self.clip[0] == "value" else 2.0)
+                self.last_aux = aux[-1]
+        top, clipped, bad, first, bad_params, zero = reduce_rows(rows, aux, steps, self.p, self.clip)
         torch.maximum(self.total_max, top, out=self.total_max)
         self.clip_count.add_(clipped)
         self.nonfinite_count.add_(bad)

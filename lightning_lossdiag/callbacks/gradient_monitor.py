@@ -26,6 +26,7 @@ from lightning_lossdiag.callbacks._grad_groups import (
     resolve_depth,
 )
 from lightning_lossdiag.callbacks._grad_window import NO_STEP, ClipSpec, OptWindow, combine, param_norms
+from lightning_lossdiag.callbacks._shards import local_parts, shard_reducer
 from lightning_lossdiag.diagnosis.record import record_for
 
 _MAX_NAMES = 64  # names kept in the notes (bounded)
@@ -129,7 +130,7 @@ class GradientMonitor(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
+        if stage == "fit" and type(trainer.strategy).__name__ != "ModelParallelStrategy":  # FSDP2: shards summed
             refuse_sharded(trainer, "GradientMonitor", "gradient norms")
 
     def _setup(self, pl_module: LightningModule, optimizer: Any, idx: int) -> OptWindow:
@@ -144,6 +145,7 @@ class GradientMonitor(Callback):
         groups = [group_by_name.get(n, OTHER_GROUP) for n in names]
         device = params[0].device if params else torch.device("cpu")
         state = OptWindow(params, names, groups, device, self.norm_type)
+        state.reduce = shard_reducer(params)  # FSDP2 (DTensor shards): norms of the full gradients at each fold
         state.nonfinite_count.fill_(self.nonfinite_counts.get(idx, 0))  # resumed counters continue
         window = self._windows.pop(idx, None)
         if window:  # resumed from a checkpoint written between flushes: the window goes on where it was
@@ -197,6 +199,9 @@ class GradientMonitor(Callback):
         st = self._window(trainer, pl_module, opt)
         params = st.params
         grads: list[Tensor] = [g for q in params if (g := q.grad) is not None]
+        sharded = st.reduce is not None
+        if sharded:
+            grads = local_parts(grads)  # each rank's shard; summed over the shards at the fold
         if not grads:
             return
         present: list[int] | None = None  # None: every parameter has a gradient (the usual case)
@@ -211,7 +216,7 @@ class GradientMonitor(Callback):
         if clip is not None and (math.inf if clip[0] == "value" else 2.0) != p:
             aux = self._row(st, present, param_norms(grads, math.inf if clip[0] == "value" else 2.0))
         step = trainer.global_step + 1  # the step this optimizer step completes (global_step after the batch)
-        norms = param_norms(grads, p, path=st.path if dense else None)
+        norms = param_norms(grads, p, path=st.path if dense and not sharded else None)
         skipped = scaler_found_inf(grad_scaler(trainer), opt)  # fp16: the GradScaler's own verdict, on the device
         if skipped is not None:  # a step the scaler skips applies no update: zero norms, not non-finite gradients
             norms = torch.where(skipped > 0, torch.zeros_like(norms), norms)
@@ -228,9 +233,14 @@ class GradientMonitor(Callback):
         if clip is not None and clip[0] == "value":
             kept = torch._foreach_clamp_min(grads, -clip[1])
             torch._foreach_clamp_max_(kept, clip[1])  # what clip_grad_value_ leaves, on copies
-            st.last_clipped = torch.linalg.vector_norm(param_norms(list(kept), p), p)
+            kept_norms = param_norms(list(kept), p)
+            if sharded:
+                kept_norms = st.reduce(kept_norms[None], p)[0]
+            st.last_clipped = torch.linalg.vector_norm(kept_norms, p)
         if self.param_norms:
-            weights = self._row(st, present, param_norms([q.detach() for q in params], p))
+            weights = self._row(st, present, param_norms(local_parts([q.detach() for q in params]), p))
+            if sharded:
+                weights = st.reduce(weights[None], p)[0]
             st.param_norms = combine(weights, st.index, len(st.group_names), p)
 
     @staticmethod

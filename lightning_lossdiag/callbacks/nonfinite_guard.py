@@ -248,7 +248,7 @@ class NonFiniteGuard(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.policy != "warn":
-            refuse_sharded(trainer, "NonFiniteGuard", "decision to skip a step")
+            refuse_sharded(trainer, "NonFiniteGuard", "decision to skip a step", "`on_nonfinite='warn'`")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

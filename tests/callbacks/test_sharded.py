@@ -1,5 +1,6 @@
-"""Sharded strategies hand each rank a slice of every gradient: the gradient monitor and the NaN guard refuse them at
-fit start with a clear message (instead of logging one shard's numbers); the other parts are unaffected."""
+"""Sharded strategies hand each rank a slice of every gradient: the NaN guard refuses them at fit start with a clear
+message (instead of deciding on one shard), and so does the gradient monitor except under FSDP2, where it sums the
+shards (two-process test in tests/distributed/test_fsdp2.py); the other parts are unaffected."""
 
 import lightning as L
 import pytest
@@ -29,6 +30,14 @@ class Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.fixture(autouse=True)
+def _no_process_group_left():
+    """ModelParallelStrategy starts a process group in this process: end it, so later fork-based tests start clean."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _fit(tmp_path, callbacks):
     trainer = L.Trainer(
         max_steps=2,
@@ -48,21 +57,23 @@ def _fit(tmp_path, callbacks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("make", "who"),
-    [
-        (LossDiagnostics, "GradientMonitor"),
-        (lambda: GradientMonitor(), "GradientMonitor"),
-        (lambda: NonFiniteGuard(policy="skip"), "NonFiniteGuard"),
-    ],
-    ids=["bundle", "gradients", "guard"],
-)
-def test_sharded_strategy_is_refused_at_fit_start_with_a_way_out(tmp_path, make, who):
-    with pytest.raises(RuntimeError, match=rf"{who} does not support ModelParallelStrategy yet: .*gradients=False"):
+@pytest.mark.parametrize("make", [LossDiagnostics, lambda: NonFiniteGuard(policy="skip")], ids=["bundle", "guard"])
+def test_the_guard_refuses_a_sharded_strategy_at_fit_start_with_a_way_out(tmp_path, make):
+    with pytest.raises(RuntimeError, match=r"NonFiniteGuard does not support ModelParallelStrategy yet: .*'warn'"):
         _fit(tmp_path, [make()])
 
 
 @pytest.mark.slow
-def test_the_way_out_the_message_gives_trains(tmp_path):
-    trainer = _fit(tmp_path, [LossDiagnostics(gradients=False, on_nonfinite="warn", activations=False)])
+def test_the_way_out_the_message_gives_trains_with_gradient_norms(tmp_path):
+    trainer = _fit(tmp_path, [LossDiagnostics(on_nonfinite="warn", activations=False)])
     assert trainer.global_step == 2
+    assert trainer.lossdiag_record.values("grad/norm_total")
+
+
+def test_fsdp1_and_deepspeed_are_refused_by_the_gradient_monitor():
+    from types import SimpleNamespace
+
+    for name in ("FSDPStrategy", "DeepSpeedStrategy"):
+        strategy = type(name, (), {})()
+        with pytest.raises(RuntimeError, match=rf"GradientMonitor does not support {name} yet: .*gradients=False"):
+            GradientMonitor().setup(SimpleNamespace(strategy=strategy), None, "fit")
