@@ -26,6 +26,7 @@ from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, refus
 from lightning_lossdiag.callbacks._grad_groups import host_floats
 from lightning_lossdiag.callbacks._grad_window import param_norms
 from lightning_lossdiag.callbacks._guard_rows import FOLD_ROWS, NO_STEP, GuardRows, loss_probe, step_ok
+from lightning_lossdiag.callbacks._shards import local_parts, shard_reducer
 from lightning_lossdiag.dashboards.writers import log_dirs
 from lightning_lossdiag.diagnosis.record import record_for
 
@@ -227,6 +228,7 @@ class NonFiniteGuard(Callback):
         self._found_inf_set: list[Optimizer] = []  # fused optimizers told to skip or not this batch (cleared after)
         #: per optimizer (by id, within one fit): its :func:`fused_skip_target`, decided at its first step
         self._fused_targets: dict[int, Optimizer | None] = {}
+        self._reducers: dict[int, Any] = {}  # FSDP2: shard reducers per parameter list
         self._ok: Tensor | None = None  # where the step's skip flag is written (reused: no allocation per step)
         self._found_inf: Tensor | None = None  # the same for the flag handed to a fused optimizer as `found_inf`
         self._batch_idx = -1
@@ -247,7 +249,7 @@ class NonFiniteGuard(Callback):
     # ---- hooks -----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self.policy != "warn":
+        if stage == "fit" and self.policy != "warn" and type(trainer.strategy).__name__ != "ModelParallelStrategy":
             refuse_sharded(trainer, "NonFiniteGuard", "decision to skip a step", "`on_nonfinite='warn'`")
 
     @override
@@ -258,6 +260,7 @@ class NonFiniteGuard(Callback):
         self._losses = []
         self._grads_only = trainer.world_size > 1
         self._fused_targets = {}
+        self._reducers = {}
         record_for(trainer).notes["nonfinite/policy"] = self.policy
 
     @override
@@ -307,6 +310,13 @@ class NonFiniteGuard(Callback):
                 # there (~0.1 ms a step on the CPU of benchmarks/overhead.py, A/B in the loop).
                 drop_update(grads[::-1], ok, rows.int_view)
 
+    def _shard_reduce(self, params: list[Tensor]) -> Any:
+        """FSDP2: the reducer of the parameters' shards (decided once per parameter list), else ``None``."""
+        key = id(params[0]) if params else 0
+        if key not in self._reducers:
+            self._reducers[key] = shard_reducer(params)
+        return self._reducers[key]
+
     def _step_grads(
         self, trainer: Trainer, optimizer: Optimizer
     ) -> tuple[int, list[Tensor], list[Tensor], Tensor | None]:
@@ -321,12 +331,22 @@ class NonFiniteGuard(Callback):
         source = self.norm_source
         seen = source.take_latest(optimizer) if source is not None else None
         if seen is not None:
-            return seen  # type: ignore[no-any-return]
+            step, params, grads, norms = seen
+            reduce = self._shard_reduce(params)
+            if reduce is None:
+                return seen  # type: ignore[no-any-return]
+            # FSDP2: the monitor measured this rank's shards; the decision must be the same on every rank
+            return step, params, local_parts(grads), reduce(norms[None], source.norm_type)[0]
         pairs = _grads(optimizer)
         params = [p for p, _ in pairs]
         grads = [g for _, g in pairs]
         step = trainer.global_step + 1
+        reduce = self._shard_reduce(params)
+        if reduce is not None:
+            grads = local_parts(grads)
         norms = param_norms(grads, 2.0) if grads else None  # float32 L2: NaN/inf propagate
+        if reduce is not None and norms is not None:  # FSDP2: one all_reduce a step, the same verdict on every rank
+            norms = reduce(norms[None], 2.0)[0]
         skipped = scaler_found_inf(grad_scaler(trainer), optimizer)
         if skipped is not None and norms is not None:  # fp16: the GradScaler skips this step itself, not the guard
             norms = torch.where(skipped > 0, torch.zeros_like(norms), norms)

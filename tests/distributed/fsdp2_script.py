@@ -1,9 +1,10 @@
-"""FSDP2 scenario for ``test_fsdp2.py``: ``python fsdp2_script.py <out_dir> <devices>``.
+"""FSDP2 scenarios for ``test_fsdp2.py``: ``python fsdp2_script.py <out_dir> <devices> [norms|nonfinite]``.
 
 A small MLP is sharded with ``fully_shard`` over ``ModelParallelStrategy(data_parallel_size=devices)`` on gloo
 (each rank holds half of every weight and gradient). A probe measures, at every optimizer step, the norms of the
 FULL gradients (``full_tensor()``, a collective the probe may use; the package may not) and each rank dumps them with
-what ``GradientMonitor`` logged at the flush steps.
+what ``GradientMonitor`` logged at the flush steps. ``nonfinite``: at step 3 one element of the first weight's
+gradient is infinite, which lands in rank 0's shard only; the NaN guard ("skip") must skip that step on both ranks.
 """
 
 from __future__ import annotations
@@ -64,6 +65,44 @@ class Sharded(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class Poisoned(Sharded):
+    """Adds ``w[0, 0] * inf`` to the loss at step 3: an infinite gradient in one element of rank 0's shard."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == 2:
+            loss = loss + self.net[0].weight.full_tensor()[0, 0] * float("inf")
+        return loss
+
+
+def run_nonfinite(out: Path, devices: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(STEPS * 8 * devices, 6)
+    y = (x[:, 0] > 0).long()
+    diag = LossDiagnostics(on_nonfinite="skip", activations=False, errors=False, metrics=False, every_n_steps=EVERY)
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=devices,
+        strategy=ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        callbacks=[diag],
+    )
+    model = Poisoned()
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    full = [p.full_tensor() for p in model.parameters()]
+    payload = {
+        "rank": trainer.global_rank,
+        "skipped": trainer.lossdiag_record.values("nonfinite/skipped_steps"),
+        "finite": all(bool(torch.isfinite(p).all()) for p in full),
+        "checksum": sum(float(p.double().sum()) for p in full),
+    }
+    (out / f"nonfinite_rank{trainer.global_rank}.json").write_text(json.dumps(payload))
+
+
 def main(out: Path, devices: int) -> None:
     torch.manual_seed(0)
     x = torch.randn(STEPS * 8 * devices, 6)
@@ -96,4 +135,5 @@ def main(out: Path, devices: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    scenario = sys.argv[3] if len(sys.argv) > 3 else "norms"
+    (run_nonfinite if scenario == "nonfinite" else main)(Path(sys.argv[1]), int(sys.argv[2]))
