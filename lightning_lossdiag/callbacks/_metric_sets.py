@@ -21,11 +21,29 @@ from lightning_lossdiag.metrics import BalancedAccuracy, DirectionalAccuracy
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "regression": ("mae", "mse", "rmse", "r2", "explained_variance", "directional_accuracy"),
     "binary": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "balanced_accuracy"),
-    "multiclass": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "recall_per_class"),
+    "multiclass": (
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "auroc",
+        "average_precision",
+        "recall_per_class",
+        "top5_accuracy",
+        "perplexity",
+    ),
     "multilabel": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "recall_per_class"),
 }
 ALL_NAMES = sorted({n for names in METRIC_NAMES.values() for n in names})
-TITLES = {"mae": "MAE", "mse": "MSE", "rmse": "RMSE", "r2": "R2", "auroc": "AUROC", "f1": "F1"}
+TITLES = {
+    "mae": "MAE",
+    "mse": "MSE",
+    "rmse": "RMSE",
+    "r2": "R2",
+    "auroc": "AUROC",
+    "f1": "F1",
+    "top5_accuracy": "Top-5 accuracy",
+}
 _CURVES = ("auroc", "average_precision")
 
 
@@ -85,8 +103,8 @@ def build_metrics(info: TaskInfo, thresholds: int, wanted: Sequence[str] | None,
     names = [n for n in METRIC_NAMES[info.task] if wanted is None or n in wanted]
     if info.task == "regression" and not sequence and wanted is None:
         names.remove("directional_accuracy")
-    factories = _factories(info, thresholds)
-    return {name: factories[name]() for name in names}
+    factories = _factories(info, thresholds)  # top5_accuracy and perplexity come from the shared counts only
+    return {name: factories[name]() for name in names if name in factories}
 
 
 def _label_inputs(info: TaskInfo, probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

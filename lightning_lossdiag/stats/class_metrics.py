@@ -17,7 +17,18 @@ from torch import Tensor
 from lightning_lossdiag.stats.curves import binned_auroc, binned_average_precision
 
 _BLOCK = 1024
-NAMES = ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "balanced_accuracy", "recall_per_class")
+NAMES = (
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "auroc",
+    "average_precision",
+    "balanced_accuracy",
+    "recall_per_class",
+    "top5_accuracy",
+    "perplexity",
+)
 
 
 def _div(num: Tensor, den: Tensor) -> Tensor:
@@ -44,7 +55,9 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
     """The metrics ``names`` of a task (those that apply), as device tensors.
 
     ``recall_per_class`` is a ``(C,)`` tensor; every other value is 0-d. ``balanced_accuracy`` is binary only (the
-    mean recall of the classes present).
+    mean recall of the classes present). Multiclass adds ``top5_accuracy`` (at least 10 classes: the true class among
+    the 5 highest scores) and ``perplexity`` (``exp`` of the mean negative log-likelihood of the true class, which is
+    the mean cross-entropy when the predictions are logits).
 
     Example:
         >>> from lightning_lossdiag.stats.classification import ClassCounts
@@ -82,6 +95,11 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
             "recall_per_class": _div(tp, tp + fn),
         }
     blocks = counts.curves.double().split(_BLOCK)  # blocks of classes: temporaries stay small at 32k classes
+    ranking = getattr(counts, "ranking", None)
+    if counts.task == "multiclass" and ranking is not None:
+        if getattr(counts, "top_k", 0):
+            values["top5_accuracy"] = _div(ranking[0], counts.rows[0])
+        values["perplexity"] = torch.exp(_div(ranking[1], counts.rows[0]))
     if "auroc" in names:
         values["auroc"] = torch.cat([binned_auroc(b) for b in blocks]).mean()
     if "average_precision" in names:

@@ -36,7 +36,8 @@ _TASKS = ("binary", "multiclass", "multilabel")
 _INPUTS = ("logits", "probabilities", "log_probabilities")
 _ARGMAX_CHUNK = 64
 _HISTOGRAM_VALUES = 4096  # multilabel: probabilities per update in the true-label probability histogram
-_TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion")
+_TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking")
+TOP_K = 5  # top-k accuracy is counted from this many classes on (k = 5 when there are at least 10 classes)
 
 
 def _unravel(flat: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, ...]:
@@ -156,6 +157,9 @@ class ClassCounts:
         self.per_class = zeros(3, c)  # support, predicted, correct
         self.label_rows = zeros(c)  # multilabel: valid values per label
         self.rows = zeros(2)  # rows counted, rows left out
+        # multiclass: rows whose true class is among the TOP_K highest scores, and the sum of -log p(true class)
+        self.ranking = zeros(2)
+        self.top_k = TOP_K if task == "multiclass" and num_classes >= 2 * TOP_K else 0
         # float32 curve weights: exact integer counts up to 2**24 per bin, half the memory of float64 at 32k classes
         self.curves = torch.zeros(k, 2, thresholds, dtype=torch.float32, device=self.device)
         self.moments = zeros(3, k)  # weight, sum p, sum p^2 (sampled)
@@ -231,6 +235,8 @@ class ClassCounts:
         top = x.amax(dim=d)
         pred = first_argmax(x, d, top)
         picked = x.gather(d, safe.unsqueeze(d)).squeeze(d)
+        # top-k: fewer than k classes score strictly above the true one (one comparison pass over the scores)
+        in_top = (x > picked.unsqueeze(d)).sum(d) < self.top_k if self.top_k else None
         if self.inputs == "logits":
             # the fused cross-entropy is -log p_true; logsumexp follows from it (a separate logsumexp costs 2-3x)
             rows = x.reshape(-1, c) if d == x.ndim - 1 else x
@@ -246,6 +252,9 @@ class ClassCounts:
         m = lab.shape[0]
         v = valid.double()
         self._counts(safe, pred, v, m)
+        nll = torch.where(valid, -log_true, torch.zeros_like(log_true)).double().sum()
+        hits = (in_top.reshape(-1) & valid).double().sum() if in_top is not None else nll * 0
+        self.ranking += torch.stack([hits, nll])
         loss = torch.where(valid, -log_true, torch.full_like(log_true, float("-inf")))
         self._offer_worst(loss, [lab, pred, log_pred.exp()], n, rank, world)
         moved = x.movedim(d, -1)  # a view: rows are gathered from it, never copied whole

@@ -9,6 +9,7 @@ import torchmetrics.functional as tmf
 import torchmetrics.functional.classification as tmfc
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torchmetrics.functional.text import perplexity
 
 from lightning_lossdiag.callbacks._metric_sets import METRIC_NAMES, build_metrics, update_metrics
 from lightning_lossdiag.callbacks._task import TaskInfo
@@ -142,7 +143,8 @@ def test_multilabel_metrics(data, labels):
 @pytest.mark.parametrize("task", sorted(METRIC_NAMES))
 def test_each_task_has_its_metrics(task):
     info = TaskInfo(task, "values" if task == "regression" else "probabilities", None if task == "regression" else 3)
-    assert set(build_metrics(info, THRESHOLDS, None, sequence=True)) == set(METRIC_NAMES[task])
+    from_counts = {"top5_accuracy", "perplexity"}  # computed from the shared counts only, never by torchmetrics here
+    assert set(build_metrics(info, THRESHOLDS, None, sequence=True)) == set(METRIC_NAMES[task]) - from_counts
 
 
 def test_balanced_accuracy_of_an_epoch_with_one_class_is_that_class_recall():
@@ -165,6 +167,7 @@ def test_thousand_classes_dense_outputs_and_ignored_targets(data, layout):
     target[torch.rand(n, 3, generator=g) < 0.1] = -100
     logits = torch.randn(n, 3, classes, generator=g) + 4.0 * torch.nn.functional.one_hot(target.clamp_min(0), classes)
     flat_logits, flat_target = logits.reshape(-1, classes), target.reshape(-1)
+    target_bt = target.clone()  # (N, 3): the sequences torchmetrics' perplexity takes with (N, 3, C) logits
     if layout == "btv":
         preds, class_dim = logits, -1
     elif layout == "nchw":
@@ -174,6 +177,7 @@ def test_thousand_classes_dense_outputs_and_ignored_targets(data, layout):
         preds, target, class_dim, bounds = flat_logits, flat_target, 1, [3 * b for b in bounds]
     info = TaskInfo("multiclass", "logits", classes, class_dim)
     names = ["accuracy", "precision", "recall", "f1", "auroc", "average_precision", "recall_per_class"]
+    names += ["top5_accuracy", "perplexity"]
     got = feed(info, dict.fromkeys(names), preds, target, bounds, budget=classes * 3 * n)
     keep = flat_target >= 0
     probs, kept = flat_logits[keep].softmax(dim=1), flat_target[keep]
@@ -186,6 +190,8 @@ def test_thousand_classes_dense_outputs_and_ignored_targets(data, layout):
         "auroc": tmfc.multiclass_auroc(probs, kept, thresholds=THRESHOLDS, **kw),
         "average_precision": tmfc.multiclass_average_precision(probs, kept, thresholds=THRESHOLDS, **kw),
         "recall_per_class": tmfc.multiclass_recall(probs, kept, average=None, **kw),
+        "top5_accuracy": tmfc.multiclass_accuracy(probs, kept, top_k=5, average="micro", **kw),
+        "perplexity": perplexity(logits, target_bt, ignore_index=-100),
     }
     assert_same(got, expected)
 
