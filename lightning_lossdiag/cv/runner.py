@@ -18,7 +18,7 @@ from rich.console import Console
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossdiag.cli import LossDiagCLI
+from lightning_lossdiag._cli_base import LossDiagCLI
 from lightning_lossdiag.cv.folds import CVError, Fold, class_counts, kfold_indices, stratified_kfold_indices
 from lightning_lossdiag.cv.summary import DEFAULT_DDOF, MetricSummary, summarize_folds, summary_table
 from lightning_lossdiag.cv.summary import write_summary_json as _write_json
