@@ -15,6 +15,7 @@ from torch import Tensor
 from lightning_lossdiag.callbacks._class_engine import Engine
 from lightning_lossdiag.callbacks._error_states import write_worst
 from lightning_lossdiag.dashboards.class_views import ClassSummary, write_class_views
+from lightning_lossdiag.dashboards.figures import reliability_figure
 from lightning_lossdiag.stats import histogram_raw_args
 from lightning_lossdiag.stats.classification import ClassCounts
 
@@ -120,6 +121,10 @@ class ClassificationState:
         v = self._view()
         summary = summary_of(v)
         write_class_views(writer, prefix, step, summary, max_classes=self.max_classes, k=self.worst_classes)
+        bins = v.calibration.cpu().numpy()  # epoch end: (3, 16) calibration bins
+        if float(bins[0].sum()) > 0:
+            image = reliability_figure(bins[0], bins[1], bins[2], title=prefix.split("/", 1)[-1])
+            writer.add_image(f"{prefix}/reliability", image, step, dataformats="HWC")
         args = histogram_raw_args(v.true_prob)  # epoch end: host read of the counts
         if args.get("num", 0) > 0:
             writer.add_histogram_raw(f"{prefix}/true_class_prob", global_step=step, **args)

@@ -20,7 +20,19 @@ from lightning_lossdiag.metrics import BalancedAccuracy, DirectionalAccuracy
 
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "regression": ("mae", "mse", "rmse", "r2", "explained_variance", "directional_accuracy"),
-    "binary": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "balanced_accuracy"),
+    "binary": (
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "auroc",
+        "average_precision",
+        "balanced_accuracy",
+        "ece",
+        "mce",
+        "brier",
+        "confidence",
+    ),
     "multiclass": (
         "accuracy",
         "precision",
@@ -31,8 +43,24 @@ METRIC_NAMES: dict[str, tuple[str, ...]] = {
         "recall_per_class",
         "top5_accuracy",
         "perplexity",
+        "ece",
+        "mce",
+        "brier",
+        "confidence",
     ),
-    "multilabel": ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "recall_per_class"),
+    "multilabel": (
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "auroc",
+        "average_precision",
+        "recall_per_class",
+        "ece",
+        "mce",
+        "brier",
+        "confidence",
+    ),
 }
 ALL_NAMES = sorted({n for names in METRIC_NAMES.values() for n in names})
 TITLES = {

@@ -162,3 +162,40 @@ def pred_vs_true_figure(
 
 
 __all__ = ["confusion_matrix_figure", "figure_to_array", "normalize_confusion", "pred_vs_true_figure"]
+
+
+def reliability_figure(weight: np.ndarray, confidence: np.ndarray, hits: np.ndarray, *, title: str = "") -> np.ndarray:
+    """Reliability diagram: the accuracy of each confidence bin against its mean confidence, with the diagonal.
+
+    Args:
+        weight: ``(B,)`` samples per bin (the last bin holds confidence 1.0 exactly).
+        confidence: ``(B,)`` sums of the confidences per bin.
+        hits: ``(B,)`` sums of the hits (1 when the prediction was right) per bin.
+        title: the figure title (the ECE is added).
+
+    Returns:
+        ``(H, W, 3)`` uint8 pixels.
+
+    Example:
+        >>> reliability_figure(np.array([4.0, 0.0, 6.0]), np.array([1.0, 0.0, 5.4]), np.array([2.0, 0.0, 5.0])).ndim
+        3
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    filled = w > 0
+    conf = np.divide(confidence, w, out=np.zeros_like(w), where=filled)
+    acc = np.divide(hits, w, out=np.zeros_like(w), where=filled)
+    ece = float((np.abs(acc - conf) * w).sum() / max(w.sum(), 1e-300))
+    fig = Figure(figsize=(5.5, 5.0), dpi=80)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    width = 1.0 / max(len(w) - 1, 1)
+    ax.bar(conf[filled], acc[filled], width=width * 0.9, alpha=0.6, color="tab:blue", label="accuracy per bin")
+    ax.scatter(conf[filled], acc[filled], s=12 + 60 * w[filled] / max(w.max(), 1e-300), color="tab:blue")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence of the bin")
+    ax.set_ylabel("accuracy of the bin")
+    ax.set_title(f"{title + ': ' if title else ''}ECE {ece:.3f} over {int(w.sum())} samples")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return figure_to_array(fig)

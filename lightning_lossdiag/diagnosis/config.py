@@ -48,6 +48,8 @@ class DoctorConfig:
         activation_flushes: ...when it holds for each of the last this many flushes.
         amp_min_scale: ``amp_scale_collapse`` when the fp16 loss scale falls below this...
         amp_skip_share: ...or when the GradScaler skipped at least this share of the steps in the second half.
+        ece_min: ``overconfident``/``underconfident`` need an ECE of at least this...
+        ece_noise_factor: ...and this many times the ECE a calibrated model shows on as many samples (1.2 / sqrt(N)).
 
     Example:
         >>> cfg = DoctorConfig.from_value({"plateau_epochs": 10})
@@ -84,6 +86,8 @@ class DoctorConfig:
     activation_flushes: int = 3
     amp_min_scale: float = 1.0
     amp_skip_share: float = 0.5
+    ece_min: float = 0.05
+    ece_noise_factor: float = 3.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -28,6 +28,10 @@ NAMES = (
     "recall_per_class",
     "top5_accuracy",
     "perplexity",
+    "ece",
+    "mce",
+    "brier",
+    "confidence",
 )
 
 
@@ -94,6 +98,11 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
             "f1": _div((_div(2 * tp, 2 * tp + fp + fn) * weights).sum(), weights.sum()),
             "recall_per_class": _div(tp, tp + fn),
         }
+    calibration = getattr(counts, "calibration", None)
+    if calibration is not None:
+        values.update(calibration_errors(calibration))
+        values["confidence"] = _div(calibration[1].sum(), calibration[0].sum())
+        values["brier"] = _div(counts.brier[0], counts.brier[1])
     blocks = counts.curves.double().split(_BLOCK)  # blocks of classes: temporaries stay small at 32k classes
     ranking = getattr(counts, "ranking", None)
     if counts.task == "multiclass" and ranking is not None:
@@ -110,4 +119,20 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
     return out
 
 
-__all__ = ["NAMES", "class_metrics", "stat_scores"]
+def calibration_errors(bins: Tensor) -> dict[str, Tensor]:
+    """``ece`` (expected calibration error, L1) and ``mce`` (maximum) from ``(3, B)`` bins: weight, confidence, hits.
+
+    ``ECE = sum_b (n_b / N) |acc_b - conf_b|`` and ``MCE = max_b |acc_b - conf_b|`` over the bins, torchmetrics'
+    binned formulas (empty bins count 0).
+
+    Example:
+        >>> bins = torch.tensor([[2.0, 0.0, 2.0], [0.4, 0.0, 1.8], [0.0, 0.0, 2.0]])  # two bins used
+        >>> {k: round(v.item(), 3) for k, v in calibration_errors(bins).items()}
+        {'ece': 0.15, 'mce': 0.2}
+    """
+    weight, confidence, hits = bins
+    gap = (_div(hits, weight) - _div(confidence, weight)).abs()
+    return {"ece": _div((gap * weight).sum(), weight.sum()), "mce": gap.amax()}
+
+
+__all__ = ["NAMES", "calibration_errors", "class_metrics", "stat_scores"]

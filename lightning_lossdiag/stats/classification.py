@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
-from lightning_lossdiag.stats.curves import add_curve_counts, curve_thresholds
+from lightning_lossdiag.stats.curves import add_curve_counts, curve_thresholds, threshold_bins
 from lightning_lossdiag.stats.distributed import GatherFn
 from lightning_lossdiag.stats.histogram import FixedHistogram
 from lightning_lossdiag.stats.pairs import ConfusedPairs
@@ -36,7 +36,8 @@ _TASKS = ("binary", "multiclass", "multilabel")
 _INPUTS = ("logits", "probabilities", "log_probabilities")
 _ARGMAX_CHUNK = 64
 _HISTOGRAM_VALUES = 4096  # multilabel: probabilities per update in the true-label probability histogram
-_TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking")
+_TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking", "calibration", "brier")
+CALIBRATION_BINS = 15  # equal-width confidence bins of the calibration error (Guo et al. 2017; torchmetrics' default)
 TOP_K = 5  # top-k accuracy is counted from this many classes on (k = 5 when there are at least 10 classes)
 
 
@@ -160,6 +161,12 @@ class ClassCounts:
         # multiclass: rows whose true class is among the TOP_K highest scores, and the sum of -log p(true class)
         self.ranking = zeros(2)
         self.top_k = TOP_K if task == "multiclass" and num_classes >= 2 * TOP_K else 0
+        # calibration: per confidence bin (torchmetrics' bins: edges linspace(0, 1, 16), 1.0 in a bin of its own)
+        # the weight, the sum of confidences and the sum of hits; top-label confidence for multiclass, the
+        # positive-class probability for binary and multilabel (every row; multilabel: the sampled values)
+        self.calibration = zeros(3, CALIBRATION_BINS + 1)
+        self._calibration_edges = curve_thresholds(CALIBRATION_BINS + 1, self.device)
+        self.brier = zeros(2)  # weighted sum of squared errors of the probabilities, weight (sampled rows)
         # float32 curve weights: exact integer counts up to 2**24 per bin, half the memory of float64 at 32k classes
         self.curves = torch.zeros(k, 2, thresholds, dtype=torch.float32, device=self.device)
         self.moments = zeros(3, k)  # weight, sum p, sum p^2 (sampled)
@@ -247,14 +254,16 @@ class ClassCounts:
             log_true, log_pred = picked, top
         else:
             log_true, log_pred = picked.clamp_min(1e-12).log(), top.clamp_min(1e-12).log()
-        flat = [t.reshape(-1) for t in (lab, safe, valid, pred, log_true, log_pred)]
-        lab, safe, valid, pred, log_true, log_pred = flat
+        confidence = top.float() if self.inputs == "probabilities" else log_pred.exp()  # the top-label probability
+        flat = [t.reshape(-1) for t in (lab, safe, valid, pred, log_true, log_pred, confidence)]
+        lab, safe, valid, pred, log_true, log_pred, confidence = flat
         m = lab.shape[0]
         v = valid.double()
         self._counts(safe, pred, v, m)
         nll = torch.where(valid, -log_true, torch.zeros_like(log_true)).double().sum()
         hits = (in_top.reshape(-1) & valid).double().sum() if in_top is not None else nll * 0
         self.ranking += torch.stack([hits, nll])
+        self._calibrate(confidence, (pred == safe).double(), v)
         loss = torch.where(valid, -log_true, torch.full_like(log_true, float("-inf")))
         self._offer_worst(loss, [lab, pred, log_pred.exp()], n, rank, world)
         moved = x.movedim(d, -1)  # a view: rows are gathered from it, never copied whole
@@ -269,7 +278,18 @@ class ClassCounts:
         add_curve_counts(self.curves, probs, positive, w, self.thresholds)
         self._moments(probs, w[:, None])
         p_true = probs.gather(1, s_safe[:, None]).squeeze(1)  # the histogram of the sampled rows
+        squared = probs.double().square().sum(1) - 2 * p_true.double() + 1  # sum over classes of (p - onehot)^2
+        self.brier += torch.stack([(w * squared).sum(), w.sum()])
         self.true_prob.update(torch.where(s_valid, p_true, torch.full_like(p_true, float("nan"))))
+
+    def _calibrate(self, confidence: Tensor, hit: Tensor, weight: Tensor) -> None:
+        """Add confidences (float), hits (0/1) and weights, all ``(M,)`` or ``(M, K)``, to the calibration bins."""
+        j = threshold_bins(confidence.float(), self._calibration_edges).clamp_(min=0).reshape(-1)
+        w = weight.double().expand_as(confidence).reshape(-1)
+        stacked = torch.stack(
+            [w, w * confidence.double().reshape(-1), w * hit.double().expand_as(confidence).reshape(-1)]
+        )
+        self.calibration.scatter_add_(1, j.expand(3, -1), stacked)
 
     def _probabilities(self, x: Tensor, *, multiclass: bool) -> Tensor:
         x = x.float()
@@ -296,6 +316,8 @@ class ClassCounts:
         self.true_prob.update(torch.where(valid, p_true, torch.full_like(p_true, float("nan"))))
         loss = torch.where(valid, -p_true.clamp_min(1e-12).log(), torch.full_like(p_true, float("-inf")))
         self._offer_worst(loss, [safe, pred, torch.where(pred == 1, p, 1 - p)], n, rank, world)
+        self._calibrate(p, safe.double(), v)  # binary: the positive-class probability against the label
+        self.brier += torch.stack([(v * (p.double() - safe.double()).square()).sum(), v.sum()])
         r, k = self._sample(m, 1)
         s_p, s_pos, w = (p, safe, v) if r is None else (p[r], safe[r], v[r] * (m / k))
         add_curve_counts(self.curves, s_p[:, None].contiguous(), s_pos[:, None], w, self.thresholds)
@@ -328,6 +350,8 @@ class ClassCounts:
         w = s_valid.to(torch.float64) * (m / k if r is not None else 1.0)
         add_curve_counts(self.curves, probs, s_pos, w, self.thresholds)
         self.moments += torch.stack([w.sum(0), (w * probs).sum(0), (w * probs * probs).sum(0)])
+        self._calibrate(probs, s_pos.double(), w)  # each label as a binary task, on the sampled values
+        self.brier += torch.stack([(w * (probs.double() - s_pos.double()).square()).sum(), w.sum()])
         shown = max(1, _HISTOGRAM_VALUES // c)  # the probability histogram takes a few of the sampled rows
         p_true = torch.where(s_pos[:shown], probs[:shown], 1 - probs[:shown])
         self.true_prob.update(torch.where(s_valid[:shown], p_true, torch.full_like(p_true, float("nan"))))

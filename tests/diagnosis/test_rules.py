@@ -44,6 +44,8 @@ DESIGN_CODES = {
     "dead_units",
     "saturated_activations",
     "amp_scale_collapse",
+    "overconfident",
+    "underconfident",
 }
 
 

@@ -12,6 +12,7 @@ module             codes
 ``schedule``       ``scheduler_mode_mismatch``, ``scheduler_monitor_missing``
 ``activations``    ``dead_units``, ``saturated_activations``
 ``amp``            ``amp_scale_collapse``
+``calibration``    ``overconfident``, ``underconfident``
 =================  ===========================================================================================
 
 ``double_sigmoid``, ``softmax_into_cross_entropy`` and ``shape_broadcast`` come from one-time input checks, which add
@@ -25,7 +26,17 @@ from collections.abc import Callable
 from lightning_lossdiag.diagnosis.config import DoctorConfig
 from lightning_lossdiag.diagnosis.findings import Finding
 from lightning_lossdiag.diagnosis.record import RunRecord
-from lightning_lossdiag.diagnosis.rules import activations, amp, data, fit, gradients, loss, metrics, schedule
+from lightning_lossdiag.diagnosis.rules import (
+    activations,
+    amp,
+    calibration,
+    data,
+    fit,
+    gradients,
+    loss,
+    metrics,
+    schedule,
+)
 
 Rule = Callable[[RunRecord, DoctorConfig], list[Finding]]
 
@@ -39,6 +50,7 @@ ALL_RULES: tuple[Rule, ...] = (
     *schedule.RULES,
     *activations.RULES,
     *amp.RULES,
+    *calibration.RULES,
 )
 
 __all__ = ["ALL_RULES", "Rule"]
