@@ -24,6 +24,7 @@ from lightning_lossdiag.stats import (
     histogram_raw_args,
     quantile_edges_from_sample,
 )
+from lightning_lossdiag.stats.classification import row_index
 
 Gather = Callable[[Tensor], Tensor]
 _RESIDUAL_MARGIN = 2.0  # residual range = margin * largest |residual| seen when the range is fitted
@@ -55,15 +56,6 @@ def tensor_bytes(obj: Any, _depth: int = 0) -> int:
     if hasattr(obj, "__dict__"):
         return sum(tensor_bytes(v, _depth + 1) for k, v in vars(obj).items() if k != "device")
     return 0
-
-
-def _row_index(
-    seen: int, m: int, per_sample: int, rank: int, world: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Sample index (position in the stage's loader order; under DDP the DistributedSampler's) and element."""
-    pos = torch.arange(m, device=device)
-    local = seen + torch.div(pos, per_sample, rounding_mode="floor")
-    return (local * world + rank).float(), (pos % per_sample).float()
 
 
 def _write_hist(writer: Any, tag: str, hist: FixedHistogram, step: int) -> None:
@@ -151,7 +143,8 @@ class RegressionState:
         p, t = preds.detach().reshape(-1).float(), target.detach().reshape(-1).float()
         n = int(target.shape[0]) if target.ndim else 1
         per_sample = max(1, p.numel() // max(n, 1))
-        index, element = _row_index(self.seen, p.numel(), per_sample, rank, world, self.device)
+        pos = torch.arange(p.numel(), device=self.device)
+        index, element = (c.float() for c in row_index(pos, self.seen, per_sample, rank, world))
         self.seen += n
         r = p - t
         a = r.abs()

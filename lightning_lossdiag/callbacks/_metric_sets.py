@@ -18,49 +18,13 @@ from torchmetrics import Metric
 from lightning_lossdiag.callbacks._task import TaskInfo, align_regression, as_rows, to_probabilities
 from lightning_lossdiag.metrics import BalancedAccuracy, DirectionalAccuracy
 
+_CLASSIFICATION = ("accuracy", "precision", "recall", "f1", "auroc", "average_precision")
+_CALIBRATION = ("ece", "mce", "brier", "confidence")  # from the shared counts (stats/class_metrics.py)
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "regression": ("mae", "mse", "rmse", "r2", "explained_variance", "directional_accuracy"),
-    "binary": (
-        "accuracy",
-        "precision",
-        "recall",
-        "f1",
-        "auroc",
-        "average_precision",
-        "balanced_accuracy",
-        "ece",
-        "mce",
-        "brier",
-        "confidence",
-    ),
-    "multiclass": (
-        "accuracy",
-        "precision",
-        "recall",
-        "f1",
-        "auroc",
-        "average_precision",
-        "recall_per_class",
-        "top5_accuracy",
-        "perplexity",
-        "ece",
-        "mce",
-        "brier",
-        "confidence",
-    ),
-    "multilabel": (
-        "accuracy",
-        "precision",
-        "recall",
-        "f1",
-        "auroc",
-        "average_precision",
-        "recall_per_class",
-        "ece",
-        "mce",
-        "brier",
-        "confidence",
-    ),
+    "binary": (*_CLASSIFICATION, "balanced_accuracy", *_CALIBRATION),
+    "multiclass": (*_CLASSIFICATION, "recall_per_class", "top5_accuracy", "perplexity", *_CALIBRATION),
+    "multilabel": (*_CLASSIFICATION, "recall_per_class", *_CALIBRATION),
 }
 ALL_NAMES = sorted({n for names in METRIC_NAMES.values() for n in names})
 TITLES = {
@@ -71,6 +35,8 @@ TITLES = {
     "auroc": "AUROC",
     "f1": "F1",
     "top5_accuracy": "Top-5 accuracy",
+    "ece": "ECE",
+    "mce": "MCE",
 }
 _CURVES = ("auroc", "average_precision")
 

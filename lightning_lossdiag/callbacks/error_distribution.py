@@ -75,6 +75,7 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
     confused with) |
     | ``errors/<stage>/confused_pairs`` | text | epoch end | more than ``max_classes`` classes (multiclass) |
     | ``errors/<stage>/true_class_prob`` | histogram | epoch end | classification |
+    | ``errors/<stage>/reliability`` | image | epoch end | classification (accuracy against mean confidence per bin) |
     | ``errors/<stage>/target_dist``, ``errors/<stage>/pred_dist`` | histogram | epoch end | all |
     | ``errors/<stage>/worst`` | text | epoch end | all |
     | ``errors/<stage>/constant_pred_std`` | scalar | epoch end | all (mean per-class std of probabilities) |

@@ -118,7 +118,7 @@ def _count(mask: Tensor, dim: int) -> Tensor:
     return mask.view(torch.uint8).sum(dim, dtype=torch.int32)
 
 
-def _row_index(pos: Tensor, seen: int, per_sample: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+def row_index(pos: Tensor, seen: int, per_sample: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
     """Sample index of rows ``pos`` (in the stage's loader order; under DDP the sampler's) and their element."""
     local = seen + torch.div(pos, per_sample, rounding_mode="floor")
     return (local * world + rank).double(), (pos % per_sample).double()
@@ -240,7 +240,7 @@ class ClassCounts:
         """
         m = loss.shape[0]
         scores, at = loss.topk(min(self.worst.k, m))
-        index, element = _row_index(at, self.seen, max(1, m // max(n, 1)), rank, world)
+        index, element = row_index(at, self.seen, max(1, m // max(n, 1)), rank, world)
         self.worst.update(scores, torch.stack([index, element, *(c[at].double() for c in columns)], dim=1))
 
     def _counts(self, safe: Tensor, pred: Tensor, v: Tensor, m: int) -> None:
@@ -417,4 +417,4 @@ class ClassCounts:
         return total + sum(s.state_bytes() for s in stats if s is not None)
 
 
-__all__ = ["ClassCounts"]
+__all__ = ["ClassCounts", "first_argmax", "in_top_k", "row_index"]
