@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--log-every", type=int, default=50, help="the Trainer's log_every_n_steps: flushes and batched counts"
     )
+    parser.add_argument(
+        "--configs", default="bare,loss,diag", help="configurations run in turn: bare,diag and optionally loss"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (and 8 steps, 2 val batches): smoke run")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -357,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     args.steps = args.steps if args.steps is not None else (8 if args.quick else 100)
     args.val_batches = args.val_batches if args.val_batches is not None else (2 if args.quick else 4)
     args.threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if not {"bare", "diag"} <= set(configs) or not set(configs) <= {"bare", "loss", "diag"}:
+        parser.error(f"--configs must hold bare and diag, optionally loss; got {args.configs!r}")
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in names if w not in WORKLOADS]
     if unknown:
@@ -372,15 +378,15 @@ def main(argv: list[str] | None = None) -> None:
         f"device {device}; torch threads {args.threads or torch.get_num_threads()}; "
         f"precision {args.precision or '32-true'}; {args.epochs} epochs x "
         f"({WARMUP} warm-up + {math.ceil(args.steps / args.epochs)} measured + 1 last) training steps, "
-        f"{args.val_batches} val batches per epoch; {args.repeats} repeats (bare, loss, diag in turn, one process each)"
+        f"{args.val_batches} val batches per epoch; {args.repeats} repeats ({args.configs} in turn, one process each)"
         + ("; QUICK sizes" if args.quick else ""),
     ]
     print("\n".join(header), flush=True)
     results: dict[str, Any] = {}
     for name in names:
-        runs: dict[str, list[dict[str, Any]]] = {"bare": [], "loss": [], "diag": []}
+        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
         for r in range(args.repeats):
-            for config in ("bare", "loss", "diag"):
+            for config in configs:
                 start = time.perf_counter()
                 runs[config].append(run_child(name, config, seed=r, args=args))
                 status = runs[config][-1].get("error", "ok")

@@ -1,5 +1,6 @@
-"""fp16 loss scaling on the CPU (Lightning's MixedPrecision with a CPU GradScaler): skipped steps are counted and
-logged, never reported as non-finite gradients nor dropped a second time, and a collapsing scale is a finding."""
+"""fp16 loss scaling on the CPU (Lightning's MixedPrecision with a CPU GradScaler) and, where there is one, on CUDA
+(``precision="16-mixed"``): skipped steps are counted and logged, never reported as non-finite gradients nor dropped
+a second time, and a collapsing scale is a finding."""
 
 import importlib.util
 from pathlib import Path
@@ -23,6 +24,7 @@ _reads = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_reads)
 
 STEPS, EVERY = 30, 5
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 class Classifier(L.LightningModule):
@@ -60,19 +62,20 @@ def loader():
     return DataLoader(TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()), batch_size=16)
 
 
-def fp16_fit(tmp_path, loss_factor=1.0, init_scale=2.0**24, callbacks=None):
+def fp16_fit(tmp_path, loss_factor=1.0, init_scale=2.0**24, callbacks=None, device="cpu"):
     counter = UpdateCounter()
     diag = LossDiagnostics(activations=False) if callbacks is None else None
     trainer = L.Trainer(
         max_epochs=1,
-        accelerator="cpu",
+        accelerator=device,
+        devices=1,
         log_every_n_steps=EVERY,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         limit_val_batches=0,
         logger=TensorBoardLogger(tmp_path, name="", version=""),
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))],
+        plugins=[MixedPrecision("16-mixed", device, scaler=torch.amp.GradScaler(device, init_scale=init_scale))],
         callbacks=[counter, *(callbacks if callbacks is not None else [diag])],
     )
     torch.manual_seed(0)
@@ -81,9 +84,10 @@ def fp16_fit(tmp_path, loss_factor=1.0, init_scale=2.0**24, callbacks=None):
 
 
 @pytest.mark.slow
-def test_a_backing_off_scaler_is_counted_not_reported(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_backing_off_scaler_is_counted_not_reported(tmp_path, device):
     # a start at 2**24 overflows fp16: the scaler skips the first steps and halves the scale until it fits
-    trainer, diag, counter = fp16_fit(tmp_path)
+    trainer, diag, counter = fp16_fit(tmp_path, device=device)
     record = trainer.lossdiag_record
     skipped = record.values("amp/skipped_steps")
     assert 1 <= counter.skipped < STEPS // 2
@@ -99,9 +103,10 @@ def test_a_backing_off_scaler_is_counted_not_reported(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_scale_that_keeps_collapsing_is_a_finding(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_scale_that_keeps_collapsing_is_a_finding(tmp_path, device):
     # a loss a trillion times too large overflows fp16 at every scale the run reaches: every step is skipped
-    trainer, diag, counter = fp16_fit(tmp_path, loss_factor=1e12, init_scale=2.0**16)
+    trainer, diag, counter = fp16_fit(tmp_path, loss_factor=1e12, init_scale=2.0**16, device=device)
     assert counter.applied == 0
     found = {f.code: f for f in diag.findings}
     assert "amp_scale_collapse" in found, sorted(found)
@@ -127,9 +132,12 @@ def test_without_a_scaler_nothing_is_logged(tmp_path):
 
 
 @pytest.mark.slow
-def test_no_host_reads_between_flushes_under_fp16(tmp_path):
-    # the scaler reads its own verdict every step (torch's GradScaler.step); the package reads nothing
-    guard = _reads.SyncGuard([LossDiagnostics()], _reads.no_host_reads)
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_host_reads_between_flushes_under_fp16(tmp_path, device):
+    # the scaler reads its own verdict every step (torch's GradScaler.step); the package reads nothing (on CUDA:
+    # set_sync_debug_mode("error") around every hook of the package)
+    check = _reads.no_host_reads if device == "cpu" else _reads.cuda_sync_errors
+    guard = _reads.SyncGuard([LossDiagnostics()], check)
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=13,
@@ -139,8 +147,9 @@ def test_no_host_reads_between_flushes_under_fp16(tmp_path):
         enable_model_summary=False,
         enable_checkpointing=False,
         logger=TensorBoardLogger(tmp_path, name="", version=""),
-        accelerator="cpu",
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))],
+        accelerator=device,
+        devices=1,
+        plugins=[MixedPrecision("16-mixed", device, scaler=torch.amp.GradScaler(device, init_scale=2.0**24))],
         callbacks=[guard],
     )
     trainer.fit(_reads.DeepMLP(3))
