@@ -29,7 +29,9 @@ class LossDiagCLI(LightningCLI):
 
     * any ``LightningModule`` / ``LightningDataModule`` by ``class_path`` (subclass mode), e.g. the examples in
       :mod:`lightning_lossdiag.examples`;
-    * ``TensorBoardLogger(save_dir="runs", name=<config file stem>)`` (``"lossdiag"`` without a config);
+    * ``TensorBoardLogger(save_dir="runs", name=<config file stem>, default_hp_metric=False)`` (``"lossdiag"``
+      without a config): no ``hp_metric = -1`` placeholder; the ``Doctor`` writes the run's HParams session with its
+      real metrics at the end of fit;
     * ``log_every_n_steps=10`` (also the flush interval of the lossdiag callbacks), no model summary table;
     * ``seed_everything=0``;
     * checkpoints also saved as ``<log dir>/checkpoints/last.ckpt`` (``save_last``, when a ``ModelCheckpoint`` leaves
@@ -47,7 +49,7 @@ class LossDiagCLI(LightningCLI):
         defaults: dict[str, Any] = {
             "logger": {
                 "class_path": f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__qualname__}",
-                "init_args": {"save_dir": "runs", "name": name},
+                "init_args": {"save_dir": "runs", "name": name, "default_hp_metric": False},
             },
             "log_every_n_steps": 10,
             "enable_model_summary": False,

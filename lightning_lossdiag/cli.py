@@ -1,7 +1,8 @@
-"""The ``lossdiag`` command: LightningCLI subcommands with package defaults, plus ``losses``, ``report`` and ``cv``.
+"""The ``lossdiag`` command: LightningCLI commands with our defaults, plus ``losses``, ``report``, ``compare``, ``cv``.
 
 ``lossdiag fit --config configs/regression.yaml`` trains through :class:`LossDiagCLI`; ``lossdiag losses`` prints the
-loss catalogue; ``lossdiag report`` and ``lossdiag cv`` are dispatched before LightningCLI parses anything.
+loss catalogue; ``lossdiag report``, ``lossdiag compare`` and ``lossdiag cv`` are dispatched before LightningCLI
+parses anything.
 A loss spec that cannot be built (e.g. a misspelt name) ends the command with its one-paragraph message and exit
 status 2, without a traceback.
 """
@@ -30,6 +31,8 @@ Package commands:
   losses     print the loss catalogue: name, aliases, task, what it is for, arguments
              (lossdiag losses [--task regression|binary|multiclass|...])
   report     diagnose a finished run offline from its TensorBoard event files (lossdiag report --help)
+  compare    finished runs side by side: final/best metrics, new and gone findings, differing config values
+             (lossdiag compare RUN_DIR [RUN_DIR ...] [--json])
   cv         k-fold cross-validation of a config, with a summary per fold (lossdiag cv --help)
 
 Defaults of the training commands: TensorBoard logs under runs/<config file name>/, log_every_n_steps=10,
@@ -72,13 +75,24 @@ def _report(argv: Sequence[str]) -> int:
     return int(report_main(list(argv)) or 0)
 
 
+def _compare(argv: Sequence[str]) -> int:
+    from lightning_lossdiag.compare import compare_main
+
+    return int(compare_main(list(argv)) or 0)
+
+
 def _cv(argv: Sequence[str]) -> int:
     from lightning_lossdiag.cv import cv_main
 
     return int(cv_main(list(argv)) or 0)
 
 
-_PACKAGE_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"losses": losses_main, "report": _report, "cv": _cv}
+_PACKAGE_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "losses": losses_main,
+    "report": _report,
+    "compare": _compare,
+    "cv": _cv,
+}
 
 
 def _loss_config_error(exc: BaseException) -> BaseException | None:

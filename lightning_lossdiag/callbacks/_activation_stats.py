@@ -100,37 +100,69 @@ def _unit_axis(ndim: int, unit_dim: int) -> int:
     return unit_dim if -ndim <= unit_dim < ndim else ndim - 1
 
 
+#: Values of a layer's output taken at a time (rows of its first dim): the temporaries of ``call_stats`` (a float32
+#: copy, the centred values, a mask) stay within ~10 bytes per value of a chunk, not of the whole output. On a GPT-like
+#: LM the head's (16, 512, 8192) bf16 logits made 512 MiB of temporaries at once, which added to the fit's peak memory.
+CHUNK_VALUES = 1 << 22
+
+
+def _row_chunks(x: Tensor) -> list[Tensor]:
+    """``x`` split along its first dim into pieces of at most ~``CHUNK_VALUES`` values (views, no copy)."""
+    if x.ndim == 0 or x.numel() <= CHUNK_VALUES:
+        return [x]
+    per_row = max(x.numel() // max(x.shape[0], 1), 1)
+    return list(x.split(max(CHUNK_VALUES // per_row, 1), dim=0))
+
+
 @torch.no_grad()
 def call_stats(x: Tensor, unit_dim: int, bounds: tuple[float, float] | None, tol: float) -> dict[str, Tensor]:
     """Statistics of one call's output ``x`` (device tensors, no host read).
 
     Keys: ``n``, ``mean``, ``m2`` (sum of squared deviations), ``zeros``, ``saturated`` (present when ``bounds``
     is given), ``alive`` (bool per unit: some non-zero value; units run along ``unit_dim``, or the last dim when the
-    tensor has no such dim; a 0-d or 1-d tensor is one unit).
+    tensor has no such dim; a 0-d or 1-d tensor is one unit). Large outputs are read in chunks of rows
+    (``CHUNK_VALUES``), so the temporaries stay small whatever the output's size.
 
     Example:
         >>> s = call_stats(torch.tensor([[0.0, 1.0], [0.0, 3.0]]), unit_dim=1, bounds=None, tol=0.01)
         >>> s["mean"].item(), s["zeros"].item(), s["alive"].tolist()
         (1.0, 2.0, [False, True])
     """
-    x = x.detach().float()
+    x = x.detach()
+    if not x.is_floating_point():
+        x = x.float()
     n = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
-    mean = x.mean()
-    centered = (x - mean).reshape(-1)  # the one temporary of the size of x
-    m2 = torch.dot(centered, centered)  # sum of squared deviations: no second temporary, one BLAS/cuBLAS call
-    # non-zero values per unit (NaN counts as non-zero), summed as int32: on the CPU about 2.5x faster than
-    # count_nonzero over the same dims, which accumulates in int64
-    if x.ndim <= 1:
-        per_unit = x.ne(0).sum(dtype=torch.int32).reshape(1)
-    else:
-        axis = _unit_axis(x.ndim, unit_dim) % x.ndim
-        per_unit = x.ne(0).sum(dim=tuple(d for d in range(x.ndim) if d != axis), dtype=torch.int32)
+    pieces = _row_chunks(x)
+    if x.dtype == torch.float32 or len(pieces) == 1:
+        mean = x.float().mean()  # float32 (no copy) or small
+    else:  # bf16/fp16/fp64: a float32 copy of one piece at a time (mean(dtype=...) copies it all on the CPU)
+        mean = torch.stack([piece.float().sum() for piece in pieces]).sum() / x.numel()
+    axis = _unit_axis(x.ndim, unit_dim) % x.ndim if x.ndim > 1 else 0
+    chunks = pieces if axis != 0 else [x]  # units along dim 0: one piece (the counts are per row then)
+    m2 = torch.zeros((), dtype=torch.float32, device=x.device)
+    per_unit: Tensor | None = None
+    saturated: Tensor | None = None
+    for chunk in chunks:
+        centered = (chunk.float() - mean).reshape(-1)  # the one temporary of the size of the chunk
+        m2 = m2 + torch.dot(centered, centered)  # sum of squared deviations: one BLAS/cuBLAS call per chunk
+        del centered
+        # non-zero values per unit (NaN counts as non-zero), summed as int32: on the CPU about 2.5x faster than
+        # count_nonzero over the same dims, which accumulates in int64
+        if x.ndim <= 1:
+            counts = chunk.ne(0).sum(dtype=torch.int32).reshape(1)
+        else:
+            counts = chunk.ne(0).sum(dim=tuple(d for d in range(x.ndim) if d != axis), dtype=torch.int32)
+        per_unit = counts if per_unit is None else per_unit + counts
+        if bounds is not None:
+            lo, hi = bounds
+            margin = tol * (hi - lo)
+            hits = ((chunk <= lo + margin) | (chunk >= hi - margin)).sum().double()
+            saturated = hits if saturated is None else saturated + hits
+    assert per_unit is not None
     mean, m2 = torch.stack([mean, m2]).double().unbind()
     out = {"n": n, "mean": mean, "m2": m2, "zeros": n - per_unit.sum().double()}
-    if bounds is not None:
-        lo, hi = bounds
-        margin = tol * (hi - lo)
-        out["saturated"] = ((x <= lo + margin) | (x >= hi - margin)).sum().double()
+    if saturated is not None:
+        out["saturated"] = saturated
     out["alive"] = per_unit > 0
     return out
 

@@ -96,7 +96,17 @@ class Engine:
         self.last = None
 
 
-_SAVED_COUNTS = ("per_class", "label_rows", "rows", "curves", "moments")
+_SAVED_COUNTS = (
+    "per_class",
+    "label_rows",
+    "rows",
+    "curves",
+    "moments",
+    "calibration",
+    "calibration_fine",
+    "classwise",
+    "brier",
+)
 
 
 def saved_counts(engine: Engine) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from lightning_lossdiag.callbacks._task import TaskInfo, align_regression, as_ro
 from lightning_lossdiag.metrics import BalancedAccuracy, DirectionalAccuracy
 
 _CLASSIFICATION = ("accuracy", "precision", "recall", "f1", "auroc", "average_precision")
-_CALIBRATION = ("ece", "mce", "brier", "confidence")  # from the shared counts (stats/class_metrics.py)
+# from the shared counts (stats/class_metrics.py)
+_CALIBRATION = ("ece", "mce", "ece_adaptive", "ece_classwise", "brier", "confidence")
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "regression": ("mae", "mse", "rmse", "r2", "explained_variance", "directional_accuracy"),
     "binary": (*_CLASSIFICATION, "balanced_accuracy", *_CALIBRATION),
@@ -37,6 +38,8 @@ TITLES = {
     "top5_accuracy": "Top-5 accuracy",
     "ece": "ECE",
     "mce": "MCE",
+    "ece_adaptive": "Adaptive ECE",
+    "ece_classwise": "Classwise ECE",
 }
 _CURVES = ("auroc", "average_precision")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossdiag.callbacks._base import to_host
+from lightning_lossdiag.dashboards.hparams import silence_hp_metric_placeholder, write_hparams_session
 from lightning_lossdiag.dashboards.writers import log_dirs, tensorboard_writers
 from lightning_lossdiag.diagnosis.config import DoctorConfig
 from lightning_lossdiag.diagnosis.engine import diagnose
@@ -77,7 +79,12 @@ class Doctor(Callback):
     * prints a table (severity, code, step, message) when ``print_report``;
     * writes the markdown table as TensorBoard text ``diagnosis``;
     * writes ``json_name`` (findings, summary numbers, versions) into the first logger's log dir
-      (nothing is written without a logger; ``self.report`` still holds it).
+      (nothing is written without a logger; ``self.report`` still holds it);
+    * at the end of fit, when ``hparams_session``: writes the run's TensorBoard HParams session (its
+      hyperparameters, the final and best value of each metric, the finding counts) into
+      ``<log dir>/lossdiag_hparams`` of each TensorBoard logger, so the HParams tab compares runs (see
+      :mod:`lightning_lossdiag.dashboards.hparams`). It then also turns off the ``hp_metric = -1`` placeholder of
+      Lightning's ``TensorBoardLogger`` at ``setup``.
 
     ``self.findings`` holds the findings. The checkpoint carries the run record and the findings, so a resumed run
     reports what it saw before the restart too. (A checkpoint saved at validation end, Lightning's default when there
@@ -88,11 +95,13 @@ class Doctor(Callback):
     |---|---|---|
     | ``diagnosis`` (text) | end of fit/validate/test, exception | markdown table of the findings |
     | ``<user keys>`` (run record only) | epoch end | ``trainer.callback_metrics`` copied for the rules |
+    | ``final/<metric>``, ``best/<metric>``, ``findings/<severity>`` | end of fit | HParams columns (sub-run) |
 
     Args:
         config: thresholds of the rules: a :class:`DoctorConfig`, a mapping of its fields, or ``None`` (defaults).
         print_report: print the table to stdout at the end.
         json_name: file name of the JSON report in the log dir.
+        hparams_session: write the TensorBoard HParams session at the end of fit (and silence Lightning's placeholder).
 
     Example:
         >>> Doctor(config={"plateau_epochs": 10}).config.plateau_epochs
@@ -104,14 +113,19 @@ class Doctor(Callback):
         config: DoctorConfig | Mapping[str, Any] | None = None,
         print_report: bool = True,
         json_name: str = "lossdiag_report.json",
+        hparams_session: bool = True,
     ) -> None:
         if not isinstance(print_report, bool):
             raise ValueError(f"`print_report` must be True or False, got {print_report!r}")
         if not isinstance(json_name, str) or not json_name.strip() or os.sep in json_name:
             raise ValueError(f"`json_name` must be a non-empty file name (no folder), got {json_name!r}")
+        if not isinstance(hparams_session, bool):
+            raise ValueError(f"`hparams_session` must be True or False, got {hparams_session!r}")
         self.config = DoctorConfig.from_value(config)
         self.print_report = print_report
         self.json_name = json_name
+        self.hparams_session = hparams_session
+        self._fit_started: float | None = None
         self.findings: list[Finding] = []
         self.report: dict[str, Any] = {}
         self.report_path: str | None = None
@@ -150,8 +164,14 @@ class Doctor(Callback):
         record.notes["callbacks/monitors"] = monitors
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.hparams_session:  # before Lightning logs the hyperparameters: our session carries the real metrics
+            silence_hp_metric_placeholder(trainer)
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reported = False
+        self._fit_started = time.time()
         self._note_monitors(trainer, self._attach(trainer))
 
     @override
@@ -275,6 +295,10 @@ class Doctor(Callback):
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(self.report, fh, indent=2, default=str)
         self.report_path = path
+        if self.hparams_session and self.report["summary"].get("stage") == "fit" and self._record is not None:
+            severities = [f.severity for f in self.findings]
+            failed = self.report["summary"].get("status") != "finished"
+            write_hparams_session(trainer, self._record.scalars, severities, self._fit_started, failed=failed)
 
     # ---- state ---------------------------------------------------------------------------------------------------
     @override

@@ -104,10 +104,13 @@ class LossDiagnostics(Callback):
     ``metrics/<stage>/<name>``                  MetricCurves (epoch end)
     ``nonfinite/skipped_steps``                 NonFiniteGuard (flush; "skip" and "stop")
     ``diagnosis``                               Doctor (end of fit)
+    ``final/*``, ``best/*``, ``findings/*``     Doctor (end of fit: the HParams session)
     ==========================================  =========================================
 
     It also writes a TensorBoard custom-scalars layout at fit start (train/val loss together, pre/post-clip norm with
-    the clip value, learning rate with the plateau counters, train/val of each metric).
+    the clip value, learning rate with the plateau counters, train/val of each metric), and its Doctor writes the
+    run's HParams session at the end of fit into the sub-run ``lossdiag_hparams`` (hyperparameters, final and best
+    metrics, finding counts; see :mod:`lightning_lossdiag.dashboards.hparams`).
 
     Example:
         >>> diag = LossDiagnostics(activations=False, gradients={"depth": 2})

@@ -90,8 +90,9 @@ class MetricCurves(StagedOutputsCallback):
     | ``metrics/<stage>/recall/<class>`` | scalar | epoch end | multiclass, multilabel, up to ``max_classes`` |
     | ``metrics/<stage>/top5_accuracy`` | scalar | epoch end | multiclass, at least 10 classes |
     | ``metrics/<stage>/perplexity`` | scalar | epoch end | multiclass (``exp`` of the mean cross-entropy) |
-    | ``metrics/<stage>/ece``, ``mce``, ``brier``, ``confidence`` | scalar | epoch end | classification (15-bin
-    calibration errors, Brier score, mean confidence) |
+    | ``metrics/<stage>/ece``, ``mce``, ``ece_adaptive``, ``ece_classwise``, ``brier``, ``confidence`` | scalar |
+    epoch end | classification (15-bin calibration errors: equal-width, equal-mass and classwise; Brier score, mean
+    confidence) |
     | ``metrics/<stage>/<term>/<name>`` (every name above, e.g. ``metrics/val/ctr/auroc``),
     ``metrics/<stage>/<term>/recall/<class>`` | scalar | epoch end | multi-task steps, each term's own task |
 
@@ -107,7 +108,7 @@ class MetricCurves(StagedOutputsCallback):
         metrics: names to keep (default all of the task's), from ``mae``, ``mse``, ``rmse``, ``r2``,
             ``explained_variance``, ``directional_accuracy``, ``accuracy``, ``precision``, ``recall``, ``f1``,
             ``auroc``, ``average_precision``, ``balanced_accuracy``, ``recall_per_class``, ``top5_accuracy``,
-            ``perplexity``, ``ece``, ``mce``, ``brier``, ``confidence``.
+            ``perplexity``, ``ece``, ``mce``, ``ece_adaptive``, ``ece_classwise``, ``brier``, ``confidence``.
         buffer_steps: steps held before one batched update of the metrics (default: the Trainer's
             ``log_every_n_steps``, else 50); ``1`` updates every step.
         buffer_bytes: bytes of held tensors (per stage and term) past which they are fed to the metrics at once,

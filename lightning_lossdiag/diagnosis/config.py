@@ -19,7 +19,15 @@ class DoctorConfig:
         min_points: fewest flush points a trend rule needs (loss divergence, exploding gradients).
         window_frac: share of a series that forms the "recent" window of trend rules (at least 3 points).
         diverge_factor: the loss diverges when its recent median exceeds its best smoothed value by this factor...
-        diverge_min_rise: ...and the rise is at least this share of the improvement made before the best.
+        diverge_min_rise: ...and the rise is at least this share of the improvement made before the best...
+            (and, like every trend rule, the rise must stand ``noise_k`` standard errors above the noise).
+        noise_k: how many standard errors of the noise a change must exceed before a trend rule (``overfitting``,
+            ``plateau``, ``loss_diverging``) calls it real. The noise of a series is the standard deviation of one
+            point around its local trend, estimated from the series itself (second differences over its last
+            ``noise_window`` points or more; see ``rules._common.noise_sd``): the spread of the validation loss
+            across evaluations, or of the flushed training loss across flushes. 3 keeps healthy runs quiet.
+        noise_window: fewest recent points of a series over which its noise is estimated (at least 4); a rule
+            widens it to cover the stretch it judges.
         spike_warn_count: loss spikes below this count are ``info``; this many or more are a ``warning``.
         grad_explode_growth: recent median of ``grad/norm_total`` over its early median that counts as exploding.
         grad_explode_min_norm: ... and the recent median must also be at least this large.
@@ -28,11 +36,22 @@ class DoctorConfig:
         clip_rate: a flush whose ``grad/clip_rate`` is above this counts as saturated.
         clip_share: ``clipping_saturated`` when at least this share of the flushes are saturated...
         clip_min_flushes: ...over at least this many flushes.
-        plateau_epochs: epochs (evaluations) without relative improvement that make a ``plateau``.
-        plateau_rel_improvement: relative improvement of the best value that still counts as progress.
+        plateau_epochs: evaluations without a new best beyond the noise that make a ``plateau``: the last this
+            many stay within ``noise_k`` noise (and ``plateau_rel_improvement``) of the best value before them. It is
+            ``info`` when the loss fell clearly before (a run converged to its noise floor; the message advises
+            stopping earlier, not a larger model) and a ``warning`` when the loss never fell clearly, the training
+            loss neither, or the values stopped changing at all (the weights no longer move).
+        plateau_rel_improvement: relative improvement of the best value that still counts as progress (the noise
+            counts too: an improvement must also exceed ``noise_k`` noise).
         overfit_epochs: evaluations since the best validation loss that make ``overfitting``...
-        overfit_rel_rise: ...when the last validation loss is this much (relative) above the best one...
-        overfit_train_drop: ...and the training loss fell by at least this share over the same evaluations.
+        overfit_rel_rise: ...when the validation loss (median of the last 3 evaluations) is this much (relative)
+            above the best one, and by ``noise_k`` times its noise across evaluations...
+        overfit_train_drop: ...and the training loss fell by at least this share over the same evaluations. The
+            message says "memorising" only when the training loss fell by more than ``noise_k`` times its own noise.
+        overfit_acc_tolerance: when the validation accuracy (``metrics/val/accuracy``, ``val_acc``, ...) stayed
+            within this (absolute, or ``noise_k`` times its noise if larger) of its value at the best loss, the rise
+            of the loss is over-confidence, not memorisation: ``overfitting`` is ``info`` and says so, and it is
+            left to ``overconfident`` when that finding stands.
         imbalance_share: ``class_imbalance`` when the smallest class holds less than this share of the samples
             (two classes; with ``C`` classes, less than ``imbalance_share * 2 / C``: the even share is ``1 / C``).
         recall_zero: a minority-class recall at or below this counts as "never predicted".
@@ -61,6 +80,8 @@ class DoctorConfig:
     window_frac: float = 0.25
     diverge_factor: float = 2.0
     diverge_min_rise: float = 0.25
+    noise_k: float = 3.0
+    noise_window: int = 12
     spike_warn_count: int = 3
     grad_explode_growth: float = 100.0
     grad_explode_min_norm: float = 10.0
@@ -73,6 +94,7 @@ class DoctorConfig:
     overfit_epochs: int = 3
     overfit_rel_rise: float = 0.02
     overfit_train_drop: float = 0.0
+    overfit_acc_tolerance: float = 0.01
     imbalance_share: float = 0.1
     recall_zero: float = 0.05
     majority_share_one: float = 0.99
@@ -109,6 +131,8 @@ class DoctorConfig:
         ):
             if getattr(self, name) > 1:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)!r}")
+        if self.noise_window < 4:
+            raise ValueError(f"`noise_window` must be >= 4, got {self.noise_window!r}")
 
     @classmethod
     def from_value(cls, value: DoctorConfig | Mapping[str, Any] | None) -> DoctorConfig:

@@ -4,10 +4,11 @@
 during ``fit`` run on old logs, including logs of plain Lightning modules that never used lightning_lossdiag.
 
 Which events are read: a *run* is a folder holding event files together with the event files of its subfolders
-(``SummaryWriter.add_scalars`` and some loggers write there). When the given folder holds several runs side by side
-(``lightning_logs/version_0``, ``version_1``, ...), the run whose newest event file was written last is read
-(``pick="latest"``, the default), or all runs are merged into one record (``pick="merge"``: a key written by several
-runs gets all their points, ordered by step).
+(``SummaryWriter.add_scalars`` and some loggers write there), except the HParams session the ``Doctor`` writes
+into ``lossdiag_hparams/`` (its final/best columns restate the run's own series). When the given folder holds
+several runs side by side (``lightning_logs/version_0``, ``version_1``, ...), the run whose newest event file was
+written last is read (``pick="latest"``, the default), or all runs are merged into one record (``pick="merge"``: a
+key written by several runs gets all their points, ordered by step).
 
 Common names are mapped to ours when ours is absent: ``train_loss``, ``train_loss_step``, ``train/loss_step``,
 ``loss`` -> ``train/loss``; ``val_loss``, ``valid_loss``, ``val/loss_epoch``, ``val_loss_epoch`` -> ``val/loss``;
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 from lightning_lossdiag.diagnosis.config import DoctorConfig
 from lightning_lossdiag.diagnosis.engine import diagnose
+from lightning_lossdiag.diagnosis.outcome import SESSION_DIR
 from lightning_lossdiag.diagnosis.record import RunRecord
 from lightning_lossdiag.diagnosis.report import build_report, print_table
 from lightning_lossdiag.diagnosis.rules._common import ALIASES
@@ -69,13 +71,25 @@ def _read_dir(folder: Path) -> dict[str, list[tuple[int, float, float]]]:
 
 
 def _read_run(run: Path) -> dict[str, list[tuple[int, float, float]]]:
-    folders = sorted({p.parent for p in run.rglob(_EVENT_GLOB) if p.is_file()}, key=lambda d: (d != run, str(d)))
+    session = run / SESSION_DIR
+    found = {p.parent for p in run.rglob(_EVENT_GLOB) if p.is_file()}
+    found = {d for d in found if d != session and session not in d.parents}
+    folders = sorted(found, key=lambda d: (d != run, str(d)))
     out: dict[str, list[tuple[int, float, float]]] = {}
     for folder in folders:
         for tag, events in _read_dir(folder).items():
             name = tag if (folder == run or tag not in out) else f"{folder.relative_to(run).as_posix()}/{tag}"
             out.setdefault(name, []).extend(events)
     return out
+
+
+def read_scalars(run: str | Path) -> dict[str, list[tuple[int, float, float]]]:
+    """``tag -> [(step, wall_time, value)]`` of one run folder, as TensorBoard's ``EventAccumulator`` reads them.
+
+    A tag of a subfolder keeps its name unless the folder itself (or an earlier subfolder) has it; it is then
+    ``<subfolder>/<tag>``. The HParams session folder (``lossdiag_hparams``) is not read.
+    """
+    return _read_run(Path(run))
 
 
 def canonical_names(tags: Sequence[str]) -> dict[str, str]:
@@ -160,4 +174,4 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["RunDirError", "canonical_names", "find_runs", "load_run", "report_main"]
+__all__ = ["RunDirError", "canonical_names", "find_runs", "load_run", "read_scalars", "report_main"]

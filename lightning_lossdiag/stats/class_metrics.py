@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_lossdiag.stats.calibration import adaptive_ece, classwise_ece
 from lightning_lossdiag.stats.curves import binned_auroc, binned_average_precision
 
 _BLOCK = 1024
@@ -30,6 +31,8 @@ NAMES = (
     "perplexity",
     "ece",
     "mce",
+    "ece_adaptive",
+    "ece_classwise",
     "brier",
     "confidence",
 )
@@ -61,7 +64,9 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
     ``recall_per_class`` is a ``(C,)`` tensor; every other value is 0-d. ``balanced_accuracy`` is binary only (the
     mean recall of the classes present). Multiclass adds ``top5_accuracy`` (at least 10 classes: the true class among
     the 5 highest scores) and ``perplexity`` (``exp`` of the mean negative log-likelihood of the true class, which is
-    the mean cross-entropy when the predictions are logits).
+    the mean cross-entropy when the predictions are logits). Calibration: ``ece`` and ``mce`` (15 equal-width bins),
+    ``ece_adaptive`` (15 equal-mass bins merged from 1,024 fine ones), ``ece_classwise`` (the mean over classes of
+    each class's 15-bin ECE), ``brier`` and ``confidence`` (see :mod:`~lightning_lossdiag.stats.calibration`).
 
     Example:
         >>> from lightning_lossdiag.stats.classification import ClassCounts
@@ -103,6 +108,11 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
         values.update(calibration_errors(calibration))
         values["confidence"] = _div(calibration[1].sum(), calibration[0].sum())
         values["brier"] = _div(counts.brier[0], counts.brier[1])
+    fine, classwise = getattr(counts, "calibration_fine", None), getattr(counts, "classwise", None)
+    if fine is not None:
+        values["ece_adaptive"] = adaptive_ece(fine)
+    if classwise is not None:
+        values["ece_classwise"] = classwise_ece(classwise)
     blocks = counts.curves.double().split(_BLOCK)  # blocks of classes: temporaries stay small at 32k classes
     ranking = getattr(counts, "ranking", None)
     if counts.task == "multiclass" and ranking is not None:

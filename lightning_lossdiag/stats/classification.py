@@ -8,11 +8,13 @@ What each update costs (``M`` rows: samples, pixels or tokens; ``C`` classes or 
 * a bounded budget of values (``budget`` values of ``rows x classes``: a uniform sample of
   ``k = max(1, budget // C)`` rows, drawn with replacement by a generator of its own, each weighing ``M / k``, so the
   counts stay unbiased): the binned PR/ROC counts (bucketized once: ``O(k C)``, never ``x T``), the probability
-  moments of each class and, for multilabel, the probability histogram. When ``M * C <= budget`` every row is used
-  and the curves are exact.
+  moments and classwise calibration bins of each class and, for multilabel, the probability histogram. When
+  ``M * C <= budget`` every row is used and the curves are exact.
 
-State: ``3 x C`` counts, ``K x 2 x T`` curve weights (``K = 1`` for binary), a ``C x C`` confusion only up to
-``max_confusion`` classes, else a fixed-size pair sketch: at most ``classes x thresholds`` whatever the data.
+State: ``3 x C`` counts, ``K x 2 x T`` curve weights (``K = 1`` for binary), ``C x 3 x 16`` classwise calibration
+bins, fixed top-label calibration bins (15 and 1,024, see :mod:`~lightning_lossdiag.stats.calibration`), a
+``C x C`` confusion only up to ``max_confusion`` classes, else a fixed-size pair sketch: at most
+``classes x thresholds`` whatever the data.
 Targets outside ``[0, C)`` (multiclass) or ``[0, 1]`` (binary, multilabel), and ``ignore_index``, weigh 0 in every
 statistic: ``-100`` tokens and ``255`` void pixels are left out without a boolean mask. No update reads the host.
 """
@@ -26,7 +28,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
-from lightning_lossdiag.stats.curves import add_curve_counts, curve_thresholds, threshold_bins
+from lightning_lossdiag.stats.calibration import FINE_BINS, add_calibration, add_classwise
+from lightning_lossdiag.stats.curves import add_curve_counts, curve_thresholds
 from lightning_lossdiag.stats.distributed import GatherFn
 from lightning_lossdiag.stats.histogram import FixedHistogram
 from lightning_lossdiag.stats.pairs import ConfusedPairs
@@ -36,7 +39,8 @@ _TASKS = ("binary", "multiclass", "multilabel")
 _INPUTS = ("logits", "probabilities", "log_probabilities")
 _ARGMAX_CHUNK = 64
 _HISTOGRAM_VALUES = 4096  # multilabel: probabilities per update in the true-label probability histogram
-_TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking", "calibration", "brier")
+_CALIBRATION = ("calibration", "calibration_fine", "classwise", "brier")  # top-label, fine, classwise bins; Brier
+_TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking", *_CALIBRATION)
 CALIBRATION_BINS = 15  # equal-width confidence bins of the calibration error (Guo et al. 2017; torchmetrics' default)
 TOP_K = 5  # top-k accuracy is counted from this many classes on (k = 5 when there are at least 10 classes)
 
@@ -194,6 +198,9 @@ class ClassCounts:
         # the weight, the sum of confidences and the sum of hits; top-label confidence for multiclass, the
         # positive-class probability for binary and multilabel (every row; multilabel: the sampled values)
         self.calibration = zeros(3, CALIBRATION_BINS + 1)
+        self.calibration_fine = zeros(3, FINE_BINS)  # the same sums in 1,024 fine bins: the equal-mass ECE
+        # classwise: p_c against 1[y = c] for every class (binary: 1 - p and p; multilabel: each label), same bins
+        self.classwise = zeros(c, 3, CALIBRATION_BINS + 1)
         self._calibration_edges = curve_thresholds(CALIBRATION_BINS + 1, self.device)
         self.brier = zeros(2)  # weighted sum of squared errors of the probabilities, weight (sampled rows)
         # float32 curve weights: exact integer counts up to 2**24 per bin, half the memory of float64 at 32k classes
@@ -305,6 +312,7 @@ class ClassCounts:
         probs = self._probabilities(sample, multiclass=True)
         positive = s_safe[:, None] == torch.arange(c, device=self.device)  # one_hot reads min() on the CPU
         add_curve_counts(self.curves, probs, positive, w, self.thresholds)
+        add_classwise(self.classwise, probs, positive, w, self._calibration_edges)  # the sampled values: O(budget)
         self._moments(probs, w[:, None])
         p_true = probs.gather(1, s_safe[:, None]).squeeze(1)  # the histogram of the sampled rows
         squared = probs.double().square().sum(1) - 2 * p_true.double() + 1  # sum over classes of (p - onehot)^2
@@ -313,12 +321,7 @@ class ClassCounts:
 
     def _calibrate(self, confidence: Tensor, hit: Tensor, weight: Tensor) -> None:
         """Add confidences (float), hits (0/1) and weights, all ``(M,)`` or ``(M, K)``, to the calibration bins."""
-        j = threshold_bins(confidence.float(), self._calibration_edges).clamp_(min=0).reshape(-1)
-        w = weight.double().expand_as(confidence).reshape(-1)
-        stacked = torch.stack(
-            [w, w * confidence.double().reshape(-1), w * hit.double().expand_as(confidence).reshape(-1)]
-        )
-        self.calibration.scatter_add_(1, j.expand(3, -1), stacked)
+        add_calibration(self.calibration, self.calibration_fine, self._calibration_edges, confidence, hit, weight)
 
     def _probabilities(self, x: Tensor, *, multiclass: bool) -> Tensor:
         x = x.float()
@@ -346,6 +349,8 @@ class ClassCounts:
         loss = torch.where(valid, -p_true.clamp_min(1e-12).log(), torch.full_like(p_true, float("-inf")))
         self._offer_worst(loss, [safe, pred, torch.where(pred == 1, p, 1 - p)], n, rank, world)
         self._calibrate(p, safe.double(), v)  # binary: the positive-class probability against the label
+        both, labels = torch.stack([1 - p, p], 1), torch.stack([1 - safe, safe], 1)
+        add_classwise(self.classwise, both, labels, v, self._calibration_edges)  # classwise: both classes, every row
         self.brier += torch.stack([(v * (p.double() - safe.double()).square()).sum(), v.sum()])
         r, k = self._sample(m, 1)
         s_p, s_pos, w = (p, safe, v) if r is None else (p[r], safe[r], v[r] * (m / k))
@@ -380,6 +385,7 @@ class ClassCounts:
         add_curve_counts(self.curves, probs, s_pos, w, self.thresholds)
         self.moments += torch.stack([w.sum(0), (w * probs).sum(0), (w * probs * probs).sum(0)])
         self._calibrate(probs, s_pos.double(), w)  # each label as a binary task, on the sampled values
+        add_classwise(self.classwise, probs, s_pos, w, self._calibration_edges)
         self.brier += torch.stack([(w * (probs.double() - s_pos.double()).square()).sum(), w.sum()])
         shown = max(1, _HISTOGRAM_VALUES // c)  # the probability histogram takes a few of the sampled rows
         p_true = torch.where(s_pos[:shown], probs[:shown], 1 - probs[:shown])

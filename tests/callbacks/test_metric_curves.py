@@ -497,7 +497,8 @@ def test_buffered_updates_equal_per_step_updates(tmp_path, options, held):
     assert max(capture.held_bytes) <= options.get("buffer_bytes", 256 * 2**10)
     assert _held(capture.curves, "train").nbytes == 0  # epoch end drained what was left
     keys = [k for k in per_step.callback_metrics if k.startswith("metrics/")]
-    assert len(keys) == 2 * 11  # 7 ranking metrics and 4 of calibration (ece, mce, brier, confidence), train and val
+    # 7 ranking metrics and 6 of calibration (ece, mce, ece_adaptive, ece_classwise, brier, confidence), train and val
+    assert len(keys) == 2 * 13
     for key in keys:  # counts-based states: the very same numbers, not just close ones
         assert buffered.callback_metrics[key].item() == per_step.callback_metrics[key].item(), key
     # and both equal torchmetrics' functional values over the last epoch's 4 training steps

@@ -68,8 +68,9 @@ def _events(folder: Path) -> EventAccumulator:
     return acc
 
 
-def _files(root: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in root.rglob(pattern) if p.is_file())
+def _files(root: Path, pattern: str, sessions: bool = False) -> list[Path]:
+    """Files under ``root`` matching ``pattern``: the run's own, or (``sessions``) the HParams session's."""
+    return sorted(p for p in root.rglob(pattern) if p.is_file() and ("lossdiag_hparams" in p.parts) == sessions)
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
@@ -94,6 +95,8 @@ def test_cli_ddp_fit_writes_everything_once_on_rank_zero(cli_run):
     assert len(events) == 1, events
     assert len(reports) == 1, reports
     assert events[0].parent == reports[0].parent
+    (session,) = _files(cli_run, "events.out.tfevents.*", sessions=True)  # one HParams session, from rank 0
+    assert session.parent.parent == events[0].parent
     report = json.loads(reports[0].read_text())
     assert report["summary"]["status"] == "finished"
     assert report["summary"]["global_step"] == 8  # 2 epochs x 4 batches on each rank: every rank stepped together

@@ -1,4 +1,4 @@
-"""Helpers the rules share: key aliases, robust window statistics and number formatting (host floats only)."""
+"""Helpers the rules share: key aliases, robust window statistics, noise and number formatting (host floats only)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "train/loss_epoch": ("train/loss_epoch", "train_loss_epoch"),
     "val/loss": ("val/loss", "val_loss", "valid_loss", "val/loss_epoch", "val_loss_epoch", "validation_loss"),
 }
+
+#: A second difference of independent noise of standard deviation ``s`` has standard deviation ``s * sqrt(6)``; the
+#: mean absolute deviation of a normal variable is ``sqrt(2 / pi)`` times its standard deviation.
+_SECOND_DIFF_SCALE = math.sqrt(6.0) * math.sqrt(2.0 / math.pi)
 
 
 def find_series(record: RunRecord, canonical: str) -> tuple[str | None, Series]:
@@ -53,6 +57,32 @@ def rolling_medians(values: Sequence[float], size: int) -> list[float]:
     """Medians of every full window of ``size`` consecutive values (smooths noise before taking a minimum)."""
     size = max(1, min(size, len(values)))
     return [median(values[i : i + size]) for i in range(len(values) - size + 1)]
+
+
+def noise_sd(values: Sequence[float], turn: int | None = None) -> float:
+    """Standard deviation of the point-to-point noise of a series around its local trend (0.0 when unknown).
+
+    Second differences ``x[i-1] - 2 x[i] + x[i+1]`` cancel a locally linear trend, and centring them on their median
+    cancels a steady curvature. Their mean absolute deviation from that median is scaled to the standard deviation
+    of one point: for independent noise of standard deviation ``s`` it estimates ``s`` (a mean, not a median: the
+    noise of loss curves comes in bursts, and a median reads a quiet stretch as no noise at all). ``turn`` is the
+    index of a point whose second difference is left out: the turn a rule is testing (the best value before a rise)
+    is not noise. Fewer than 3 points give 0.0 (nothing is known about the noise).
+
+    Example:
+        >>> round(noise_sd([0.5, 0.4, 0.3, 0.2, 0.1]), 6)  # a straight fall: no noise around its trend
+        0.0
+        >>> round(noise_sd([0.30, 0.33, 0.29, 0.32, 0.30, 0.31, 0.29, 0.33]), 3)  # a level that jitters by ~0.02
+        0.026
+        >>> round(noise_sd([1.0, 0.7, 0.75, 0.8, 0.9], turn=1), 3)  # a fall that turns into a rise at index 1
+        0.013
+    """
+    d2 = [values[i - 1] - 2.0 * values[i] + values[i + 1] for i in range(1, len(values) - 1) if i != turn]
+    d2 = [d for d in d2 if math.isfinite(d)]
+    if not d2:
+        return 0.0
+    center = median(d2)
+    return sum(abs(d - center) for d in d2) / len(d2) / _SECOND_DIFF_SCALE
 
 
 def first_step(points: Series, predicate: Callable[[float], bool]) -> int | None:

@@ -14,6 +14,7 @@ from lightning_lossdiag.diagnosis.rules._common import (
     fmt,
     median,
     min_step,
+    noise_sd,
     note_int,
     rolling_medians,
     window,
@@ -88,6 +89,17 @@ def loss_spike(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     return [Finding("loss_spike", severity, msg, step, {"count": n, "first_step": step})]
 
 
+#: The median of ``w`` noisy points has a standard error of about ``1.2533 * sigma / sqrt(w)``.
+_MEDIAN_SE = math.sqrt(math.pi / 2.0)
+
+
+def _in_se(rise: float, se: float) -> str:
+    """``'25 standard errors of its noise (±0.01) above it'``, or a note that the climb shows no noise at all."""
+    if se > 0:
+        return f"{fmt(rise / se)} standard errors of its noise (±{fmt(se)}) above it"
+    return "a steady climb with no noise around it"
+
+
 def _latest_lr(record: RunRecord) -> float | None:
     keys = record.keys("lr/")
     return record.last(keys[0]) if keys else None
@@ -99,7 +111,10 @@ def loss_diverging(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     The series (``train/loss_ema`` when present, else the training loss) is smoothed with rolling medians over the
     recent window (``window_frac``). It diverges when the recent median exceeds the best smoothed value by
     ``diverge_factor`` and the rise is at least ``diverge_min_rise`` of the improvement made before the best, so a
-    loss that wobbles near zero after a large drop is not flagged.
+    loss that wobbles near zero after a large drop is not flagged, and when the rise stands ``noise_k`` standard
+    errors above the noise of the series (the difference of two medians of ``w`` points whose spread around the
+    trend is :func:`~lightning_lossdiag.diagnosis.rules._common.noise_sd`), so a noisy loss whose medians wander by
+    chance is not flagged either.
 
     Example:
         >>> r = RunRecord()
@@ -125,16 +140,21 @@ def loss_diverging(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
         return []
     if rise <= (cfg.diverge_factor - 1.0) * abs(best) or rise < cfg.diverge_min_rise * (start - best):
         return []
+    sigma = noise_sd(values[-max(cfg.noise_window, 3 * w) :])
+    se = _MEDIAN_SE * sigma * math.sqrt(2.0 / w)  # standard error of the difference of two medians of w points
+    if rise < cfg.noise_k * se:
+        return []  # a noisy loss whose medians wander: within its noise
     step = points[best_idx + w - 1][0]
     lr = _latest_lr(record)
     lr_text = f" (lr is now {fmt(lr)})" if lr is not None else ""
     msg = (
         f"The training loss ({key}) rose from its best {fmt(best)} around step {step} to {fmt(recent)} over the "
-        f"last {w} flushes, {fmt(recent / best) + 'x' if best > 0 else 'well above'} its best. A loss that climbs "
+        f"last {w} flushes, {fmt(recent / best) + 'x' if best > 0 else 'well above'} its best, "
+        f"{_in_se(rise, se)}. A loss that climbs "
         f"during training usually means the learning rate is too high{lr_text} or the optimizer state blew up. "
         "Try: lower the lr 3-10x, add a warm-up or a decaying schedule, clip gradients."
     )
-    evidence = {"key": key, "best": best, "recent": recent, "window": w, "lr": lr}
+    evidence = {"key": key, "best": best, "recent": recent, "window": w, "lr": lr, "noise": sigma, "noise_se": se}
     return [Finding("loss_diverging", "warning", msg, step, evidence)]
 
 
