@@ -36,7 +36,9 @@ def scaler_found_inf(scaler: Any, optimizer: Any) -> Tensor | None:
     """1.0 when the scaler found a NaN/inf gradient in ``optimizer``'s unscaled gradients (it will skip the step).
 
     A 0-d float tensor on the gradients' device (the sum over devices, clamped to 1), or ``None`` when the scaler
-    has not unscaled this optimizer's gradients (nothing to say). No host read.
+    has not unscaled this optimizer's gradients (nothing to say). No host read. With one device it is the scaler's
+    own flag (``unscale_`` writes exactly ``0.0`` or ``1.0`` into a tensor it makes for this step): no kernel, and
+    callers must not modify it (the scaler reads it to decide whether to step).
 
     Example:
         >>> weight = torch.nn.Parameter(torch.ones(2))
@@ -56,9 +58,30 @@ def scaler_found_inf(scaler: Any, optimizer: Any) -> Tensor | None:
     if not found:
         return None
     values = list(found.values())
+    if len(values) == 1 and values[0].dtype == torch.float32:
+        return values[0]  # already 0.0 or 1.0: no clamp (one kernel less a step)
     device = values[0].device
     total = values[0].float() if len(values) == 1 else torch.stack([v.to(device).float() for v in values]).sum()
     return total.clamp(max=1.0)
+
+
+def scaler_skip_mask(scaler: Any, optimizer: Any) -> Tensor | None:
+    """A 0-d bool device tensor, True when the scaler will skip ``optimizer``'s step (``None``: nothing to say).
+
+    What ``masked_fill_`` takes to zero a step's norms in one kernel (``torch.where`` against a tensor of zeros
+    takes three). No host read.
+
+    Example:
+        >>> weight = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.SGD([weight], lr=0.1)
+        >>> scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+        >>> scaler.scale(weight.sum() * float("nan")).backward()
+        >>> scaler.unscale_(opt)
+        >>> torch.tensor([3.0, 4.0]).masked_fill_(scaler_skip_mask(scaler, opt), 0.0)
+        tensor([0., 0.])
+    """
+    found = scaler_found_inf(scaler, optimizer)
+    return None if found is None else found > 0
 
 
 def scaler_scale(scaler: Any) -> Tensor | None:
@@ -67,4 +90,4 @@ def scaler_scale(scaler: Any) -> Tensor | None:
     return scale.reshape(()) if isinstance(scale, Tensor) else None
 
 
-__all__ = ["grad_scaler", "scaler_found_inf", "scaler_scale"]
+__all__ = ["grad_scaler", "scaler_found_inf", "scaler_scale", "scaler_skip_mask"]

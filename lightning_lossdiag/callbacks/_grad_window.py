@@ -19,6 +19,7 @@ from lightning_lossdiag.callbacks._base import host_to_device
 
 NO_STEP = 2**62  # "no non-finite step yet" inside the device minimum
 FOLD_ROWS = 512  # rows kept before they are folded into the accumulators (flushes rarer than this many steps)
+MAX_SUBSETS = 64  # patterns of present gradients cached per optimizer (a mixture of experts may have many)
 
 #: the Trainer's clipping as the window sees it: ``("norm" | "value", clip_val)``, or ``None`` when it is off
 ClipSpec = tuple[str, float] | None
@@ -47,9 +48,7 @@ def cpu_l2_norms(tensors: list[Tensor]) -> Tensor:
         >>> cpu_l2_norms([torch.tensor([3.0, 4.0]), torch.tensor([[1.0, 2.0], [2.0, 4.0]]).t()])
         tensor([5., 5.])
     """
-    # 1-D as they are (biases: no op); others as flat views when contiguous (gradients follow their parameter's layout)
-    flat = [t if t.ndim == 1 else t.reshape(-1) for t in tensors]
-    return torch.stack([torch.dot(f, f) for f in flat]).sqrt_()
+    return stacked_norms(tensors, 2.0, "cpu_l2")
 
 
 def norm_path(tensors: list[Tensor], p: float) -> NormPath | None:
@@ -90,10 +89,8 @@ def param_norms(tensors: list[Tensor], p: float, *, path: NormPath | None = None
         >>> param_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0], dtype=torch.float64)], 2.0)
         tensor([5., 2.])
     """
-    if path == "cpu_l2":
-        return cpu_l2_norms(tensors)
-    if path == "fused":
-        return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
+    if path is not None:
+        return stacked_norms(tensors, p, path)
     if any(t.is_sparse for t in tensors):
         return torch.stack([torch.linalg.vector_norm(t.coalesce().values(), p).float() for t in tensors])
     checked = norm_path(tensors, p)
@@ -110,6 +107,33 @@ def param_norms(tensors: list[Tensor], p: float, *, path: NormPath | None = None
         for i, n in zip(index, norms, strict=True):
             out[i] = n.to(device=first, dtype=torch.float32)
     return torch.stack(out)
+
+
+def stacked_norms(tensors: list[Tensor], p: float, path: NormPath, second: float | None = None) -> Tensor:
+    """Per-tensor float32 norms from ONE ``torch.stack``: the ``p``-norms, then (``second`` given) the ``second``-norms.
+
+    For a step that needs two norms of the same tensors (the logged one and the one the Trainer's clipping decides
+    on): one stack of ``2n`` values instead of two of ``n``. The tensors must fit ``path`` (:func:`norm_path`: dense,
+    one device, float32/float16/bfloat16; ``"cpu_l2"``: float32 CPU tensors and ``p == 2``). The ``second``-norms
+    always come from ``torch._foreach_norm``: what :func:`param_norms` gives unless they are L2 norms of float32 CPU
+    tensors (its dot path, which rounds differently).
+
+    Example:
+        >>> stacked_norms([torch.tensor([3.0, -4.0]), torch.tensor([2.0])], 2.0, "cpu_l2", float("inf"))
+        tensor([5., 2., 4., 2.])
+    """
+    parts: list[Tensor] | tuple[Tensor, ...]
+    if path == "cpu_l2":  # squares by BLAS dot; the square root after the stack, on the p-norms only
+        dot = torch.dot  # 1-D as they are (biases: no reshape), others as flat views (copies if not contiguous)
+        parts = [dot(t, t) if t.ndim == 1 else dot(f := t.reshape(-1), f) for t in tensors]
+    else:
+        parts = torch._foreach_norm(tensors, p, dtype=torch.float32)
+    if second is not None:
+        parts = [*parts, *torch._foreach_norm(tensors, second, dtype=torch.float32)]
+    row = torch.stack(parts)
+    if path == "cpu_l2":
+        (row if second is None else row[: len(tensors)]).sqrt_()
+    return row
 
 
 def combine(per_param: Tensor, index: Tensor, n_groups: int, p: float) -> Tensor:
@@ -172,10 +196,14 @@ class OptWindow:
         self.params, self.names, self.device, self.p = params, names, device, p
         #: how :func:`param_norms` measures their dense gradients without a per-step check (``None``: checked)
         self.path = norm_path(params, p)
+        #: their L2 norms take the CPU dot path (a second norm of L2 cannot join the fused stack: other rounding)
+        self.l2_by_dot = norm_path(params, 2.0) == "cpu_l2"
         self.group_names = list(dict.fromkeys(groups))
         pos = {g: i for i, g in enumerate(self.group_names)}
         self.index = host_to_device([pos[g] for g in groups], device)  # one-time H2D copy
-        self.positions: dict[tuple[int, ...], Tensor] = {}  # present-parameter subsets -> their positions
+        #: per pattern of parameters with a gradient (their indices): the list of those parameters (the same object
+        #: at every step with that pattern, so a consumer can key on it) and their positions on the device
+        self.subsets: dict[tuple[int, ...], tuple[list[Tensor], Tensor]] = {}
         n = len(params)
         self.nonfinite_mask = torch.zeros(n, dtype=torch.bool, device=device)
         self.zero_mask = torch.ones(n, dtype=torch.bool, device=device)
@@ -195,14 +223,25 @@ class OptWindow:
         #: FSDP2: turns local shards' norms into the full gradients' (a collective; see ``_shards.py``), else None
         self.reduce: Any = None
 
-    def full_row(self, present: list[int], values: Tensor) -> Tensor:
+    def subset(self) -> tuple[list[Tensor], Tensor]:
+        """The parameters that have a gradient now, and their positions among all (a device index tensor).
+
+        Cached per pattern (at most :data:`MAX_SUBSETS` of them; beyond, built at each step): a model that leaves
+        the same parameters without a gradient at every step (a frozen or unused layer) gets the same list object
+        and positions back, with no per-step list building or host-to-device copy.
+        """
+        key = tuple(i for i, q in enumerate(self.params) if q.grad is not None)
+        hit = self.subsets.get(key)
+        if hit is None:
+            device = self.params[key[0]].device if key else self.device  # where param_norms puts their norms
+            hit = ([self.params[i] for i in key], host_to_device(list(key), device))  # H2D, once per pattern
+            if len(self.subsets) < MAX_SUBSETS:
+                self.subsets[key] = hit
+        return hit
+
+    def full_row(self, positions: Tensor, values: Tensor) -> Tensor:
         """Norms of the present parameters as a row over all parameters (absent ones: 0, like a zero gradient)."""
-        if len(present) == len(self.params):
-            return values
-        pos = self.positions.get(tuple(present))
-        if pos is None:
-            pos = self.positions[tuple(present)] = host_to_device(present, values.device)  # H2D, once per set
-        return values.new_zeros(len(self.params)).index_copy_(0, pos, values)
+        return values.new_zeros(len(self.params)).index_copy_(0, positions, values)
 
     def push(self, row: Tensor, aux: Tensor | None, step: int, clip: ClipSpec) -> None:
         """Append one optimizer step (tensor references only; folds first if the clipping changed)."""
@@ -284,9 +323,12 @@ __all__ = [
     "FOLD_ROWS",
     "NO_STEP",
     "ClipSpec",
+    "NormPath",
     "OptWindow",
     "clip_coef",
     "combine",
+    "norm_path",
     "param_norms",
     "reduce_rows",
+    "stacked_norms",
 ]

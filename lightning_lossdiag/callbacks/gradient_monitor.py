@@ -9,6 +9,7 @@ rate, the non-finite and dead parameters and the group norms come from a few bat
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Literal
 
 import torch
@@ -16,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossdiag.callbacks._amp import grad_scaler, scaler_found_inf
+from lightning_lossdiag.callbacks._amp import grad_scaler, scaler_skip_mask
 from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, refuse_sharded, warn_no_logger_once
 from lightning_lossdiag.callbacks._grad_groups import (
     OTHER_GROUP,
@@ -25,11 +26,19 @@ from lightning_lossdiag.callbacks._grad_groups import (
     host_floats,
     resolve_depth,
 )
-from lightning_lossdiag.callbacks._grad_window import NO_STEP, ClipSpec, OptWindow, combine, param_norms
+from lightning_lossdiag.callbacks._grad_window import (
+    NO_STEP,
+    ClipSpec,
+    OptWindow,
+    combine,
+    param_norms,
+    stacked_norms,
+)
 from lightning_lossdiag.callbacks._shards import local_parts, shard_reducer
 from lightning_lossdiag.diagnosis.record import record_for
 
 _MAX_NAMES = 64  # names kept in the notes (bounded)
+_IS_SPARSE = operator.attrgetter("is_sparse")  # mapped over the gradients at C speed (no generator frame)
 
 
 class GradientMonitor(Callback):
@@ -116,6 +125,8 @@ class GradientMonitor(Callback):
         self.dead_params: list[str] | None = None
         self._windows: dict[int, dict[str, Any]] = {}  # restored accumulators since the last flush, per optimizer
         self._key_cache: tuple[tuple[Any, ...], str] | None = None  # (options, state_key)
+        #: ``(gradient_clip_val, gradient_clip_algorithm, automatic, ClipSpec)`` of the last step
+        self._clip_cache: tuple[Any, Any, bool, ClipSpec] | None = None
 
     @property
     @override
@@ -170,14 +181,21 @@ class GradientMonitor(Callback):
             return None
         return latest[1:]
 
-    @staticmethod
-    def _clip_spec(trainer: Trainer, automatic: bool) -> ClipSpec:
-        """The Trainer's clipping (``None`` when off, and in manual optimization where Lightning forbids it)."""
-        clip_val = trainer.gradient_clip_val if automatic else None
-        if clip_val is None or not clip_val > 0:
-            return None
-        algo = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
-        return ("value" if algo == "value" else "norm", float(clip_val))
+    def _clip_spec(self, trainer: Trainer, automatic: bool) -> ClipSpec:
+        """The Trainer's clipping (``None`` when off, and in manual optimization where Lightning forbids it).
+
+        Cached while the Trainer's two settings stay the same (the per-step path compares them only).
+        """
+        clip_val, algo = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+        cached = getattr(self, "_clip_cache", None)  # (absent on an instance unpickled from an older version)
+        if cached is not None and cached[0] is clip_val and cached[1] is algo and cached[2] is automatic:
+            return cached[3]
+        spec: ClipSpec = None
+        if automatic and clip_val is not None and clip_val > 0:
+            name = str(getattr(algo, "value", algo) or "norm")
+            spec = ("value" if name == "value" else "norm", float(clip_val))
+        self._clip_cache = (clip_val, algo, automatic, spec)
+        return spec
 
     def _window(self, trainer: Trainer, pl_module: LightningModule, opt: Any) -> OptWindow:
         """The window of ``opt``: the last one used (a cached pair: no lookup per step), else found or built."""
@@ -204,26 +222,37 @@ class GradientMonitor(Callback):
             grads = local_parts(grads)  # each rank's shard; summed over the shards at the fold
         if not grads:
             return
-        present: list[int] | None = None  # None: every parameter has a gradient (the usual case)
+        positions: Tensor | None = None  # None: every parameter has a gradient (the usual case)
         if len(grads) != len(params):
-            present = [i for i, p in enumerate(params) if p.grad is not None]
-            params = [params[i] for i in present]
+            params, positions = st.subset()  # the same list object while the same parameters have gradients
         automatic = pl_module.automatic_optimization
         clip = self._clip_spec(trainer, automatic)
         p = self.norm_type
-        dense = not any(g.is_sparse for g in grads)
-        aux = None  # what the clip decision needs when the logged norm is not it: max-abs ("value") or L2 ("norm")
-        if clip is not None and (math.inf if clip[0] == "value" else 2.0) != p:
-            aux = self._row(st, present, param_norms(grads, math.inf if clip[0] == "value" else 2.0))
+        dense = not any(map(_IS_SPARSE, grads))
+        path = st.path if dense and not sharded else None
+        # the norm the clip decision needs when the logged norm is not it: max-abs ("value") or L2 ("norm")
+        clip_p = None if clip is None else (math.inf if clip[0] == "value" else 2.0)
+        second = None if clip_p is None or clip_p == p else clip_p
+        aux = None
+        if path is None or (second == 2.0 and st.l2_by_dot):  # checked per call, or L2 by CPU dots: separately
+            aux = None if second is None else param_norms(grads, second, path=None if path is None else "cpu_l2")
+            norms = row = param_norms(grads, p, path=path)
+        else:  # both norms of the step (when clipping needs a second one) from one stack
+            norms = row = stacked_norms(grads, p, path, second)
+            if second is not None:
+                norms, aux = row.view(2, len(grads)).unbind()
         step = trainer.global_step + 1  # the step this optimizer step completes (global_step after the batch)
-        norms = param_norms(grads, p, path=st.path if dense and not sharded else None)
-        skipped = scaler_found_inf(grad_scaler(trainer), opt)  # fp16: the GradScaler's own verdict, on the device
-        if skipped is not None:  # a step the scaler skips applies no update: zero norms, not non-finite gradients
-            norms = torch.where(skipped > 0, torch.zeros_like(norms), norms)
-            aux = None if aux is None else torch.where(skipped > 0, torch.zeros_like(aux), aux)
+        skip = scaler_skip_mask(grad_scaler(trainer), opt)  # fp16: the GradScaler's own verdict, on the device
+        if skip is not None:  # a step the scaler skips applies no update: zero norms, not non-finite gradients
+            for t in (row, aux if row is norms else None):
+                if t is not None:
+                    t.masked_fill_(skip, 0.0)  # in place: these norms were just made here (one kernel each)
         if self.shares_latest and dense:  # for take_latest: the NaN guard of LossDiagnostics reuses the norms
             self._latest = (opt, step, params, grads, norms)
-        st.push(self._row(st, present, norms), aux, step, clip)
+        if positions is not None:  # rows over all of the window's parameters
+            norms = st.full_row(positions, norms)
+            aux = None if aux is None else st.full_row(positions, aux)
+        st.push(norms, aux, step, clip)
         if not self.param_norms and (clip is None or clip[0] != "value"):
             return  # nothing else needs the gradients ahead of a flush (group norms come from the row, at the flush)
         # automatic optimization: exactly one optimizer step per batch, so the flush step is known in advance;
@@ -238,15 +267,12 @@ class GradientMonitor(Callback):
                 kept_norms = st.reduce(kept_norms[None], p)[0]
             st.last_clipped = torch.linalg.vector_norm(kept_norms, p)
         if self.param_norms:
-            weights = self._row(st, present, param_norms(local_parts([q.detach() for q in params]), p))
+            weights = param_norms(local_parts([q.detach() for q in params]), p)
+            if positions is not None:
+                weights = st.full_row(positions, weights)
             if sharded:
                 weights = st.reduce(weights[None], p)[0]
             st.param_norms = combine(weights, st.index, len(st.group_names), p)
-
-    @staticmethod
-    def _row(st: OptWindow, present: list[int] | None, values: Tensor) -> Tensor:
-        """Values of the present parameters as a row over all of the window's parameters."""
-        return values if present is None else st.full_row(present, values)
 
     @override
     def on_train_batch_end(

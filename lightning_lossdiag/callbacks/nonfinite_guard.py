@@ -12,7 +12,9 @@ references to a :class:`~lightning_lossdiag.callbacks._guard_rows.GuardRows`, re
 
 from __future__ import annotations
 
+import operator
 import os
+from itertools import chain, repeat
 from typing import Any, Literal
 
 import torch
@@ -21,10 +23,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_lossdiag.callbacks._amp import grad_scaler, scaler_found_inf
+from lightning_lossdiag.callbacks._amp import grad_scaler, scaler_skip_mask
 from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, refuse_sharded
 from lightning_lossdiag.callbacks._grad_groups import host_floats
-from lightning_lossdiag.callbacks._grad_window import param_norms
+from lightning_lossdiag.callbacks._grad_window import NormPath, norm_path, param_norms
 from lightning_lossdiag.callbacks._guard_rows import FOLD_ROWS, NO_STEP, GuardRows, loss_probe, step_ok
 from lightning_lossdiag.callbacks._shards import local_parts, shard_reducer
 from lightning_lossdiag.dashboards.writers import log_dirs
@@ -37,6 +39,10 @@ STOP_CHECKPOINT = "nonfinite_stop.ckpt"
 
 class NonFiniteError(RuntimeError):
     """Raised by ``NonFiniteGuard(policy="raise")`` at the first step with a NaN/inf loss or gradient."""
+
+
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 def _grads(optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:
@@ -101,8 +107,10 @@ def drop_update(grads: list[Tensor], ok: Tensor, view: torch.dtype | None = None
         ok = ok.to(torch.int32)
     if view is not None and grads:
         device = grads[0].device
-        ints = [(g.detach() if g.requires_grad else g).view(view) for g in grads]
-        torch._foreach_mul_(ints, ok if ok.device == device else ok.to(device))
+        if any(map(_REQUIRES_GRAD, grads)):  # a graph of the gradients (create_graph=True): act on their values
+            grads = [g.detach() for g in grads]
+        # the views made by `map` at C speed: ~20% less host time than a comprehension for 150 gradients
+        torch._foreach_mul_(list(map(Tensor.view, grads, repeat(view))), ok if ok.device == device else ok.to(device))
         return
     views: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
@@ -229,6 +237,8 @@ class NonFiniteGuard(Callback):
         #: per optimizer (by id, within one fit): its :func:`fused_skip_target`, decided at its first step
         self._fused_targets: dict[int, Optimizer | None] = {}
         self._reducers: dict[int, Any] = {}  # FSDP2: shard reducers per parameter list
+        #: per optimizer (by id, within one fit): its parameters and their norm path (:meth:`_optimizer_params`)
+        self._plans: dict[int, tuple[list[Tensor], NormPath | None]] = {}
         self._ok: Tensor | None = None  # where the step's skip flag is written (reused: no allocation per step)
         self._found_inf: Tensor | None = None  # the same for the flag handed to a fused optimizer as `found_inf`
         self._batch_idx = -1
@@ -261,6 +271,7 @@ class NonFiniteGuard(Callback):
         self._grads_only = trainer.world_size > 1
         self._fused_targets = {}
         self._reducers = {}
+        self._plans = {}
         record_for(trainer).notes["nonfinite/policy"] = self.policy
 
     @override
@@ -337,20 +348,42 @@ class NonFiniteGuard(Callback):
                 return seen  # type: ignore[no-any-return]
             # FSDP2: the monitor measured this rank's shards; the decision must be the same on every rank
             return step, params, local_parts(grads), reduce(norms[None], source.norm_type)[0]
-        pairs = _grads(optimizer)
-        params = [p for p, _ in pairs]
-        grads = [g for _, g in pairs]
+        params, path = self._optimizer_params(optimizer)
+        grads = [g for q in params if (g := q.grad) is not None]
+        if len(grads) != len(params) or any(map(_IS_SPARSE, grads)):  # some without (dense) gradient: this step's
+            pairs = _grads(optimizer)
+            params, grads, path = [p for p, _ in pairs], [g for _, g in pairs], None
         step = trainer.global_step + 1
         reduce = self._shard_reduce(params)
         if reduce is not None:
-            grads = local_parts(grads)
-        norms = param_norms(grads, 2.0) if grads else None  # float32 L2: NaN/inf propagate
+            grads, path = local_parts(grads), None
+        norms = param_norms(grads, 2.0, path=path) if grads else None  # float32 L2: NaN/inf propagate
         if reduce is not None and norms is not None:  # FSDP2: one all_reduce a step, the same verdict on every rank
             norms = reduce(norms[None], 2.0)[0]
-        skipped = scaler_found_inf(grad_scaler(trainer), optimizer)
-        if skipped is not None and norms is not None:  # fp16: the GradScaler skips this step itself, not the guard
-            norms = torch.where(skipped > 0, torch.zeros_like(norms), norms)
+        skip = scaler_skip_mask(grad_scaler(trainer), optimizer)
+        if skip is not None and norms is not None:  # fp16: the GradScaler skips this step itself, not the guard
+            norms.masked_fill_(skip, 0.0)  # in place: made just above (one kernel; where() against zeros took 3)
         return step, params, grads, norms
+
+    def _optimizer_params(self, optimizer: Optimizer) -> tuple[list[Tensor], NormPath | None]:
+        """Every parameter of ``optimizer`` and the :func:`norm_path` of their gradients' L2 norms.
+
+        Decided once per set of parameters: the same list object comes back while the optimizer's groups hold the
+        same parameters (checked by identity at each step, at C speed), so the rows of the guard are found without
+        a key per step and the norms are taken without per-step dtype/device checks. A group added or changed
+        (``add_param_group``) gives a new list.
+        """
+        groups = optimizer.param_groups
+        cached = self._plans.get(id(optimizer))
+        if cached is not None:
+            params = cached[0]
+            if len(params) == sum(len(g["params"]) for g in groups) and all(
+                map(operator.is_, params, chain.from_iterable(g["params"] for g in groups))
+            ):
+                return cached
+        params = [q for g in groups for q in g["params"]]
+        plan = self._plans[id(optimizer)] = (params, norm_path(params, 2.0))
+        return plan
 
     @override
     def on_train_batch_end(

@@ -31,13 +31,41 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_lossdiag.stats.curves import threshold_bins
+from lightning_lossdiag.stats.curves import by_lookup, lookup_bins
 
 FINE_BINS = 1024  # equal-width fine confidence bins of the equal-mass ECE (resolution 1/1024)
 
 
 def _div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+
+
+def calibration_bins(
+    confidence: Tensor, edges: Tensor, fine: int, window: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Equal-width bin (edges ``linspace(0, 1, B + 1)``) and fine bin (``F = fine`` bins) of every confidence.
+
+    The first index is ``bucketize(c, edges, right=True) - 1`` clamped to ``[0, B]`` (a confidence of 1.0 in bin
+    ``B`` of its own, NaN and values below 0 in bin 0), the second ``floor(c * F)`` clamped to ``[0, F - 1]`` (NaN in
+    bin 0). ``window``: :func:`~lightning_lossdiag.stats.curves.threshold_window` of ``edges``. Device only.
+
+    Example:
+        >>> j, fj = calibration_bins(torch.tensor([0.2, 0.5, 1.0, float("nan")]), torch.linspace(0, 1, 3), 4)
+        >>> j.tolist(), fj.tolist()
+        ([0, 1, 2, 0], [0, 2, 3, 0])
+    """
+    q = torch.nan_to_num(confidence.float(), nan=-1.0)
+    return _coarse_bins(q, edges, window), (q * fine).clamp_(0, fine - 1).to(torch.long)  # floor = trunc from 0 up
+
+
+def calibration_bin(confidence: Tensor, edges: Tensor, window: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The first index of :func:`calibration_bins` alone (the equal-width bin of every confidence)."""
+    return _coarse_bins(torch.nan_to_num(confidence.float(), nan=-1.0), edges, window)
+
+
+def _coarse_bins(q: Tensor, edges: Tensor, window: tuple[Tensor, Tensor] | None) -> Tensor:
+    # bucketize(q, edges[1:]) is bucketize(q, edges) - 1 clamped at 0: one kernel off the CPU (NaN is -1 here)
+    return lookup_bins(q, edges, window).clamp_(min=0) if by_lookup(q) else torch.bucketize(q, edges[1:], right=True)
 
 
 def add_calibration(bins: Tensor, fine: Tensor, edges: Tensor, confidence: Tensor, hit: Tensor, weight: Tensor) -> None:
@@ -61,19 +89,30 @@ def add_calibration(bins: Tensor, fine: Tensor, edges: Tensor, confidence: Tenso
         ([1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0])
     """
     c = confidence.float()
-    f = fine.shape[1]
-    j = threshold_bins(c, edges).clamp_(min=0).reshape(-1)
-    fj = (torch.nan_to_num(c, nan=0.0) * f).floor_().clamp_(0, f - 1).to(torch.long).reshape(-1)
-    w = weight.double().expand_as(c).reshape(-1)
-    stacked = torch.stack([w, w * c.double().reshape(-1), w * hit.double().expand_as(c).reshape(-1)])
-    bins.scatter_add_(1, j.expand(3, -1), stacked)
-    fine.scatter_add_(1, fj.expand(3, -1), stacked)
+    j, fj = calibration_bins(c, edges, fine.shape[1])
+    stacked = bin_sums(c, hit, weight).reshape(-1, 3).T
+    bins.scatter_add_(1, j.reshape(-1).expand(3, -1), stacked)
+    fine.scatter_add_(1, fj.reshape(-1).expand(3, -1), stacked)
 
 
-def add_classwise(state: Tensor, probs: Tensor, positive: Tensor, weight: Tensor, edges: Tensor) -> None:
+def bin_sums(confidence: Tensor, hit: Tensor, weight: Tensor) -> Tensor:
+    """``(..., 3)`` float64 ``(w, w * c, w * hit)`` of every value: what a calibration bin adds up (broadcasting)."""
+    w = weight.double().expand_as(confidence)
+    return torch.stack([w, w * confidence.double(), w * hit], -1)
+
+
+def add_classwise(
+    state: Tensor,
+    probs: Tensor,
+    positive: Tensor,
+    weight: Tensor,
+    edges: Tensor,
+    window: tuple[Tensor, Tensor] | None = None,
+) -> None:
     """Add ``(M, K)`` probabilities of each class against their 0/1 ``positive`` to ``state`` ``(K, 3, B + 1)``.
 
-    ``weight`` is ``(M,)`` or ``(M, K)`` (0 for ignored values). Costs ``O(M K)`` (one bucketize, three
+    ``weight`` is ``(M,)`` or ``(M, K)`` (0 for ignored values); ``window`` is the
+    :func:`~lightning_lossdiag.stats.curves.threshold_window` of ``edges``. Costs ``O(M K)`` (one bin lookup, one
     ``index_add_``), device only, no host read.
 
     Example:
@@ -85,13 +124,15 @@ def add_classwise(state: Tensor, probs: Tensor, positive: Tensor, weight: Tensor
     """
     k, _, b = state.shape
     p = probs.float()
-    j = threshold_bins(p, edges).clamp_(min=0) + torch.arange(k, device=p.device)[None, :] * (3 * b)
-    w = weight.double()
-    w = (w[:, None] if w.ndim == 1 else w).expand_as(p)
-    flat, at = state.view(-1), j.reshape(-1)
-    flat.index_add_(0, at, w.reshape(-1))
-    flat.index_add_(0, at + b, (w * p.double()).reshape(-1))
-    flat.index_add_(0, at + 2 * b, (w * positive.double()).reshape(-1))
+    w = weight if weight.ndim == p.ndim else weight[:, None]
+    at = classwise_index(calibration_bin(p, edges, window), k, b, 0)
+    state.view(-1).index_add_(0, at.view(-1), bin_sums(p, positive, w).view(-1))
+
+
+def classwise_index(j: Tensor, k: int, b: int, offset: int) -> Tensor:
+    """``(M, K, 3)`` flat positions in a ``(K, 3, b)`` state starting at ``offset`` of the sums of bins ``j`` (M, K)."""
+    base = torch.arange(0, k * 3 * b, 3 * b, device=j.device)[:, None] + torch.arange(0, 3 * b, b, device=j.device)
+    return j[..., None] + (base + offset)
 
 
 def adaptive_ece(fine: Tensor, bins: int = 15) -> Tensor:
@@ -135,4 +176,14 @@ def classwise_ece(state: Tensor) -> Tensor:
     return _div((per_class * present).sum(), present.sum())
 
 
-__all__ = ["FINE_BINS", "adaptive_ece", "add_calibration", "add_classwise", "classwise_ece"]
+__all__ = [
+    "FINE_BINS",
+    "adaptive_ece",
+    "add_calibration",
+    "add_classwise",
+    "bin_sums",
+    "calibration_bin",
+    "calibration_bins",
+    "classwise_ece",
+    "classwise_index",
+]

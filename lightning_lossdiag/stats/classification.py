@@ -2,14 +2,23 @@
 
 What each update costs (``M`` rows: samples, pixels or tokens; ``C`` classes or labels; ``T`` thresholds):
 
-* every row (``O(M)`` after one ``max``/``logsumexp`` over the class dim): per-class support, predicted and correct
-  counts, the confusion matrix (``C <= max_confusion``) or the most confused pairs (:class:`ConfusedPairs`), the
-  true-class probability histogram, the loss of each row and the worst rows;
+* every row, from one pass for the maximum (chunk maxima over a long last dim) and one log-softmax (the fused
+  cross-entropy, whose output is ``-log p_true``; the top-label log-probability follows from it): per-class support,
+  predicted and correct counts, the top-k hits and the negative log-likelihood, the top-label calibration bins, the
+  confusion matrix (``C <= max_confusion``) or the most confused pairs (:class:`ConfusedPairs`), the loss of each
+  row and the worst rows (multilabel: every value, for the per-label counts and each row's loss);
 * a bounded budget of values (``budget`` values of ``rows x classes``: a uniform sample of
   ``k = max(1, budget // C)`` rows, drawn with replacement by a generator of its own, each weighing ``M / k``, so the
-  counts stay unbiased): the binned PR/ROC counts (bucketized once: ``O(k C)``, never ``x T``), the probability
-  moments and classwise calibration bins of each class and, for multilabel, the probability histogram. When
-  ``M * C <= budget`` every row is used and the curves are exact.
+  counts stay unbiased): the binned PR/ROC counts (one bin lookup per value: ``O(k C)``, never ``x T``), the
+  probability moments, the Brier score, the classwise calibration bins and the true-class probability histogram
+  (multilabel: also the calibration bins). When ``M * C <= budget`` every row is used and the curves are exact.
+
+Few kernels per update, whatever the task: the float64 states are views into one flat tensor, so the small sums of a
+batch (rows, NLL, top-k hits, moments, Brier score, histogram) land in one ``index_add_``; the counts of a row go in
+with one ``index_add_`` per state (several statistics in one where they share an index); a state that is a sum of
+another (the multilabel and binary top-label bins are classwise bins summed) is taken from it. Bins are found by
+arithmetic and a lookup on the CPU and by one ``bucketize`` elsewhere (:data:`~lightning_lossdiag.stats.curves.
+LOOKUP_DEVICES`), the same bins either way; bf16/fp16 logits are read once by a float32 log-softmax off the CPU.
 
 State: ``3 x C`` counts, ``K x 2 x T`` curve weights (``K = 1`` for binary), ``C x 3 x 16`` classwise calibration
 bins, fixed top-label calibration bins (15 and 1,024, see :mod:`~lightning_lossdiag.stats.calibration`), a
@@ -22,16 +31,25 @@ statistic: ``-100`` tokens and ``255`` void pixels are left out without a boolea
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
-from lightning_lossdiag.stats.calibration import FINE_BINS, add_calibration, add_classwise
-from lightning_lossdiag.stats.curves import add_curve_counts, curve_thresholds
+from lightning_lossdiag.stats.calibration import (
+    FINE_BINS,
+    add_classwise,
+    bin_sums,
+    calibration_bin,
+    calibration_bins,
+    classwise_index,
+)
+from lightning_lossdiag.stats.curves import by_lookup, curve_thresholds, threshold_bins, threshold_window
 from lightning_lossdiag.stats.distributed import GatherFn
-from lightning_lossdiag.stats.histogram import FixedHistogram
+from lightning_lossdiag.stats.histogram import FixedHistogram, histogram_edges
 from lightning_lossdiag.stats.pairs import ConfusedPairs
 from lightning_lossdiag.stats.topk import TopKWorst
 
@@ -40,18 +58,84 @@ _INPUTS = ("logits", "probabilities", "log_probabilities")
 _ARGMAX_CHUNK = 64
 _HISTOGRAM_VALUES = 4096  # multilabel: probabilities per update in the true-label probability histogram
 _CALIBRATION = ("calibration", "calibration_fine", "classwise", "brier")  # top-label, fine, classwise bins; Brier
-_TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking", *_CALIBRATION)
+_TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking", *_CALIBRATION, "prob_hist")
+# the float64 states, views in this order into one flat tensor (one index_add_ reaches any of them); per_class and
+# label_rows, rows and ranking, moments and brier are neighbours so one slice takes both
+_STORE = (
+    "per_class",
+    "label_rows",
+    "rows",
+    "ranking",
+    "calibration",
+    "calibration_fine",
+    "classwise",
+    "moments",
+    "brier",
+    "prob_hist",
+    "confusion",
+)
+_Column = Tensor | Callable[[Tensor], Tensor]  # a worst-rows column, or what builds it for the kept rows
 CALIBRATION_BINS = 15  # equal-width confidence bins of the calibration error (Guo et al. 2017; torchmetrics' default)
 TOP_K = 5  # top-k accuracy is counted from this many classes on (k = 5 when there are at least 10 classes)
 
 
-def _unravel(flat: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, ...]:
-    """Coordinates of flat positions in ``shape`` (integer arithmetic on the device, no host read)."""
-    coords = []
-    for size in reversed(shape):
-        coords.append(flat % size)
-        flat = torch.div(flat, size, rounding_mode="floor")
-    return tuple(reversed(coords))
+def _chunk_maxima(rows: Tensor) -> Tensor:
+    """``(M, ceil(C / 64))`` maxima of the chunks of 64 scores of every row (the last chunk may be shorter)."""
+    m, c = rows.shape
+    b = _ARGMAX_CHUNK
+    full = c - c % b
+    chunks = rows[:, :full].reshape(m, full // b, b).amax(-1)
+    if full < c:
+        chunks = torch.cat([chunks, rows[:, full:].amax(-1, keepdim=True)], 1)
+    return chunks
+
+
+def _max_in_chunks(rows: Tensor, chunks: Tensor, offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The maximum of every row and its first index, given the :func:`_chunk_maxima`.
+
+    The first chunk holding the maximum is searched alone (64 values a row; ``offsets``: ``arange(64)`` on the device).
+    """
+    c = rows.shape[1]
+    top, at = chunks.max(-1)  # the first chunk with the maximum
+    if offsets is None:
+        offsets = torch.arange(_ARGMAX_CHUNK, device=rows.device)
+    columns = torch.add(offsets, at[:, None], alpha=_ARGMAX_CHUNK)
+    inside = rows.gather(1, columns if c % _ARGMAX_CHUNK == 0 else columns.clamp_(max=c - 1))
+    return top, torch.add(inside.argmax(-1), at, alpha=_ARGMAX_CHUNK)
+
+
+def _in_top_k_chunks(rows: Tensor, chunks: Tensor, picked: Tensor, k: int) -> Tensor:
+    """``picked >= `` the k-th largest score of every row: the top k lie in the k chunks with the largest maxima."""
+    m, c = rows.shape
+    b = _ARGMAX_CHUNK
+    full = c - c % b
+    best = chunks[:, : full // b].topk(min(k, full // b), dim=-1).indices  # the chunks that hold the k largest
+    candidates = rows[:, :full].reshape(m, full // b, b).gather(1, best[..., None].expand(-1, -1, b)).reshape(m, -1)
+    if full < c:
+        candidates = torch.cat([candidates, rows[:, full:]], 1)
+    return picked >= candidates.topk(k, dim=-1).values[:, -1]
+
+
+def _first_hit(x: Tensor, dim: int, top: Tensor, weights: Tensor | None = None) -> Tensor:
+    """First index along ``dim`` (not the last) where ``x`` equals ``top = x.amax(dim)``.
+
+    One comparison and an ``amax`` of descending class ``weights`` (:func:`_descending`): the CPU's ``argmax`` over a
+    dim that is not the last costs several times more.
+    """
+    c = x.shape[dim]
+    if weights is None:
+        weights = _descending(c, x.ndim, dim, x.device)
+    hits = x >= top.unsqueeze(dim)  # == where top is the maximum (a comparison the CPU makes faster)
+    hits = hits.view(torch.uint8) if weights.dtype == torch.uint8 else hits
+    return (c - (hits * weights).amax(dim).to(torch.long)).clamp_(max=c - 1)  # a NaN row: the last class
+
+
+def _descending(c: int, ndim: int, dim: int, device: torch.device) -> Tensor:
+    """``c - arange(c)`` in the smallest integer dtype, shaped to broadcast along ``dim`` of an ``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[dim] = c
+    dtype = torch.uint8 if c < 2**8 else torch.int16 if c < 2**15 else torch.int32
+    return (c - torch.arange(c, device=device, dtype=torch.int32)).to(dtype).view(shape)
 
 
 def first_argmax(x: Tensor, dim: int, top: Tensor) -> Tensor:
@@ -71,21 +155,9 @@ def first_argmax(x: Tensor, dim: int, top: Tensor) -> Tensor:
     if dim == x.ndim - 1:
         if c < 512:
             return x.argmax(dim)
-        b = _ARGMAX_CHUNK
         rows = x.reshape(-1, c)
-        full = c - c % b
-        chunks = rows[:, :full].reshape(rows.shape[0], full // b, b).amax(-1)
-        if full < c:
-            chunks = torch.cat([chunks, rows[:, full:].amax(-1, keepdim=True)], 1)
-        start = chunks.argmax(-1) * b
-        inside = rows.gather(1, (start[:, None] + torch.arange(b, device=x.device)).clamp_(max=c - 1))
-        return (start + inside.argmax(-1)).reshape(x.shape[:-1])
-    shape = [1] * x.ndim
-    shape[dim] = c
-    dtype = torch.uint8 if c < 2**8 else torch.int16 if c < 2**15 else torch.int32
-    weights = (c - torch.arange(c, device=x.device, dtype=torch.int32)).to(dtype).view(shape)
-    hits = (x == top.unsqueeze(dim)).view(torch.uint8) if dtype == torch.uint8 else (x == top.unsqueeze(dim))
-    return c - (hits * weights).amax(dim).to(torch.long)
+        return _max_in_chunks(rows, _chunk_maxima(rows))[1].reshape(x.shape[:-1])
+    return _first_hit(x, dim, top)
 
 
 def in_top_k(x: Tensor, dim: int, picked: Tensor, k: int) -> Tensor:
@@ -105,27 +177,37 @@ def in_top_k(x: Tensor, dim: int, picked: Tensor, k: int) -> Tensor:
     c = x.shape[dim]
     if dim != x.ndim - 1 or c < 512:
         return _count(x > picked.unsqueeze(dim), dim) < k
-    b = _ARGMAX_CHUNK
     rows = x.reshape(-1, c)
-    full = c - c % b
-    chunks = rows[:, :full].reshape(rows.shape[0], full // b, b)
-    best = chunks.amax(-1).topk(min(k, full // b), dim=-1).indices  # the chunks that hold the k largest
-    candidates = chunks.gather(1, best[..., None].expand(-1, -1, b)).reshape(rows.shape[0], -1)
-    if full < c:
-        candidates = torch.cat([candidates, rows[:, full:]], 1)
-    kth = candidates.topk(k, dim=-1).values[:, -1]
-    return (picked.reshape(-1) >= kth).reshape(picked.shape)
+    return _in_top_k_chunks(rows, _chunk_maxima(rows), picked.reshape(-1), k).reshape(picked.shape)
 
 
 def _count(mask: Tensor, dim: int) -> Tensor:
-    """``mask.sum(dim)`` of a bool tensor without an int64 copy of it (summed as bytes into int32)."""
-    return mask.view(torch.uint8).sum(dim, dtype=torch.int32)
+    """``mask.sum(dim)`` of a bool tensor without an int64 copy of it.
+
+    Summed as bytes into the smallest integer dtype that holds the count (no copy at all below 256 along ``dim``).
+    """
+    n = mask.shape[dim]
+    dtype = torch.uint8 if n < 2**8 else torch.int16 if n < 2**15 else torch.int32
+    return mask.view(torch.uint8).sum(dim, dtype=dtype)
+
+
+def _histogram_slots(bins: int, device: torch.device) -> Tensor:
+    """Boundaries whose ``bucketize(x, right=True)`` is the slot of ``x`` in the staged true-class histogram.
+
+    Slot 0 for ``-inf``, 1 below 0, ``2 + i`` in bin ``i`` of ``histogram_edges(0, 1, bins)`` (1.0 in the last bin),
+    ``bins + 2`` above 1, ``bins + 3`` for ``+inf`` and NaN: the bins, underflow, overflow and non-finite counts of
+    :class:`~lightning_lossdiag.stats.histogram.FixedHistogram`.
+    """
+    edges = histogram_edges(0.0, 1.0, bins, device=device)
+    one = torch.ones(1, dtype=torch.float64, device=device)
+    low = torch.full((1,), -torch.finfo(torch.float64).max, dtype=torch.float64, device=device)
+    return torch.cat([low, edges[:-1], one.nextafter(one + 1), one * math.inf])
 
 
 def row_index(pos: Tensor, seen: int, per_sample: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
     """Sample index of rows ``pos`` (in the stage's loader order; under DDP the sampler's) and their element."""
-    local = seen + torch.div(pos, per_sample, rounding_mode="floor")
-    return (local * world + rank).double(), (pos % per_sample).double()
+    lead = torch.div(pos, per_sample, rounding_mode="floor")
+    return lead.mul(world).add_(seen * world + rank).double(), torch.sub(pos, lead, alpha=per_sample).double()
 
 
 class ClassCounts:
@@ -151,6 +233,19 @@ class ClassCounts:
         >>> counts.per_class.tolist()  # support, predicted, correct per class (the -100 row is left out)
         [[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
     """
+
+    # float64 states: views into one flat tensor (see __init__)
+    per_class: Tensor
+    label_rows: Tensor
+    rows: Tensor
+    ranking: Tensor
+    calibration: Tensor
+    calibration_fine: Tensor
+    classwise: Tensor
+    moments: Tensor
+    brier: Tensor
+    prob_hist: Tensor
+    confusion: Tensor
 
     def __init__(
         self,
@@ -183,38 +278,85 @@ class ClassCounts:
         self.class_dim, self.ignore_index, self.budget = class_dim, ignore_index, budget
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         c, k = num_classes, (1 if task == "binary" else num_classes)
-
-        def zeros(*shape: int) -> Tensor:
-            return torch.zeros(*shape, dtype=torch.float64, device=self.device)
-
+        b = CALIBRATION_BINS + 1
+        dense = task != "multilabel" and c <= max_confusion
         self.thresholds = curve_thresholds(thresholds, self.device)
-        self.per_class = zeros(3, c)  # support, predicted, correct
-        self.label_rows = zeros(c)  # multilabel: valid values per label
-        self.rows = zeros(2)  # rows counted, rows left out
-        # multiclass: rows whose true class is among the TOP_K highest scores, and the sum of -log p(true class)
-        self.ranking = zeros(2)
+        self._calibration_edges = curve_thresholds(b, self.device)
+        self._windows = (threshold_window(self.thresholds), threshold_window(self._calibration_edges))
         self.top_k = TOP_K if task == "multiclass" and num_classes >= 2 * TOP_K else 0
-        # calibration: per confidence bin (torchmetrics' bins: edges linspace(0, 1, 16), 1.0 in a bin of its own)
-        # the weight, the sum of confidences and the sum of hits; top-label confidence for multiclass, the
-        # positive-class probability for binary and multilabel (every row; multilabel: the sampled values)
-        self.calibration = zeros(3, CALIBRATION_BINS + 1)
-        self.calibration_fine = zeros(3, FINE_BINS)  # the same sums in 1,024 fine bins: the equal-mass ECE
-        # classwise: p_c against 1[y = c] for every class (binary: 1 - p and p; multilabel: each label), same bins
-        self.classwise = zeros(c, 3, CALIBRATION_BINS + 1)
-        self._calibration_edges = curve_thresholds(CALIBRATION_BINS + 1, self.device)
-        self.brier = zeros(2)  # weighted sum of squared errors of the probabilities, weight (sampled rows)
+        # Every float64 state is a view into one flat tensor (plus one trash slot at its end), so one index_add_
+        # adds a batch's sums to several states and one collective merges them all; layout in the order of _STORE.
+        #   per_class: support, predicted, correct per class; label_rows: multilabel, valid values per label
+        #   rows: rows counted, rows left out; ranking: multiclass, rows whose true class is among the TOP_K highest
+        #     scores, and the sum of -log p(true class)
+        #   calibration: per confidence bin (torchmetrics' bins: edges linspace(0, 1, 16), 1.0 in a bin of its own) the
+        #     weight, the sum of confidences and the sum of hits; top-label confidence for multiclass (every row), the
+        #     positive-class probability for binary (every row) and multilabel (the sampled values)
+        #   calibration_fine: the same sums in 1,024 fine bins (the equal-mass ECE)
+        #   classwise: p_c against 1[y = c] for every class (binary: 1 - p and p; multilabel: each label), same bins
+        #   moments: weight, sum p, sum p^2 (sampled); brier: weighted sum of squared errors of the probabilities and
+        #     the weight (sampled rows; binary: every row); prob_hist: the true-class probability histogram (see
+        #     true_prob); confusion: C x C up to max_confusion classes
+        shapes = {
+            "per_class": (3, c),
+            "label_rows": (c,),
+            "rows": (2,),
+            "ranking": (2,),
+            "calibration": (3, b),
+            "calibration_fine": (3, FINE_BINS),
+            "classwise": (c, 3, b),
+            "moments": (3, k),
+            "brier": (2,),
+            "prob_hist": (bins + 6,),
+            "confusion": (c, c) if dense else (0, 0),
+        }
+        sizes = [math.prod(shapes[name]) for name in _STORE]
+        self._store = torch.zeros(sum(sizes) + 1, dtype=torch.float64, device=self.device)
+        self._at: dict[str, int] = {}
+        start = 0
+        for name, size in zip(_STORE, sizes, strict=True):
+            self._at[name] = start
+            setattr(self, name, self._store[start : start + size].view(shapes[name]))
+            start += size
+        self._trash = start
         # float32 curve weights: exact integer counts up to 2**24 per bin, half the memory of float64 at 32k classes
         self.curves = torch.zeros(k, 2, thresholds, dtype=torch.float32, device=self.device)
-        self.moments = zeros(3, k)  # weight, sum p, sum p^2 (sampled)
-        dense = task != "multilabel" and c <= max_confusion
-        self.confusion = zeros(c if dense else 0, c if dense else 0)
         self.pairs = ConfusedPairs(c, device=self.device) if task == "multiclass" and not dense else None
-        self.true_prob = FixedHistogram(0.0, 1.0, bins, device=self.device)
+        self._bins = bins
+        self._prob_range = torch.full((2,), float("inf"), dtype=torch.float64, device=self.device)  # min, -max
         self.worst = TopKWorst(worst_k, 5, device=self.device)
         self.seen = 0
         self._steps = 1
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(seed)
+        self._index = self._index_tables(c, k, b, thresholds)
+        self._zero = torch.zeros(1, 1, dtype=torch.float64, device=self.device)  # promotes row values to float64
+
+    def _index_tables(self, c: int, k: int, b: int, t: int) -> dict[str, Tensor]:
+        """Constant device index tables of the updates (built once, on the device: no host-to-device copy)."""
+        at, dev, hist = self._at, self.device, self._at["prob_hist"] + self._bins
+
+        def positions(*values: int) -> Tensor:
+            out = torch.empty(len(values), dtype=torch.long, device=dev)
+            for i, value in enumerate(values):
+                out[i : i + 1].fill_(value)
+            return out
+
+        rows, ranking = at["rows"], at["ranking"]
+        return {
+            # the row sums (multiclass): rows counted, (confidences and hits: trash), -log p(true class), top-k hits
+            "row_sums": positions(rows, self._trash, self._trash, ranking + 1, ranking),
+            "left_out": positions(rows + 1),
+            "rows": positions(rows, rows + 1),
+            "moments": torch.arange(at["moments"], at["moments"] + 3 * k + 2, device=dev),  # then brier
+            "hist_bounds": _histogram_slots(self._bins, dev),
+            "hist_sums": positions(hist + 4, hist + 5),
+            "classes": torch.arange(c, device=dev),
+            "curve_base": torch.arange(k, device=dev)[None, :] * (2 * t),
+            "classwise": classwise_index(torch.zeros(1, c, dtype=torch.long, device=dev), c, b, at["classwise"]),
+            "descending": _descending(c, 3, 1, dev),
+            "chunk": torch.arange(_ARGMAX_CHUNK, device=dev),
+        }
 
     # ---- per batch: device only ------------------------------------------------------------------------------
     def update(self, preds: Tensor, target: Tensor, *, rank: int = 0, world: int = 1, steps: int = 1) -> None:
@@ -239,99 +381,199 @@ class ClassCounts:
             return None, m
         return torch.randint(0, m, (k,), device=self.device, generator=self._generator), k
 
-    def _offer_worst(self, loss: Tensor, columns: list[Tensor], n: int, rank: int, world: int) -> None:
+    def _offer_worst(self, loss: Tensor, columns: Sequence[_Column], n: int, rank: int, world: int) -> None:
         """Offer the rows with the largest ``loss`` (``-inf``: never): top-k first, then only their columns are built.
 
-        ``columns`` are ``(M,)`` tensors ``(true, predicted, probability)``; the sample index and element of each kept
-        row are computed from its position. No host read.
+        ``columns`` are ``(M,)`` tensors ``(true, predicted, probability)`` or callables building those columns for the
+        kept rows ``at``; the sample index and element of each kept row are computed from its position. No host read.
         """
         m = loss.shape[0]
         scores, at = loss.topk(min(self.worst.k, m))
-        index, element = row_index(at, self.seen, max(1, m // max(n, 1)), rank, world)
-        self.worst.update(scores, torch.stack([index, element, *(c[at].double() for c in columns)], dim=1))
+        per_sample = max(1, m // max(n, 1))
+        lead = at if per_sample == 1 else torch.div(at, per_sample, rounding_mode="floor")  # row_index, fewer kernels
+        element = torch.zeros_like(at) if per_sample == 1 else torch.sub(at, lead, alpha=per_sample)
+        index = lead.mul(world).add_(self.seen * world + rank).double()
+        kept = [col(at) if callable(col) else col[at] for col in columns]
+        self.worst.update(scores, torch.stack([index, element, *kept], dim=1))  # float64, as the index is
 
-    def _counts(self, safe: Tensor, pred: Tensor, v: Tensor, m: int) -> None:
-        c = self.num_classes
-        flat = self.per_class.view(-1)
-        flat.index_add_(0, safe, v)
-        flat.index_add_(0, pred + c, v)
-        flat.index_add_(0, safe + 2 * c, v * (pred == safe))
-        counted = v.sum()
-        self.rows += torch.stack([counted, m - counted])
-        if self.confusion.numel():
-            self.confusion.view(-1).index_add_(0, safe * c + pred, v)
-        if self.pairs is not None:
-            self.pairs.update(safe, pred, v * (pred != safe))
-
-    def _valid_labels(self, lab: Tensor) -> tuple[Tensor, Tensor]:
-        valid = (lab >= 0) & (lab < self.num_classes)
-        if self.ignore_index is not None:
+    def _labels(self, lab: Tensor) -> tuple[Tensor, Tensor]:
+        """``(safe, valid)``: labels clamped into ``[0, C)`` (rows left out keep a harmless class) and the rows kept."""
+        safe = lab.clamp(0, self.num_classes - 1)
+        valid = safe == lab
+        if self.ignore_index is not None and 0 <= self.ignore_index < self.num_classes:
             valid &= lab != self.ignore_index
-        return valid, torch.where(valid, lab, torch.zeros_like(lab))
+        return safe, valid
+
+    def _scores(self, x: Tensor, safe: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(top, pred, picked, in_top)`` of ``(M, C)`` rows or ``(A, C, L)`` dense scores (the class dim is 1).
+
+        The maximum, its first index, the true class's score and whether it is among the ``top_k`` highest, each
+        ``(M,)``. Long rows (512 classes or more) find all four from one pass of chunk maxima; elsewhere CUDA takes
+        ``max`` (one kernel for both), the CPU ``amax`` and one comparison (see :func:`first_argmax`).
+        """
+        k = self.top_k
+        if x.ndim == 2:
+            picked = x.gather(1, safe[:, None]).squeeze(1)
+            if x.shape[1] >= 512:
+                chunks = _chunk_maxima(x)
+                top, pred = _max_in_chunks(x, chunks, self._index["chunk"])
+                return top, pred, picked, (_in_top_k_chunks(x, chunks, picked, k) if k else None)
+            top, pred = x.max(1)
+            return top, pred, picked, (_count(x > picked[:, None], 1) < k if k else None)
+        picked = x.gather(1, safe.unsqueeze(1)).squeeze(1)
+        if by_lookup(x):  # the CPU
+            top = x.amax(1)
+            pred = _first_hit(x, 1, top, self._index["descending"])
+        else:
+            top, pred = x.max(1)
+        in_top = (_count(x > picked.unsqueeze(1), 1) < k).view(-1) if k else None
+        return top.view(-1), pred.view(-1), picked.view(-1), in_top
 
     def _update_multiclass(self, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
         d = self.class_dim % x.ndim
         c = self.num_classes
-        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        lab = target.long()
-        valid, safe = self._valid_labels(lab)
-        top = x.amax(dim=d)
-        pred = first_argmax(x, d, top)
-        picked = x.gather(d, safe.unsqueeze(d)).squeeze(d)
-        # top-k: fewer than k classes score strictly above the true one (one comparison pass over the scores)
-        in_top = in_top_k(x, d, picked, self.top_k) if self.top_k else None
+        # bf16/fp16 logits off the CPU stay as they are (maxima and scores are exact; the log-softmax reads them once
+        # in float32); the CPU computes faster on a float32 copy
+        low = x.dtype not in (torch.float32, torch.float64)
+        if low and (self.inputs != "logits" or by_lookup(x)):
+            x, low = x.float(), False
+        lab = target.reshape(-1).long()
+        safe, valid = self._labels(lab)
+        m = lab.shape[0]
+        if d == x.ndim - 1:  # (N, C), (B, T, V): rows
+            scores = x.reshape(-1, c)
+            target_of = safe
+        else:  # (N, C, d1, ...): (A, C, L) with the class dim 1, a view for the usual layouts
+            a = math.prod(x.shape[:d])
+            scores = x.reshape(a, c, m // max(a, 1))
+            target_of = safe.view(a, -1)
+        top, pred, picked, in_top = self._scores(scores, target_of)
         if self.inputs == "logits":
             # the fused cross-entropy is -log p_true; logsumexp follows from it (a separate logsumexp costs 2-3x)
-            rows = x.reshape(-1, c) if d == x.ndim - 1 else x
-            loss = F.cross_entropy(rows, safe.reshape(-1) if d == x.ndim - 1 else safe, reduction="none")
-            log_true = -loss.reshape(picked.shape)
-            log_pred = top - (picked - log_true)
+            if low:
+                nll = F.nll_loss(F.log_softmax(scores, 1, dtype=torch.float32), target_of, reduction="none").reshape(-1)
+            else:
+                nll = F.cross_entropy(scores, target_of, reduction="none").reshape(-1)
+            log_pred = top - (picked + nll)  # log p(top) = top - logsumexp, logsumexp = picked + nll (float32)
+            confidence = log_pred.exp()  # the top-label probability
         elif self.inputs == "log_probabilities":
-            log_true, log_pred = picked, top
+            nll, log_pred, confidence = picked.neg(), top, top.exp()
         else:
-            log_true, log_pred = picked.clamp_min(1e-12).log(), top.clamp_min(1e-12).log()
-        confidence = top.float() if self.inputs == "probabilities" else log_pred.exp()  # the top-label probability
-        flat = [t.reshape(-1) for t in (lab, safe, valid, pred, log_true, log_pred, confidence)]
-        lab, safe, valid, pred, log_true, log_pred, confidence = flat
-        m = lab.shape[0]
-        v = valid.double()
-        self._counts(safe, pred, v, m)
-        nll = torch.where(valid, -log_true, torch.zeros_like(log_true)).double().sum()
-        hits = (in_top.reshape(-1) & valid).double().sum() if in_top is not None else nll * 0
-        self.ranking += torch.stack([hits, nll])
-        self._calibrate(confidence, (pred == safe).double(), v)
-        loss = torch.where(valid, -log_true, torch.full_like(log_true, float("-inf")))
-        self._offer_worst(loss, [lab, pred, log_pred.exp()], n, rank, world)
-        moved = x.movedim(d, -1)  # a view: rows are gathered from it, never copied whole
-        r, k = self._sample(m, c)
-        if r is None:
-            sample, s_safe, s_valid = moved.reshape(-1, c), safe, valid
-        else:
-            sample, s_safe, s_valid = moved[_unravel(r, tuple(moved.shape[:-1]))], safe[r], valid[r]
-        w = s_valid.double() * (m / k)
-        probs = self._probabilities(sample, multiclass=True)
-        positive = s_safe[:, None] == torch.arange(c, device=self.device)  # one_hot reads min() on the CPU
-        add_curve_counts(self.curves, probs, positive, w, self.thresholds)
-        add_classwise(self.classwise, probs, positive, w, self._calibration_edges)  # the sampled values: O(budget)
-        self._moments(probs, w[:, None])
-        p_true = probs.gather(1, s_safe[:, None]).squeeze(1)  # the histogram of the sampled rows
-        squared = probs.double().square().sum(1) - 2 * p_true.double() + 1  # sum over classes of (p - onehot)^2
-        self.brier += torch.stack([(w * squared).sum(), w.sum()])
-        self.true_prob.update(torch.where(s_valid, p_true, torch.full_like(p_true, float("nan"))))
+            nll, log_pred, confidence = picked.clamp_min(1e-12).log().neg_(), top.clamp_min(1e-12).log(), top
+        # every row: support[true], predicted[pred], correct[true] (exact counts in float64); the top-label calibration
+        # bins (weight, confidence, hit); rows counted and left out, the top-k hits and the sum of -log p(true class)
+        columns = [valid, confidence, pred == safe, nll, *([] if in_top is None else [in_top])]
+        per_row = torch.where(valid, torch.stack(columns), self._zero)  # float64, 0 on the rows left out
+        v, hit = per_row[0], per_row[2]
+        self.per_class[::2].index_add_(1, safe, per_row[::2][:2])  # support and correct: weight and hit
+        self.per_class[1].index_add_(0, pred, v)
+        j, fine = calibration_bins(confidence, self._calibration_edges, FINE_BINS, self._windows[1])
+        self.calibration.index_add_(1, j, per_row[:3])
+        self.calibration_fine.index_add_(1, fine, per_row[:3])
+        sums = per_row.sum(1)
+        if self.confusion.numel():
+            self.confusion.view(-1).index_add_(0, torch.add(pred, safe, alpha=c), v)
+        if self.pairs is not None:
+            self.pairs.update(safe, pred, v - hit, checked=True)  # the confused rows weigh 1
+        loss = torch.where(valid, nll, float("-inf"))
+        prob = confidence if self.inputs != "probabilities" else (lambda at: log_pred[at].exp())
+        self._offer_worst(loss, [lab, pred, prob], n, rank, world)
+        # the sampled statistics and the row sums go to the store in one index_add_
+        index = [self._index["row_sums"][: len(columns)], self._index["left_out"]]
+        parts = [sums, m - sums[:1]]
+        self._add_sampled(scores, safe, valid, m, index, parts)
+        self._store.index_add_(0, torch.cat(index), torch.cat(parts))
 
-    def _calibrate(self, confidence: Tensor, hit: Tensor, weight: Tensor) -> None:
-        """Add confidences (float), hits (0/1) and weights, all ``(M,)`` or ``(M, K)``, to the calibration bins."""
-        add_calibration(self.calibration, self.calibration_fine, self._calibration_edges, confidence, hit, weight)
+    def _add_sampled(
+        self, scores: Tensor, safe: Tensor, valid: Tensor, m: int, index: list[Tensor], parts: list[Tensor]
+    ) -> None:
+        """Multiclass statistics of ``rows x classes`` on the budget sample of rows.
+
+        Curves and classwise bins are added here; the moments, the Brier score and the true-class histogram (a few
+        values) are appended to ``index``/``parts``, the caller's update of the store.
+        """
+        c = self.num_classes
+        r, k = self._sample(m, c)
+        if scores.ndim == 2:
+            sample = scores if r is None else scores[r]
+        elif r is None:
+            sample = scores.movedim(1, -1).reshape(-1, c)
+        else:
+            length = scores.shape[2]
+            lead = torch.div(r, length, rounding_mode="floor")
+            sample = scores[lead, :, torch.sub(r, lead, alpha=length)]  # (k, C)
+        s_safe, s_valid = (safe, valid) if r is None else (safe[r], valid[r])
+        w = s_valid.to(torch.float64).mul_(m / max(k, 1))
+        probs = self._probabilities(sample, multiclass=True)
+        positive = s_safe[:, None] == self._index["classes"]  # one_hot reads min() on the CPU
+        self._add_curves(probs, positive, w)
+        # classwise bins of every class (the sampled values: O(budget)): weight, probability, hit sums
+        p64 = probs.double()
+        at = calibration_bin(probs, self._calibration_edges, self._windows[1])[..., None] + self._index["classwise"]
+        self._store.index_add_(0, at.view(-1), bin_sums(p64, positive, w[:, None]).view(-1))
+        # moments (weight, sum p, sum p^2 per class) and the Brier score: sum over classes of (p - onehot)^2
+        moment = w @ torch.cat([p64, p64.square(), (p64 - positive.double()).square()], 1)
+        total = w.sum()
+        index.append(self._index["moments"])
+        parts.append(torch.cat([total.expand(c), moment[: 2 * c], moment[2 * c :].sum()[None], total[None]]))
+        p_true = probs.gather(1, s_safe[:, None]).squeeze(1)
+        self._add_probs(torch.where(s_valid, p_true, float("nan")), index, parts)  # the sampled rows
+
+    def _add_probs(self, p: Tensor, index: list[Tensor], parts: list[Tensor]) -> None:
+        """Count ``(n,)`` probabilities (NaN: a row left out) in the true-class histogram (:attr:`true_prob`).
+
+        One ``bucketize`` over slots ``[-inf | under | bins | over | +inf and NaN]`` gives each value its count's
+        position; the counts and the sums of the finite values are appended to ``index``/``parts`` (the store's
+        update), the minimum and maximum kept apart. No host read.
+        """
+        x = p.double()
+        if x.shape[0] == 0:
+            return
+        finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        sums = self._index["hist_sums"]
+        index += [torch.bucketize(x, self._index["hist_bounds"], right=True).add_(self._at["prob_hist"])]
+        index += [sums[:1].expand_as(x), sums[1:].expand_as(x)]
+        parts += [torch.ones_like(x), finite, finite * finite]
+        inf = math.inf  # the minimum and maximum of the finite values: the others weigh +-inf
+        low = torch.stack([torch.nan_to_num(x, inf, inf, inf), torch.nan_to_num(x, -inf, -inf, -inf).neg_()])
+        torch.minimum(self._prob_range, low.amin(1), out=self._prob_range)
+
+    @property
+    def true_prob(self) -> FixedHistogram:
+        """The histogram of the probability of the true class (multilabel: of each shown value's label).
+
+        ``bins`` bins over ``[0, 1]`` with :class:`~lightning_lossdiag.stats.histogram.FixedHistogram`'s conventions
+        (NaN: rows left out), built from the device counts at each access (epoch end).
+        """
+        b, s = self._bins, self.prob_hist
+        counts = s.round().long()
+        hist = FixedHistogram(0.0, 1.0, b, device=self.device)
+        state = {"counts": counts[2 : b + 2], "underflow": counts[1], "overflow": counts[b + 2]}
+        state.update(nonfinite=counts[0] + counts[b + 3], sum=s[b + 4], sum_squares=s[b + 5])
+        hist.load_state_dict({**state, "min": self._prob_range[0], "max": -self._prob_range[1]})
+        return hist
+
+    def _add_curves(self, probs: Tensor, positive: Tensor, w: Tensor) -> None:
+        """Binned curve weights of ``(k, K)`` sampled probabilities (``w``: ``(k,)`` or ``(k, K)``).
+
+        As in :func:`~lightning_lossdiag.stats.curves.add_curve_counts`, values below the first threshold weigh 0.
+        """
+        t = self.thresholds.shape[0]
+        w = (w[:, None] if w.ndim == 1 else w).float()
+        if by_lookup(probs):
+            j = threshold_bins(probs, self.thresholds, self._windows[0])
+            weight, at = torch.where(j >= 0, w, 0.0), j.clamp_min_(0)
+        else:  # one search over t_1..t_{T-1}: the bin, 0 below t_1 (below t_0 the weight is 0)
+            q = torch.nan_to_num(probs, nan=-1.0)
+            weight, at = torch.where(q >= 0, w, 0.0), torch.bucketize(q, self.thresholds[1:], right=True)
+        at = at.add_(positive, alpha=t).add_(self._index["curve_base"])
+        self.curves.view(-1).index_add_(0, at.view(-1), weight.view(-1))
 
     def _probabilities(self, x: Tensor, *, multiclass: bool) -> Tensor:
         x = x.float()
         if self.inputs == "logits":
             return x.softmax(dim=-1) if multiclass else x.sigmoid()
         return x.exp() if self.inputs == "log_probabilities" else x
-
-    def _moments(self, probs: Tensor, w: Tensor) -> None:
-        p = probs.double()
-        self.moments += torch.stack([w.expand_as(p).sum(0), (w * p).sum(0), (w * p * p).sum(0)])
 
     def _update_binary(self, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
         p = self._probabilities(x.reshape(-1), multiclass=False)
@@ -340,65 +582,97 @@ class ClassCounts:
         valid = (t >= 0) & (t <= 1)
         if self.ignore_index is not None:
             valid &= t != self.ignore_index
-        safe = torch.where(valid, t, torch.zeros_like(t)).round().long()
+        safe = torch.where(valid, t, 0.0).round().long()
         pred = (p > 0.5).long()
-        v = valid.double()
-        self._counts(safe, pred, v, m)
+        v = valid.to(torch.float64)
+        self.per_class[::2].index_add_(1, safe, torch.stack([v, torch.where(pred == safe, v, 0.0)]))
+        self.per_class[1].index_add_(0, pred, v)
+        if self.confusion.numel():
+            self.confusion.view(-1).index_add_(0, torch.add(pred, safe, alpha=2), v)
         p_true = torch.where(safe == 1, p, 1 - p)
-        self.true_prob.update(torch.where(valid, p_true, torch.full_like(p_true, float("nan"))))
-        loss = torch.where(valid, -p_true.clamp_min(1e-12).log(), torch.full_like(p_true, float("-inf")))
+        loss = torch.where(valid, -p_true.clamp_min(1e-12).log(), float("-inf"))
         self._offer_worst(loss, [safe, pred, torch.where(pred == 1, p, 1 - p)], n, rank, world)
-        self._calibrate(p, safe.double(), v)  # binary: the positive-class probability against the label
+        # classwise bins of both classes (1 - p and p against the label, every row); the top-label bins are those of
+        # the positive class (p against the label), so they are taken from them; the fine bins of the same values
         both, labels = torch.stack([1 - p, p], 1), torch.stack([1 - safe, safe], 1)
-        add_classwise(self.classwise, both, labels, v, self._calibration_edges)  # classwise: both classes, every row
-        self.brier += torch.stack([(v * (p.double() - safe.double()).square()).sum(), v.sum()])
+        add_classwise(self.classwise, both, labels, v, self._calibration_edges, self._windows[1])
+        self.calibration.copy_(self.classwise[1])
+        _, fine = calibration_bins(p, self._calibration_edges, FINE_BINS, self._windows[1])
+        self.calibration_fine.index_add_(1, fine, bin_sums(p, safe, v).T)
         r, k = self._sample(m, 1)
         s_p, s_pos, w = (p, safe, v) if r is None else (p[r], safe[r], v[r] * (m / k))
-        add_curve_counts(self.curves, s_p[:, None].contiguous(), s_pos[:, None], w, self.thresholds)
-        self._moments(s_p[:, None], w[:, None])
+        self._add_curves(s_p[:, None], s_pos[:, None], w)
+        sp = s_p.double()
+        counted = v.sum()
+        brier = v @ (p.double() - safe).square()  # every row
+        index = [self._index["moments"], self._index["rows"]]  # moments (sampled), brier; rows counted, left out
+        parts = [torch.stack([w.sum(), w @ sp, w @ sp.square(), brier, counted, counted, m - counted])]
+        self._add_probs(torch.where(valid, p_true, float("nan")), index, parts)
+        self._store.index_add_(0, torch.cat(index), torch.cat(parts))
 
     def _update_multilabel(self, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
         d = self.class_dim % x.ndim
         c = self.num_classes
         xs, ts = x.movedim(d, -1).reshape(-1, c), target.movedim(d, -1).reshape(-1, c)
-        xs, ts = (xs if xs.dtype in (torch.float32, torch.float64) else xs.float()), ts.float()
+        xs = xs if xs.dtype in (torch.float32, torch.float64) else xs.float()
+        ts = ts if ts.is_floating_point() or ts.dtype in (torch.int64, torch.int32) else ts.float()
         m = xs.shape[0]
-        valid = (ts >= 0) & (ts <= 1)
-        if self.ignore_index is not None:
+        # rows x labels: few full-size temporaries, reused in place (on the CPU each fresh one costs page faults)
+        clean = ts.clamp(0, 1)
+        valid = clean == ts  # in [0, 1] (NaN is not)
+        if self.ignore_index is not None and 0 <= self.ignore_index <= 1:
             valid &= ts != self.ignore_index
-        positive = (ts > 0.5) & valid
+        positive = (ts > 0.5).logical_and_(valid)
         pred = (xs > 0.0) if self.inputs == "logits" else (self._probabilities(xs, multiclass=False) > 0.5)
         predicted = pred & valid
-        sums = torch.stack(
-            [_count(positive, 0), _count(predicted, 0), _count(predicted & positive, 0), _count(valid, 0)]
-        )
-        self.per_class += sums[:3]
-        self.label_rows += sums[3]
         per_row = _count(valid, 1)
-        counted = (per_row > 0).sum()
-        self.rows += torch.stack([counted, m - counted])
+        kept = per_row > 0
+        # support, predicted and correct per label, then the valid values per label (label_rows follows per_class)
+        counts = [_count(positive, 0), _count(predicted, 0), _count(pred.logical_and_(positive), 0), _count(valid, 0)]
+        self._store[self._at["per_class"] : self._at["per_class"] + 4 * c].add_(torch.stack(counts).view(-1))
+        counted = kept.sum()
+        # worst rows: the mean binary cross-entropy of each row over its valid labels (every row), torch's formula
+        clean = clean if clean.dtype == xs.dtype else clean.to(xs.dtype)
+        if self.inputs == "logits":  # binary_cross_entropy_with_logits: (1 - y) * x - log(sigmoid(x)), in place
+            bce = clean.neg_().add_(1).mul_(xs).sub_(F.logsigmoid(xs))
+        else:
+            probs = self._probabilities(xs, multiclass=False).clamp(0, 1)
+            bce = F.binary_cross_entropy(probs, clean, reduction="none")
+        row_loss = bce.masked_fill_(~valid, 0.0).sum(1) / per_row.clamp_min(1)
+        loss = torch.where(kept, row_loss, float("-inf"))
+        columns = [lambda at: positive[at].sum(1), lambda at: predicted[at].sum(1), lambda at: (-row_loss[at]).exp()]
+        self._offer_worst(loss, columns, n, rank, world)
+        self._add_labels_sampled(xs, positive, valid, m, torch.stack([counted, m - counted]))
+
+    def _add_labels_sampled(self, xs: Tensor, positive: Tensor, valid: Tensor, m: int, rows: Tensor) -> None:
+        """Multilabel statistics on the budget sample of rows, each label as a binary task.
+
+        Curves, classwise and fine calibration bins, moments, Brier score and the probability histogram; ``rows``
+        (counted, left out) joins their update of the store. The top-label bins are the classwise bins summed over
+        labels (the same values in the same bins), so they are taken from them instead of being counted twice.
+        """
+        c = self.num_classes
         r, k = self._sample(m, c)
-        sample = xs if r is None else xs[r]
+        sample, s_pos, s_valid = (xs, positive, valid) if r is None else (xs[r], positive[r], valid[r])
         probs = self._probabilities(sample, multiclass=False)
-        s_pos, s_valid = (positive, valid) if r is None else (positive[r], valid[r])
-        w = s_valid.to(torch.float64) * (m / k if r is not None else 1.0)
-        add_curve_counts(self.curves, probs, s_pos, w, self.thresholds)
-        self.moments += torch.stack([w.sum(0), (w * probs).sum(0), (w * probs * probs).sum(0)])
-        self._calibrate(probs, s_pos.double(), w)  # each label as a binary task, on the sampled values
-        add_classwise(self.classwise, probs, s_pos, w, self._calibration_edges)
-        self.brier += torch.stack([(w * (probs.double() - s_pos.double()).square()).sum(), w.sum()])
+        w = s_valid.to(torch.float64).mul_(m / max(k, 1))
+        self._add_curves(probs, s_pos, w)
+        j, fine = calibration_bins(probs, self._calibration_edges, FINE_BINS, self._windows[1])
+        sums = bin_sums(probs, s_pos, w)  # (k, C, 3): weight, probability and hit sums of each value
+        self._store.index_add_(0, (j[..., None] + self._index["classwise"]).view(-1), sums.view(-1))
+        self.calibration.copy_(self.classwise.sum(0))
+        self.calibration_fine.scatter_add_(1, fine.view(1, -1).expand(3, -1), sums.view(-1, 3).T)
+        per_label = sums.sum(0)  # (C, 3)
+        squares = (sums[..., 1] * probs).sum(0)  # sum of w p^2 per label
+        # Brier: sum of w (p - y)^2 = w p^2 - 2 w p y + w y for 0/1 labels, from the sums at hand
+        brier = squares.sum() - 2 * (sums[..., 1] * s_pos).sum() + per_label[:, 2].sum()
+        weight = per_label[:, 0]
+        moment = torch.cat([weight, per_label[:, 1], squares, brier[None], weight.sum()[None]])
+        index, parts = [self._index["moments"], self._index["rows"]], [moment, rows]
         shown = max(1, _HISTOGRAM_VALUES // c)  # the probability histogram takes a few of the sampled rows
         p_true = torch.where(s_pos[:shown], probs[:shown], 1 - probs[:shown])
-        self.true_prob.update(torch.where(s_valid[:shown], p_true, torch.full_like(p_true, float("nan"))))
-        # worst rows: the mean binary cross-entropy of each row over its valid labels (every row)
-        clean = ts.clamp(0, 1)
-        if self.inputs == "logits":
-            bce = F.binary_cross_entropy_with_logits(xs, clean, reduction="none")
-        else:
-            bce = F.binary_cross_entropy(self._probabilities(xs, multiclass=False).clamp(0, 1), clean, reduction="none")
-        row_loss = bce.masked_fill_(~valid, 0.0).sum(1) / per_row.clamp_min(1)
-        loss = torch.where(per_row > 0, row_loss, torch.full_like(row_loss, float("-inf")))
-        self._offer_worst(loss, [_count(positive, 1), _count(predicted, 1), (-row_loss).exp()], n, rank, world)
+        self._add_probs(torch.where(s_valid[:shown], p_true, float("nan")).view(-1), index, parts)
+        self._store.index_add_(0, torch.cat(index), torch.cat(parts))
 
     # ---- epoch end (host reads allowed) ----------------------------------------------------------------------
     def merged(self, gather: GatherFn | None = None, world: int = 1) -> ClassCounts:
@@ -406,9 +680,13 @@ class ClassCounts:
         out = copy.copy(self)
         if world <= 1 or gather is None:
             return out
-        for name in _TENSORS:
-            setattr(out, name, gather(getattr(self, name)).sum(0))
-        for name in ("true_prob", "worst", "pairs"):
+        out._store = gather(self._store).reshape(-1, self._store.shape[0]).sum(0)  # every float64 state at once
+        for name in _STORE:
+            view = getattr(self, name)
+            setattr(out, name, out._store[self._at[name] : self._at[name] + view.numel()].view(view.shape))
+        out.curves = gather(self.curves).reshape(-1, *self.curves.shape).sum(0)
+        out._prob_range = gather(self._prob_range).reshape(-1, 2).amin(0)
+        for name in ("worst", "pairs"):
             stat = getattr(self, name)
             if stat is not None:
                 clone = copy.deepcopy(stat)
@@ -418,8 +696,8 @@ class ClassCounts:
 
     def nbytes(self) -> int:
         """Bytes of device state (fixed at construction)."""
-        total = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in _TENSORS)
-        stats: list[Any] = [self.true_prob, self.worst, self.pairs]
+        total = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in (*_TENSORS, "_prob_range"))
+        stats: list[Any] = [self.worst, self.pairs]
         return total + sum(s.state_bytes() for s in stats if s is not None)
 
 

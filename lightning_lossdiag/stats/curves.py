@@ -7,7 +7,7 @@ positive and is not counted. The reverse cumulative sum over ``j`` gives, for ev
 negatives with ``p >= t_j``: torchmetrics' binned rule, so the areas below equal ``binary_auroc``,
 ``multiclass_auroc`` and ``*_average_precision`` with ``thresholds=T`` on the same data.
 
-An update costs ``O(values)`` (one ``bucketize`` and one ``index_add_``), never ``values x thresholds``; the state is
+An update costs ``O(values)`` (one bin lookup and one ``index_add_``), never ``values x thresholds``; the state is
 ``K x 2 x T`` whatever the number of samples. Weights are floating (``ClassCounts`` keeps float32: exact for integer
 counts up to ``2**24`` per bin, half the memory at 32k classes) so a uniform sample of rows can stand for a whole
 batch (each sampled row weighs ``rows / sampled``).
@@ -31,7 +31,14 @@ def curve_thresholds(num_thresholds: int, device: torch.device | str | None = No
     return torch.linspace(0, 1, num_thresholds, device=device)
 
 
-def add_curve_counts(counts: Tensor, probs: Tensor, positive: Tensor, weight: Tensor, thresholds: Tensor) -> None:
+def add_curve_counts(
+    counts: Tensor,
+    probs: Tensor,
+    positive: Tensor,
+    weight: Tensor,
+    thresholds: Tensor,
+    window: tuple[Tensor, Tensor] | None = None,
+) -> None:
     """Add ``(M, K)`` probabilities to ``counts`` ``(K, 2, T)`` in place: row 0 negatives, row 1 positives.
 
     Args:
@@ -40,6 +47,7 @@ def add_curve_counts(counts: Tensor, probs: Tensor, positive: Tensor, weight: Te
         positive: ``(M, K)`` 0/1 labels (any dtype).
         weight: ``(M,)`` or ``(M, K)`` weight of each value (0 for ignored rows).
         thresholds: the ``(T,)`` ascending thresholds.
+        window: :func:`threshold_window` of ``thresholds`` (built here when not given).
 
     Device only, no host read.
 
@@ -51,40 +59,73 @@ def add_curve_counts(counts: Tensor, probs: Tensor, positive: Tensor, weight: Te
         [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]
     """
     k, _, t = counts.shape
-    p = probs.float()
-    j = threshold_bins(p, thresholds)
+    j = threshold_bins(probs.float(), thresholds, window)
     w = weight.to(counts.dtype)
-    if w.ndim == 1:
-        w = w[:, None]
-    w = torch.where(j >= 0, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    flat = j.clamp_min_(0).add_(positive.to(torch.long) * t).add_(_curve_offsets(k, t, p.device))
-    counts.view(-1).index_add_(0, flat.reshape(-1), w.expand_as(p).reshape(-1))
+    w = torch.where(j >= 0, w[:, None] if w.ndim == 1 else w, 0.0)
+    flat = j.clamp_min_(0).add_(positive.to(torch.long), alpha=t).add_(_curve_offsets(k, t, j.device))
+    counts.view(-1).index_add_(0, flat.view(-1), w.view(-1))
 
 
 def _curve_offsets(k: int, t: int, device: torch.device) -> Tensor:
     return (torch.arange(k, device=device) * (2 * t))[None, :]
 
 
-def threshold_bins(p: Tensor, thresholds: Tensor) -> Tensor:
+def threshold_window(thresholds: Tensor) -> tuple[Tensor, Tensor]:
+    """``(low, high)``, ``T + 1`` values each: ``low[j] = t_j`` and ``high[j] = t_{j+1}`` for ``j`` in ``[-1, T - 1]``.
+
+    Index ``-1`` (the last entry) holds ``(-inf, t_0)`` and ``high[T - 1]`` is ``+inf``, so one lookup at a candidate
+    bin ``j`` gives both thresholds around it. Build it once per threshold tensor and pass it to
+    :func:`threshold_bins`.
+
+    Example:
+        >>> [t.tolist() for t in threshold_window(curve_thresholds(3))]
+        [[0.0, 0.5, 1.0, -inf], [0.5, 1.0, inf, 0.0]]
+    """
+    inf = thresholds.new_full((1,), float("inf"))
+    return torch.cat([thresholds, -inf]), torch.cat([thresholds[1:], inf, thresholds[:1]])
+
+
+def threshold_bins(p: Tensor, thresholds: Tensor, window: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Index of the largest threshold ``<= p`` (``-1`` below the first one, and for NaN): torchmetrics' ``p >= t_j``.
 
-    ``thresholds`` must be ``linspace(0, 1, T)`` (:func:`curve_thresholds`). The index is ``floor(p * (T - 1))``,
-    moved by one where float rounding put ``p`` on the other side of the float32 threshold, so it equals
-    ``bucketize(p, thresholds, right=True) - 1`` exactly, at a constant cost (a binary search costs 3-5x more on
-    probabilities spread over ``[0, 1]``, where its branches mispredict).
+    ``thresholds`` must be ``linspace(0, 1, T)`` (:func:`curve_thresholds`); ``window`` is its
+    :func:`threshold_window` (built here when not given). On the CPU the candidate ``j = trunc(p * (T - 1))`` is off by
+    at most one where float rounding (or the truncation of a small negative value) put ``p`` on the other side of the
+    float32 threshold; one lookup of ``t_j`` and ``t_{j+1}`` corrects it (:func:`lookup_bins`), so the result equals
+    ``bucketize(p, thresholds, right=True) - 1`` exactly, at a constant cost (a binary search costs 3-5x more there
+    on probabilities spread over ``[0, 1]``, where its branches mispredict). On other devices, where launching a
+    kernel costs more than its work, ``bucketize`` gives the same bins in one kernel (:data:`LOOKUP_DEVICES`).
 
     Example:
         >>> th = curve_thresholds(11)
         >>> threshold_bins(torch.tensor([0.0, 0.3, 0.29999998, 1.0, 7.0, -0.5, float("nan")]), th).tolist()
         [0, 3, 2, 10, 10, -1, -1]
     """
+    q = torch.nan_to_num(p, nan=-1.0)  # NaN: below every threshold; +-inf: the largest (smallest) float
+    if not by_lookup(q):
+        return torch.bucketize(q, thresholds.to(q.dtype), right=True).sub_(1)
+    return lookup_bins(q, thresholds, window)
+
+
+LOOKUP_DEVICES = frozenset({"cpu"})  # device types where bins are found by arithmetic and a lookup, not a search
+
+
+def by_lookup(t: Tensor) -> bool:
+    """Whether bins of values on ``t``'s device are found by :func:`lookup_bins` (the CPU) or ``bucketize``."""
+    return t.device.type in LOOKUP_DEVICES
+
+
+def lookup_bins(q: Tensor, thresholds: Tensor, window: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """:func:`threshold_bins` of NaN-free ``q`` by arithmetic.
+
+    The candidate ``trunc(q * (T - 1))`` is within one bin of the answer; one lookup of the thresholds on each side of
+    it moves it there.
+    """
     t = thresholds.shape[0]
-    q = torch.nan_to_num(p, nan=-1.0)
-    j = (q * (t - 1)).floor_().clamp_(-1, t - 1).to(torch.long)
-    j -= (thresholds.take(j.clamp(min=0)) > q).to(torch.long)
-    nxt = (j + 1).clamp_(max=t - 1)
-    j += ((thresholds.take(nxt) <= q) & (nxt > j)).to(torch.long)
-    return j.clamp_(min=-1)
+    low, high = window if window is not None else threshold_window(thresholds)
+    j = (q * (t - 1)).clamp_(-1, t - 1).to(torch.long)
+    above_low, above_high = low[j] <= q, high[j] <= q  # both read at the candidate before it moves
+    return j.add_(above_low).add_(above_high).sub_(1)
 
 
 def rates_at_thresholds(counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -152,7 +193,10 @@ def binned_average_precision(counts: Tensor) -> Tensor:
 
 __all__ = [
     "add_curve_counts",
+    "by_lookup",
+    "lookup_bins",
     "threshold_bins",
+    "threshold_window",
     "binned_auroc",
     "binned_average_precision",
     "binned_precision_recall",

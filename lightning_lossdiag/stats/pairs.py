@@ -45,15 +45,19 @@ def _hash_coefficients(depth: int, seed: int, device: torch.device) -> Tensor:
 
 
 def _buckets(true: Tensor, pred: Tensor, coef: Tensor, width: int) -> Tensor:
-    """``(depth, N)`` bucket of every pair in every row (``true``, ``pred`` in ``[0, P)``)."""
+    """``(depth, N)`` bucket of every pair in every row (``true``, ``pred`` in ``[0, 2**26]``).
+
+    ``a * t + c * p + b < 2**58``: the sum is reduced mod ``P`` once, which equals reducing each term first.
+    """
     a, c, b = coef[:, 0:1], coef[:, 1:2], coef[:, 2:3]
-    return ((a * true) % _PRIME + (c * pred) % _PRIME + b) % _PRIME % width
+    return torch.addcmul(b, a, true).addcmul_(c, pred).remainder_(_PRIME).remainder_(width)
 
 
 def _estimates(counts: Tensor, keys: Tensor, coef: Tensor, num_classes: int) -> Tensor:
     """Count-min estimate of every key in ``keys`` (any shape, int64); 0 where the key is -1 (an empty slot)."""
-    flat = keys.reshape(-1).clamp(min=0)
-    idx = _buckets(flat // num_classes, flat % num_classes, coef, counts.shape[1] - 1)
+    flat = keys.reshape(-1)  # an empty slot (-1) hashes to some bucket too (remainder is never negative): masked below
+    true = torch.div(flat, num_classes, rounding_mode="floor")
+    idx = _buckets(true, torch.sub(flat, true, alpha=num_classes), coef, counts.shape[1] - 1)
     est = counts.gather(1, idx).amin(0)
     return torch.where(keys.reshape(-1) >= 0, est, 0.0).reshape(keys.shape)
 
@@ -66,25 +70,42 @@ def _pairs_init(depth: int, width: int, device: torch.device) -> PairsState:
 
 
 def _pairs_update(
-    state: PairsState, true: Tensor, pred: Tensor, weight: Tensor, coef: Tensor, num_classes: int
+    state: PairsState,
+    true: Tensor,
+    pred: Tensor,
+    weight: Tensor,
+    coef: Tensor,
+    num_classes: int,
+    *,
+    checked: bool = False,
 ) -> PairsState:
-    """Pure update: count the pairs with their weights, then let each bucket's heaviest incoming pair claim it."""
+    """Pure update: count the pairs with their weights, then let each bucket's heaviest incoming pair claim it.
+
+    ``checked``: the caller guarantees classes in ``[0, num_classes)`` and a weight of 0 (not NaN) on every row that
+    must not count (correct predictions, ignored rows), so the range and weight masks are not built again.
+    """
     depth, cols = state.counts.shape
     width = cols - 1
-    in_range = (true >= 0) & (true < num_classes) & (pred >= 0) & (pred < num_classes)
-    counted = in_range & (true != pred) & (weight > 0)  # NaN and negative weights are not counted either
-    true, pred = torch.where(counted, true, 0), torch.where(counted, pred, 0)
+    counted = weight > 0  # NaN and negative weights are not counted either
+    if not checked:
+        in_range = (true >= 0) & (true < num_classes) & (pred >= 0) & (pred < num_classes)
+        counted &= in_range & (true != pred)
+        true, pred = torch.where(counted, true, 0), torch.where(counted, pred, 0)
+        weight = torch.where(counted, weight, 0.0)
     idx = torch.where(counted, _buckets(true, pred, coef, width), width)  # (depth, N); trash column when not counted
-    w = torch.where(counted, weight, 0.0).expand(depth, -1)
-    counts = state.counts.scatter_add(1, idx, w)
-    # Candidates: incoming estimate vs the bucket's best incoming estimate and the stored key's estimate.
-    key = true * num_classes + pred
-    est = torch.where(counted, counts.gather(1, idx).amin(0), -1.0).expand(depth, -1)
-    best = torch.full_like(counts, -1.0).scatter_reduce(1, idx, est, "amax")
+    counts = state.counts.scatter_add(1, idx, weight.expand(depth, -1))
+    # Candidates: incoming estimate vs the bucket's best incoming estimate and the stored key's estimate (rows not
+    # counted only ever meet in the trash column, and never win).
+    key = torch.add(pred, true, alpha=num_classes)
+    est = counts.gather(1, idx).amin(0).expand(depth, -1)
+    best = torch.empty_like(counts).scatter_reduce_(1, idx, est, "amax", include_self=False)  # read where scattered
     stored = _estimates(counts, state.keys.gather(1, idx), coef, num_classes)  # only the buckets this batch touches
-    wins = counted & (est == best.gather(1, idx)) & (est >= stored)
-    claim = torch.full_like(state.keys, -1).scatter_reduce(1, idx, torch.where(wins, key, -1), "amax")
-    return PairsState(counts, torch.where(claim >= 0, claim, state.keys))  # the trash column never gets a claim
+    wins = (est == best.gather(1, idx)) & (est >= stored) & counted
+    # the heaviest winner's key claims its bucket (the largest key on a tie); losers go to the trash column, reset
+    at = torch.where(wins, idx, width)
+    keys = state.keys.scatter_reduce(1, at, key.expand(depth, -1), "amax", include_self=False)
+    keys[:, width] = -1
+    return PairsState(counts, keys)
 
 
 def _pairs_reduce(stacked: Sequence[Tensor]) -> PairsState:
@@ -159,7 +180,7 @@ class ConfusedPairs(StreamingStat):
     def _reduce(self, stacked: Sequence[Tensor]) -> PairsState:
         return _pairs_reduce(stacked)
 
-    def update(self, true: Tensor, pred: Tensor, weight: Tensor | None = None) -> None:
+    def update(self, true: Tensor, pred: Tensor, weight: Tensor | None = None, *, checked: bool = False) -> None:
         """Count the confused rows of ``true`` and ``pred`` (1-d integer tensors of equal length). No host read.
 
         Args:
@@ -167,7 +188,14 @@ class ConfusedPairs(StreamingStat):
             pred: predicted classes, ``(N,)``.
             weight: optional floating ``(N,)`` row weights (default 1). Rows with ``true == pred``, a weight that is
                 not > 0, or a class outside ``[0, num_classes)`` (e.g. ``ignore_index``) are not counted.
+            checked: the caller guarantees int64 classes in ``[0, num_classes)`` on this device and a weight of 0 on
+                every row that must not count (``ClassCounts`` does), so fewer kernels run.
         """
+        if checked and weight is not None:
+            self._set_state(
+                _pairs_update(PairsState(*self.state), true, pred, weight, self.coef, self.num_classes, checked=True)
+            )
+            return
         for name, t in (("true", true), ("pred", pred)):
             if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
                 got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
