@@ -109,6 +109,8 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
         values["confidence"] = _div(calibration[1].sum(), calibration[0].sum())
         values["brier"] = _div(counts.brier[0], counts.brier[1])
     fine, classwise = getattr(counts, "calibration_fine", None), getattr(counts, "classwise", None)
+    if fine is not None and counts.task in ("binary", "multilabel"):
+        values["confidence"] = top_label_confidence(fine)  # comparable with the accuracy, as for multiclass
     if fine is not None:
         values["ece_adaptive"] = adaptive_ece(fine)
     if classwise is not None:
@@ -129,6 +131,25 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
     return out
 
 
+def top_label_confidence(fine: Tensor) -> Tensor:
+    """Mean ``max(p, 1 - p)`` from the ``(3, B)`` fine bins of positive-class probabilities (B even: 0.5 is an edge).
+
+    The confidence of a binary decision at threshold 0.5, so that it compares with the accuracy (the positive-class
+    mean would compare with the positive rate). Exact: each fine bin lies on one side of 0.5.
+
+    Example:
+        >>> fine = torch.zeros(3, 4, dtype=torch.float64)
+        >>> fine[:, 0] = torch.tensor([1.0, 0.1, 0.0])  # p = 0.1: confidence 0.9
+        >>> fine[:, 3] = torch.tensor([1.0, 0.8, 1.0])  # p = 0.8: confidence 0.8
+        >>> round(top_label_confidence(fine).item(), 3)
+        0.85
+    """
+    weight, confidence = fine[0], fine[1]
+    half = weight.shape[0] // 2
+    total = confidence[half:].sum() + (weight[:half] - confidence[:half]).sum()
+    return _div(total, weight.sum())
+
+
 def calibration_errors(bins: Tensor) -> dict[str, Tensor]:
     """``ece`` (expected calibration error, L1) and ``mce`` (maximum) from ``(3, B)`` bins: weight, confidence, hits.
 
@@ -145,4 +166,4 @@ def calibration_errors(bins: Tensor) -> dict[str, Tensor]:
     return {"ece": _div((gap * weight).sum(), weight.sum()), "mce": gap.amax()}
 
 
-__all__ = ["NAMES", "calibration_errors", "class_metrics", "stat_scores"]
+__all__ = ["NAMES", "calibration_errors", "class_metrics", "stat_scores", "top_label_confidence"]

@@ -315,3 +315,24 @@ def test_calibration_counts_travel_in_the_checkpoint_of_the_metric_counts():
     names = ["ece", "mce", "ece_adaptive", "ece_classwise", "brier", "confidence"]
     before, after = class_metrics(counts, names), class_metrics(fresh, names)
     assert {k: v.item() for k, v in after.items()} == {k: v.item() for k, v in before.items()}
+
+
+def test_binary_confidence_is_the_decisions_confidence_and_names_the_direction():
+    # balanced labels, probabilities pushed to 0.02 / 0.98, 80 % right: over-confident. The positive-class mean
+    # (~0.5) against the accuracy (0.8) would have called it under-confident.
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    target = (torch.rand(n, generator=g) < 0.5).float()
+    right = torch.rand(n, generator=g) < 0.8
+    says_positive = torch.where(right, target, 1 - target)
+    probs = torch.where(says_positive > 0, torch.tensor(0.98), torch.tensor(0.02))
+    counts = ClassCounts("binary", "probabilities", 2, thresholds=11)
+    counts.update(probs, target)
+    values = {k: v.item() for k, v in class_metrics(counts, ["accuracy", "confidence", "ece"]).items()}
+    assert values["confidence"] == pytest.approx(0.98, abs=1e-6)
+    assert values["accuracy"] == pytest.approx(right.double().mean().item(), abs=1e-9)
+    record = RunRecord()
+    scalars = {f"metrics/val/{k}": v for k, v in values.items()}
+    record.add_scalars(10, {**scalars, "errors/val/samples": float(n)})
+    assert overconfident(record, DoctorConfig())
+    assert not underconfident(record, DoctorConfig())

@@ -1,7 +1,7 @@
 """Rules on calibration: ``overconfident``, ``underconfident``.
 
 Reads the last ``metrics/<stage>/ece`` (15-bin expected calibration error), ``metrics/<stage>/confidence`` (mean
-confidence: the top-label probability for multiclass, the positive-class probability for binary and multilabel),
+confidence of the decisions: the top-label probability for multiclass, ``max(p, 1 - p)`` for binary and multilabel),
 ``metrics/<stage>/accuracy`` and ``errors/<stage>/samples`` of the validation stage (else the test stage).
 
 A perfectly calibrated model still shows an ECE of about ``1.2 / sqrt(N)`` on ``N`` samples with 15 bins (0.12 at
