@@ -10,6 +10,7 @@ and epoch, cached for the other reader) and marks the slot finished; its next ba
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from lightning_lossdiag.stats.classification import ClassCounts
 _ENGINES_ATTR = "lossdiag_class_engines"
 DEFAULT_BUDGET = 2**14
 DEFAULT_MAX_CONFUSION = 32
+_LARGE_BYTES = 2**19  # a step this large is counted alone (no concatenation)
 DEFAULT_BUFFER_BYTES = 8 * 2**20  # held step outputs per slot: a few steps of 1,000-class logits, one 32k-token step
 
 
@@ -57,7 +59,7 @@ class Engine:
     buffer: StepBuffer
     rank: int = 0
     world: int = 1
-    last: tuple[Tensor, Tensor] | None = None
+    last: tuple[weakref.ref[Tensor], weakref.ref[Tensor]] | None = None  # weak: the step's logits die with the step
     finished: bool = False
     version: int = 0
     merged: tuple[int, ClassCounts] | None = None
@@ -65,14 +67,16 @@ class Engine:
 
     def add(self, preds: Tensor, target: Tensor) -> None:
         """Take one step (once, whichever reader comes first); no kernel unless the buffer is full."""
-        if self.last is not None and self.last[0] is preds and self.last[1] is target:
+        if self.last is not None and self.last[0]() is preds and self.last[1]() is target:
             return
         if self.finished:  # first batch of a new epoch of this stage
-            self.counts = _new_counts(self.info, self.config, self.counts.device, self.rank)
-            self.finished, self.merged = False, None
-        self.last = (preds, target)
+            device, self.merged = self.counts.device, None
+            del self.counts  # the last epoch's counts go before the new ones come (no two sets at once)
+            self.counts = _new_counts(self.info, self.config, device, self.rank)
+            self.finished = False
+        self.last = (weakref.ref(preds), weakref.ref(target))
         self.version += 1
-        if self.buffer.add(preds, target) or _large(preds, self.buffer.max_bytes):
+        if self.buffer.add(preds, target) or _large(preds):
             self.drain()  # a large step goes alone: concatenating it would copy more than it saves
 
     def drain(self) -> None:
@@ -125,9 +129,13 @@ def restore_counts(counts: Any, saved: Any) -> None:
             current += value.to(device=current.device, dtype=current.dtype)
 
 
-def _large(preds: Tensor, max_bytes: int) -> bool:
-    """Predictions of at least 1 MiB that fill a quarter of the buffer (storage size: metadata, no host read)."""
-    return preds.untyped_storage().nbytes() >= max(max_bytes // 4, 2**20)
+def _large(preds: Tensor) -> bool:
+    """Predictions of at least 512 KiB (storage size: metadata, no host read), whatever the buffer's size.
+
+    Such a step is counted alone: its update's fixed cost is small next to its values, while a concatenation would
+    copy it (on the CPU into fresh pages).
+    """
+    return preds.untyped_storage().nbytes() >= _LARGE_BYTES
 
 
 def _new_counts(info: TaskInfo, config: EngineConfig, device: torch.device, rank: int) -> ClassCounts:

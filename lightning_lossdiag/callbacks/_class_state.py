@@ -58,7 +58,7 @@ def class_hist_args(counts: list[float]) -> dict[str, Any]:
 def summary_of(view: ClassCounts, max_pairs: int = _PAIRS_KEPT) -> ClassSummary:
     """Host copy of the merged counts as a :class:`ClassSummary` (epoch end: a few host reads of bounded size)."""
     per_class = view.per_class.cpu().numpy()  # epoch end: (3, C) counts to the host
-    curves = view.curves.cpu().double().numpy()  # epoch end: (K, 2, T)
+    curves = view.curves.cpu().numpy()  # epoch end: (K, 2, T) float32 (exact counts; read in float64 per block)
     confusion = view.confusion.cpu().numpy() if view.confusion.numel() else None  # epoch end
     pairs = view.pairs.top(max_pairs) if view.pairs is not None else None  # epoch end
     return ClassSummary(
@@ -95,8 +95,9 @@ class ClassificationState:
         return self.view if self.view is not None else self.engine.view(None)
 
     def finish(self) -> None:
-        """The epoch is written: the engine starts fresh counts at the next step."""
+        """The epoch is written: the engine starts fresh counts at the next step (the merged view is let go)."""
         self.engine.finish()
+        self.view = None
 
     def scalars(self, prefix: str) -> dict[str, Tensor]:
         """Mean per-class std of the probabilities, majority-class prediction share, out-of-range share, samples."""

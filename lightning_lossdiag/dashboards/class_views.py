@@ -68,7 +68,10 @@ class ClassSummary:
             )
         if self.task == "binary" and num != 2:
             raise ValueError(f"a binary task has 2 classes (0 and 1), got {num}")
-        self.pos, self.neg = (np.asarray(a, dtype=np.float64) for a in (self.pos, self.neg))
+        # float32 counts stay float32 (no copy of C x T curves at 32k classes); the AP reads them in float64 blocks
+        self.pos, self.neg = (
+            np.asarray(a, dtype=np.float32 if _is_f32(a) else np.float64) for a in (self.pos, self.neg)
+        )
         curves = 1 if self.task == "binary" else num
         if self.pos.ndim != 2 or self.pos.shape != self.neg.shape or self.pos.shape[0] != curves:
             raise ValueError(
@@ -111,6 +114,17 @@ def _example() -> ClassSummary:
 _AP_BLOCK = 1024  # classes per block of the AP computation
 
 
+def _column_sums(a: np.ndarray) -> np.ndarray:
+    """``a.sum(0)`` in float64, ``_AP_BLOCK`` rows at a time (a float64 copy of 32k x T float32 counts is 26 MB)."""
+    return sum(
+        (a[i : i + _AP_BLOCK].sum(0, dtype=np.float64) for i in range(0, a.shape[0], _AP_BLOCK)), np.zeros(a.shape[1])
+    )
+
+
+def _is_f32(a: Any) -> bool:
+    return getattr(a, "dtype", None) == np.float32
+
+
 def is_small(summary: ClassSummary, max_classes: int) -> bool:
     """Whether the task keeps one view per class (``C <= max_classes``).
 
@@ -133,8 +147,8 @@ def _average_precision(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     if pos.shape[0] > _AP_BLOCK:
         blocks = range(0, pos.shape[0], _AP_BLOCK)
         return np.concatenate([_average_precision(pos[i : i + _AP_BLOCK], neg[i : i + _AP_BLOCK]) for i in blocks])
-    tp = pos[:, ::-1].cumsum(1)[:, ::-1]
-    fp = neg[:, ::-1].cumsum(1)[:, ::-1]
+    tp = pos[:, ::-1].cumsum(1, dtype=np.float64)[:, ::-1]
+    fp = neg[:, ::-1].cumsum(1, dtype=np.float64)[:, ::-1]
     total = tp[:, :1]
     recall = np.divide(tp, total, out=np.zeros_like(tp), where=total > 0)
     precision = np.divide(tp, tp + fp, out=np.ones_like(tp), where=tp + fp > 0)
@@ -248,7 +262,9 @@ def _short(name: str) -> str:
 
 
 def _write_curve(writer: Any, tag: str, step: int, pos: np.ndarray, neg: np.ndarray) -> None:
-    counts = confusion_at_thresholds(torch.as_tensor(pos[None]), torch.as_tensor(neg[None]))  # host arrays
+    counts = confusion_at_thresholds(
+        *(torch.as_tensor(a[None], dtype=torch.float64) for a in (pos, neg))
+    )  # host arrays
     tp, fp, tn, fn = (t[0].numpy() for t in counts)
     writer.add_pr_curve_raw(tag, global_step=step, **pr_curve_raw_args(tp, fp, tn, fn))
 
@@ -340,7 +356,7 @@ def write_class_views(
             image = confusion_matrix_figure(counts, [_short(n) for n in sub_names], title=title)
             writer.add_image(f"{prefix}/confusion_matrix", image, step, dataformats="HWC")
             tags.append(f"{prefix}/confusion_matrix")
-        _write_curve(writer, f"{prefix}/pr_curve/micro", step, s.pos.sum(0), s.neg.sum(0))
+        _write_curve(writer, f"{prefix}/pr_curve/micro", step, _column_sums(s.pos), _column_sums(s.neg))
         curve_tags = [f"{prefix}/pr_curve/worst_{rank:02d}" for rank in range(1, len(worst) + 1)]
         for c, tag in zip(worst, curve_tags, strict=True):
             _write_curve(writer, tag, step, *_curve(s, c))

@@ -72,7 +72,9 @@ def pr_curve_raw_args(tp: Any, fp: Any, tn: Any, fn: Any) -> dict[str, Any]:
 
 def write_pr_curves(writer: Any, prefix: str, pos: np.ndarray, neg: np.ndarray, names: list[str], step: int) -> None:
     """Write one PR curve per class as ``<prefix>/<name>`` from host ``(C, T)`` count arrays."""
-    counts = confusion_at_thresholds(torch.as_tensor(pos), torch.as_tensor(neg))  # host arrays at epoch end
+    counts = confusion_at_thresholds(
+        torch.as_tensor(pos, dtype=torch.float64), torch.as_tensor(neg, dtype=torch.float64)
+    )  # host arrays at epoch end
     tp, fp, tn, fn = (t.numpy() for t in counts)  # already on the host (epoch end): no device read
     for c, name in enumerate(names):
         writer.add_pr_curve_raw(f"{prefix}/{name}", global_step=step, **pr_curve_raw_args(tp[c], fp[c], tn[c], fn[c]))

@@ -115,16 +115,16 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
         values["ece_adaptive"] = adaptive_ece(fine)
     if classwise is not None:
         values["ece_classwise"] = classwise_ece(classwise)
-    blocks = counts.curves.double().split(_BLOCK)  # blocks of classes: temporaries stay small at 32k classes
+    blocks = counts.curves.split(_BLOCK)  # blocks of classes, each in float64 alone: small temporaries at 32k classes
     ranking = getattr(counts, "ranking", None)
     if counts.task == "multiclass" and ranking is not None:
         if getattr(counts, "top_k", 0):
             values["top5_accuracy"] = _div(ranking[0], counts.rows[0])
         values["perplexity"] = torch.exp(_div(ranking[1], counts.rows[0]))
     if "auroc" in names:
-        values["auroc"] = torch.cat([binned_auroc(b) for b in blocks]).mean()
+        values["auroc"] = torch.cat([binned_auroc(b.double()) for b in blocks]).mean()
     if "average_precision" in names:
-        values["average_precision"] = torch.cat([binned_average_precision(b) for b in blocks]).mean()
+        values["average_precision"] = torch.cat([binned_average_precision(b.double()) for b in blocks]).mean()
     for name in names:
         if name in values:
             out[name] = values[name]

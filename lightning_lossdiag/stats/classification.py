@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F  # noqa: N812
 
 from lightning_lossdiag.stats.calibration import (
     FINE_BINS,
@@ -51,11 +50,25 @@ from lightning_lossdiag.stats.curves import by_lookup, curve_thresholds, thresho
 from lightning_lossdiag.stats.distributed import GatherFn
 from lightning_lossdiag.stats.histogram import FixedHistogram, histogram_edges
 from lightning_lossdiag.stats.pairs import ConfusedPairs
+from lightning_lossdiag.stats.row_ops import (
+    ARGMAX_CHUNK,
+    Workspace,
+    chunk_maxima,
+    count_true,
+    descending_weights,
+    first_argmax,
+    first_hit,
+    in_top_k,
+    in_top_k_chunks,
+    max_in_chunks,
+    row_index,
+    row_nll,
+)
 from lightning_lossdiag.stats.topk import TopKWorst
 
 _TASKS = ("binary", "multiclass", "multilabel")
 _INPUTS = ("logits", "probabilities", "log_probabilities")
-_ARGMAX_CHUNK = 64
+_LABEL_VALUES = 2**20  # multilabel: values per piece of the every-value statistics (kept scratch buffers)
 _HISTOGRAM_VALUES = 4096  # multilabel: probabilities per update in the true-label probability histogram
 _CALIBRATION = ("calibration", "calibration_fine", "classwise", "brier")  # top-label, fine, classwise bins; Brier
 _TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking", *_CALIBRATION, "prob_hist")
@@ -79,118 +92,6 @@ CALIBRATION_BINS = 15  # equal-width confidence bins of the calibration error (G
 TOP_K = 5  # top-k accuracy is counted from this many classes on (k = 5 when there are at least 10 classes)
 
 
-def _chunk_maxima(rows: Tensor) -> Tensor:
-    """``(M, ceil(C / 64))`` maxima of the chunks of 64 scores of every row (the last chunk may be shorter)."""
-    m, c = rows.shape
-    b = _ARGMAX_CHUNK
-    full = c - c % b
-    chunks = rows[:, :full].reshape(m, full // b, b).amax(-1)
-    if full < c:
-        chunks = torch.cat([chunks, rows[:, full:].amax(-1, keepdim=True)], 1)
-    return chunks
-
-
-def _max_in_chunks(rows: Tensor, chunks: Tensor, offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The maximum of every row and its first index, given the :func:`_chunk_maxima`.
-
-    The first chunk holding the maximum is searched alone (64 values a row; ``offsets``: ``arange(64)`` on the device).
-    """
-    c = rows.shape[1]
-    top, at = chunks.max(-1)  # the first chunk with the maximum
-    if offsets is None:
-        offsets = torch.arange(_ARGMAX_CHUNK, device=rows.device)
-    columns = torch.add(offsets, at[:, None], alpha=_ARGMAX_CHUNK)
-    inside = rows.gather(1, columns if c % _ARGMAX_CHUNK == 0 else columns.clamp_(max=c - 1))
-    return top, torch.add(inside.argmax(-1), at, alpha=_ARGMAX_CHUNK)
-
-
-def _in_top_k_chunks(rows: Tensor, chunks: Tensor, picked: Tensor, k: int) -> Tensor:
-    """``picked >= `` the k-th largest score of every row: the top k lie in the k chunks with the largest maxima."""
-    m, c = rows.shape
-    b = _ARGMAX_CHUNK
-    full = c - c % b
-    best = chunks[:, : full // b].topk(min(k, full // b), dim=-1).indices  # the chunks that hold the k largest
-    candidates = rows[:, :full].reshape(m, full // b, b).gather(1, best[..., None].expand(-1, -1, b)).reshape(m, -1)
-    if full < c:
-        candidates = torch.cat([candidates, rows[:, full:]], 1)
-    return picked >= candidates.topk(k, dim=-1).values[:, -1]
-
-
-def _first_hit(x: Tensor, dim: int, top: Tensor, weights: Tensor | None = None) -> Tensor:
-    """First index along ``dim`` (not the last) where ``x`` equals ``top = x.amax(dim)``.
-
-    One comparison and an ``amax`` of descending class ``weights`` (:func:`_descending`): the CPU's ``argmax`` over a
-    dim that is not the last costs several times more.
-    """
-    c = x.shape[dim]
-    if weights is None:
-        weights = _descending(c, x.ndim, dim, x.device)
-    hits = x >= top.unsqueeze(dim)  # == where top is the maximum (a comparison the CPU makes faster)
-    hits = hits.view(torch.uint8) if weights.dtype == torch.uint8 else hits
-    return (c - (hits * weights).amax(dim).to(torch.long)).clamp_(max=c - 1)  # a NaN row: the last class
-
-
-def _descending(c: int, ndim: int, dim: int, device: torch.device) -> Tensor:
-    """``c - arange(c)`` in the smallest integer dtype, shaped to broadcast along ``dim`` of an ``ndim`` tensor."""
-    shape = [1] * ndim
-    shape[dim] = c
-    dtype = torch.uint8 if c < 2**8 else torch.int16 if c < 2**15 else torch.int32
-    return (c - torch.arange(c, device=device, dtype=torch.int32)).to(dtype).view(shape)
-
-
-def first_argmax(x: Tensor, dim: int, top: Tensor) -> Tensor:
-    """``x.argmax(dim)`` (first maximum) given ``top = x.amax(dim)``, at a fraction of ``argmax``'s CPU cost.
-
-    torch's CPU ``argmax``/``max`` with indices is several times slower than ``amax``: over a class dim that is not
-    the last one (``(N, C, H, W)``), the first class whose value equals the maximum is found with one comparison and
-    an ``amax`` of descending class weights; over a long last dim (512 classes or more, a 32k vocabulary), the
-    maximum's chunk of 64 is found first and searched alone. Short last dims use ``argmax`` itself. No host read.
-
-    Example:
-        >>> x = torch.tensor([[[1.0, 5.0], [5.0, 2.0]], [[0.0, 5.0], [3.0, 1.0]]])  # (N=2, C=2, L=2)
-        >>> first_argmax(x, 1, x.amax(1)).tolist()
-        [[1, 0], [1, 0]]
-    """
-    c = x.shape[dim]
-    if dim == x.ndim - 1:
-        if c < 512:
-            return x.argmax(dim)
-        rows = x.reshape(-1, c)
-        return _max_in_chunks(rows, _chunk_maxima(rows))[1].reshape(x.shape[:-1])
-    return _first_hit(x, dim, top)
-
-
-def in_top_k(x: Tensor, dim: int, picked: Tensor, k: int) -> Tensor:
-    """Whether fewer than ``k`` scores along ``dim`` are strictly above ``picked`` (the true class is in the top k).
-
-    Over a long last dim (512 classes or more) the k-th largest score is found among the ``k`` chunks of 64 with the
-    largest maxima (the top k values lie in them), so the work is an ``amax`` pass plus ``k x 64`` values a row;
-    otherwise the scores above ``picked`` are counted in bytes. No host read.
-
-    Example:
-        >>> x = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.8, 0.7, 0.6, 0.5]])
-        >>> in_top_k(x, 1, torch.tensor([0.3, 0.5]), 2).tolist()
-        [False, False]
-        >>> in_top_k(x, 1, torch.tensor([0.5, 0.7]), 2).tolist()
-        [True, True]
-    """
-    c = x.shape[dim]
-    if dim != x.ndim - 1 or c < 512:
-        return _count(x > picked.unsqueeze(dim), dim) < k
-    rows = x.reshape(-1, c)
-    return _in_top_k_chunks(rows, _chunk_maxima(rows), picked.reshape(-1), k).reshape(picked.shape)
-
-
-def _count(mask: Tensor, dim: int) -> Tensor:
-    """``mask.sum(dim)`` of a bool tensor without an int64 copy of it.
-
-    Summed as bytes into the smallest integer dtype that holds the count (no copy at all below 256 along ``dim``).
-    """
-    n = mask.shape[dim]
-    dtype = torch.uint8 if n < 2**8 else torch.int16 if n < 2**15 else torch.int32
-    return mask.view(torch.uint8).sum(dim, dtype=dtype)
-
-
 def _histogram_slots(bins: int, device: torch.device) -> Tensor:
     """Boundaries whose ``bucketize(x, right=True)`` is the slot of ``x`` in the staged true-class histogram.
 
@@ -202,12 +103,6 @@ def _histogram_slots(bins: int, device: torch.device) -> Tensor:
     one = torch.ones(1, dtype=torch.float64, device=device)
     low = torch.full((1,), -torch.finfo(torch.float64).max, dtype=torch.float64, device=device)
     return torch.cat([low, edges[:-1], one.nextafter(one + 1), one * math.inf])
-
-
-def row_index(pos: Tensor, seen: int, per_sample: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
-    """Sample index of rows ``pos`` (in the stage's loader order; under DDP the sampler's) and their element."""
-    lead = torch.div(pos, per_sample, rounding_mode="floor")
-    return lead.mul(world).add_(seen * world + rank).double(), torch.sub(pos, lead, alpha=per_sample).double()
 
 
 class ClassCounts:
@@ -330,7 +225,10 @@ class ClassCounts:
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(seed)
         self._index = self._index_tables(c, k, b, thresholds)
-        self._zero = torch.zeros(1, 1, dtype=torch.float64, device=self.device)  # promotes row values to float64
+        self._zero = torch.zeros(1, 1, dtype=torch.float64, device=self.device)
+        self._work = Workspace(
+            self.device
+        )  # multilabel: the full-size temporaries of every update, kept  # promotes row values to float64
 
     def _index_tables(self, c: int, k: int, b: int, t: int) -> dict[str, Tensor]:
         """Constant device index tables of the updates (built once, on the device: no host-to-device copy)."""
@@ -354,8 +252,8 @@ class ClassCounts:
             "classes": torch.arange(c, device=dev),
             "curve_base": torch.arange(k, device=dev)[None, :] * (2 * t),
             "classwise": classwise_index(torch.zeros(1, c, dtype=torch.long, device=dev), c, b, at["classwise"]),
-            "descending": _descending(c, 3, 1, dev),
-            "chunk": torch.arange(_ARGMAX_CHUNK, device=dev),
+            "descending": descending_weights(c, 3, 1, dev),
+            "chunk": torch.arange(ARGMAX_CHUNK, device=dev),
         }
 
     # ---- per batch: device only ------------------------------------------------------------------------------
@@ -381,17 +279,20 @@ class ClassCounts:
             return None, m
         return torch.randint(0, m, (k,), device=self.device, generator=self._generator), k
 
-    def _offer_worst(self, loss: Tensor, columns: Sequence[_Column], n: int, rank: int, world: int) -> None:
+    def _offer_worst(
+        self, loss: Tensor, columns: Sequence[_Column], n: int, rank: int, world: int, start: int = 0, total: int = 0
+    ) -> None:
         """Offer the rows with the largest ``loss`` (``-inf``: never): top-k first, then only their columns are built.
 
         ``columns`` are ``(M,)`` tensors ``(true, predicted, probability)`` or callables building those columns for the
-        kept rows ``at``; the sample index and element of each kept row are computed from its position. No host read.
+        kept rows ``at``; the sample index and element of each kept row are computed from its position (``start``:
+        where these rows begin among the ``total`` rows of the update, when they are a piece of it). No host read.
         """
-        m = loss.shape[0]
-        scores, at = loss.topk(min(self.worst.k, m))
-        per_sample = max(1, m // max(n, 1))
-        lead = at if per_sample == 1 else torch.div(at, per_sample, rounding_mode="floor")  # row_index, fewer kernels
-        element = torch.zeros_like(at) if per_sample == 1 else torch.sub(at, lead, alpha=per_sample)
+        scores, at = loss.topk(min(self.worst.k, loss.shape[0]))
+        per_sample = max(1, max(total, loss.shape[0]) // max(n, 1))
+        pos = at if start == 0 else at + start
+        lead = pos if per_sample == 1 else torch.div(pos, per_sample, rounding_mode="floor")  # row_index, fewer kernels
+        element = torch.zeros_like(pos) if per_sample == 1 else torch.sub(pos, lead, alpha=per_sample)
         index = lead.mul(world).add_(self.seen * world + rank).double()
         kept = [col(at) if callable(col) else col[at] for col in columns]
         self.worst.update(scores, torch.stack([index, element, *kept], dim=1))  # float64, as the index is
@@ -415,18 +316,18 @@ class ClassCounts:
         if x.ndim == 2:
             picked = x.gather(1, safe[:, None]).squeeze(1)
             if x.shape[1] >= 512:
-                chunks = _chunk_maxima(x)
-                top, pred = _max_in_chunks(x, chunks, self._index["chunk"])
-                return top, pred, picked, (_in_top_k_chunks(x, chunks, picked, k) if k else None)
+                chunks = chunk_maxima(x)
+                top, pred = max_in_chunks(x, chunks, self._index["chunk"])
+                return top, pred, picked, (in_top_k_chunks(x, chunks, picked, k) if k else None)
             top, pred = x.max(1)
-            return top, pred, picked, (_count(x > picked[:, None], 1) < k if k else None)
+            return top, pred, picked, (count_true(x > picked[:, None], 1) < k if k else None)
         picked = x.gather(1, safe.unsqueeze(1)).squeeze(1)
         if by_lookup(x):  # the CPU
             top = x.amax(1)
-            pred = _first_hit(x, 1, top, self._index["descending"])
+            pred = first_hit(x, 1, top, self._index["descending"])
         else:
             top, pred = x.max(1)
-        in_top = (_count(x > picked.unsqueeze(1), 1) < k).view(-1) if k else None
+        in_top = (count_true(x > picked.unsqueeze(1), 1) < k).view(-1) if k else None
         return top.view(-1), pred.view(-1), picked.view(-1), in_top
 
     def _update_multiclass(self, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
@@ -450,10 +351,7 @@ class ClassCounts:
         top, pred, picked, in_top = self._scores(scores, target_of)
         if self.inputs == "logits":
             # the fused cross-entropy is -log p_true; logsumexp follows from it (a separate logsumexp costs 2-3x)
-            if low:
-                nll = F.nll_loss(F.log_softmax(scores, 1, dtype=torch.float32), target_of, reduction="none").reshape(-1)
-            else:
-                nll = F.cross_entropy(scores, target_of, reduction="none").reshape(-1)
+            nll = row_nll(scores, target_of, low, self._work)
             log_pred = top - (picked + nll)  # log p(top) = top - logsumexp, logsumexp = picked + nll (float32)
             confidence = log_pred.exp()  # the top-label probability
         elif self.inputs == "log_probabilities":
@@ -614,37 +512,79 @@ class ClassCounts:
         d = self.class_dim % x.ndim
         c = self.num_classes
         xs, ts = x.movedim(d, -1).reshape(-1, c), target.movedim(d, -1).reshape(-1, c)
-        xs = xs if xs.dtype in (torch.float32, torch.float64) else xs.float()
-        ts = ts if ts.is_floating_point() or ts.dtype in (torch.int64, torch.int32) else ts.float()
         m = xs.shape[0]
-        # rows x labels: few full-size temporaries, reused in place (on the CPU each fresh one costs page faults)
-        clean = ts.clamp(0, 1)
-        valid = clean == ts  # in [0, 1] (NaN is not)
-        if self.ignore_index is not None and 0 <= self.ignore_index <= 1:
-            valid &= ts != self.ignore_index
-        positive = (ts > 0.5).logical_and_(valid)
-        pred = (xs > 0.0) if self.inputs == "logits" else (self._probabilities(xs, multiclass=False) > 0.5)
-        predicted = pred & valid
-        per_row = _count(valid, 1)
-        kept = per_row > 0
+        if m == 0:
+            return
+        # every value, in pieces of at most _LABEL_VALUES whose full-size temporaries are kept buffers
+        step = max(1, _LABEL_VALUES // c)
+        pieces = [
+            self._label_piece(xs[a : a + step], ts[a : a + step], n, rank, world, a, m) for a in range(0, m, step)
+        ]
+        counts = pieces[0][0] if len(pieces) == 1 else torch.stack([p[0] for p in pieces]).sum(0)
         # support, predicted and correct per label, then the valid values per label (label_rows follows per_class)
-        counts = [_count(positive, 0), _count(predicted, 0), _count(pred.logical_and_(positive), 0), _count(valid, 0)]
-        self._store[self._at["per_class"] : self._at["per_class"] + 4 * c].add_(torch.stack(counts).view(-1))
-        counted = kept.sum()
+        self._store[self._at["per_class"] : self._at["per_class"] + 4 * c].add_(counts.view(-1))
+        counted = pieces[0][1] if len(pieces) == 1 else torch.stack([p[1] for p in pieces]).sum()
+        self._add_labels_sampled(xs, ts, m, torch.stack([counted, m - counted]))
+
+    def _label_masks(self, t: Tensor, take: Callable[[str, torch.dtype], Tensor] | None = None) -> tuple[Tensor, ...]:
+        """``(clean, valid, positive)`` of float targets: clamped into ``[0, 1]``, kept, kept and above 0.5.
+
+        ``take``: where each full-size result goes (kept scratch buffers), else fresh tensors.
+        """
+
+        def out(name: str, dtype: torch.dtype) -> Tensor | None:
+            return take(name, dtype) if take is not None else None
+
+        clean = torch.clamp(t, 0, 1, out=out("clean", t.dtype))
+        valid = torch.eq(clean, t, out=out("valid", torch.bool))  # in [0, 1] (NaN is not)
+        if self.ignore_index is not None and 0 <= self.ignore_index <= 1:
+            valid.logical_and_(torch.ne(t, self.ignore_index, out=out("scratch", torch.bool)))
+        positive = torch.gt(t, 0.5, out=out("positive", torch.bool)).logical_and_(valid)
+        return clean, valid, positive
+
+    def _label_piece(
+        self, xs: Tensor, ts: Tensor, n: int, rank: int, world: int, start: int, total: int
+    ) -> tuple[Tensor, Tensor]:
+        """Every value of rows ``start:start + len(xs)``: ``(4, C)`` label counts and the rows kept; worst rows offered.
+
+        Each full-size temporary is a kept scratch buffer (:class:`~lightning_lossdiag.stats.row_ops.Workspace`).
+        """
+        shape = tuple(xs.shape)
+        fd = xs.dtype if xs.dtype in (torch.float32, torch.float64) else torch.float32
+
+        def take(name: str, dtype: torch.dtype) -> Tensor:
+            return self._work.take(name, shape, dtype)
+
+        x = xs if xs.dtype == fd else take("x", fd).copy_(xs)
+        t = ts if ts.dtype == fd else take("t", fd).copy_(ts)
+        clean, valid, positive = self._label_masks(t, take)
+        score = x if self.inputs != "log_probabilities" else torch.exp(x, out=take("probs", fd))
+        pred = torch.gt(score, 0.0 if self.inputs == "logits" else 0.5, out=take("pred", torch.bool))
+        predicted = torch.logical_and(pred, valid, out=take("predicted", torch.bool))
+        per_row = count_true(valid, 1)
+        kept = per_row > 0
+        correct = pred.logical_and_(positive)
+        counts = torch.stack([count_true(positive, 0), count_true(predicted, 0), count_true(correct, 0)])
+        counts = torch.cat([counts, count_true(valid, 0)[None]])
         # worst rows: the mean binary cross-entropy of each row over its valid labels (every row), torch's formula
-        clean = clean if clean.dtype == xs.dtype else clean.to(xs.dtype)
-        if self.inputs == "logits":  # binary_cross_entropy_with_logits: (1 - y) * x - log(sigmoid(x)), in place
-            bce = clean.neg_().add_(1).mul_(xs).sub_(F.logsigmoid(xs))
+        if self.inputs == "logits":  # binary_cross_entropy_with_logits: x - y * x - log(sigmoid(x)), in place
+            bce = torch.addcmul(x, clean, x, value=-1, out=clean).sub_(
+                torch.ops.aten.log_sigmoid.out(x, out=take("probs", fd))
+            )
         else:
-            probs = self._probabilities(xs, multiclass=False).clamp(0, 1)
-            bce = F.binary_cross_entropy(probs, clean, reduction="none")
-        row_loss = bce.masked_fill_(~valid, 0.0).sum(1) / per_row.clamp_min(1)
+            # torch's formula, -(y log p + (1 - y) log(1 - p)) with logs clamped at -100, without its range checks
+            probs = torch.clamp(score, 0, 1, out=take("probs", fd))
+            log_p = torch.log(probs, out=take("bce", fd)).clamp_min_(-100)
+            log_q = probs.neg_().log1p_().clamp_min_(-100)
+            bce = log_p.sub_(log_q).mul_(clean).add_(log_q).neg_()
+        row_loss = bce.masked_fill_(torch.logical_not(valid, out=take("scratch", torch.bool)), 0.0).sum(1)
+        row_loss = row_loss.div_(per_row.clamp_min(1))
         loss = torch.where(kept, row_loss, float("-inf"))
         columns = [lambda at: positive[at].sum(1), lambda at: predicted[at].sum(1), lambda at: (-row_loss[at]).exp()]
-        self._offer_worst(loss, columns, n, rank, world)
-        self._add_labels_sampled(xs, positive, valid, m, torch.stack([counted, m - counted]))
+        self._offer_worst(loss, columns, n, rank, world, start, total)
+        return counts, kept.sum()
 
-    def _add_labels_sampled(self, xs: Tensor, positive: Tensor, valid: Tensor, m: int, rows: Tensor) -> None:
+    def _add_labels_sampled(self, xs: Tensor, ts: Tensor, m: int, rows: Tensor) -> None:
         """Multilabel statistics on the budget sample of rows, each label as a binary task.
 
         Curves, classwise and fine calibration bins, moments, Brier score and the probability histogram; ``rows``
@@ -653,7 +593,8 @@ class ClassCounts:
         """
         c = self.num_classes
         r, k = self._sample(m, c)
-        sample, s_pos, s_valid = (xs, positive, valid) if r is None else (xs[r], positive[r], valid[r])
+        sample, s_t = (xs, ts) if r is None else (xs[r], ts[r])
+        _, s_valid, s_pos = self._label_masks(s_t if s_t.dtype == torch.float64 else s_t.float())
         probs = self._probabilities(sample, multiclass=False)
         w = s_valid.to(torch.float64).mul_(m / max(k, 1))
         self._add_curves(probs, s_pos, w)

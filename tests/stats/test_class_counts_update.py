@@ -10,10 +10,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_lossdiag.stats import curves
 from lightning_lossdiag.stats.calibration import calibration_bins, classwise_ece
-from lightning_lossdiag.stats.classification import ClassCounts, _first_hit, first_argmax, in_top_k
+from lightning_lossdiag.stats.classification import ClassCounts
 from lightning_lossdiag.stats.curves import curve_thresholds, threshold_bins
 from lightning_lossdiag.stats.histogram import FixedHistogram
 from lightning_lossdiag.stats.pairs import ConfusedPairs
+from lightning_lossdiag.stats.row_ops import first_argmax, first_hit, in_top_k
 
 COUNTS = ("per_class", "label_rows", "rows", "confusion", "curves", "prob_hist")
 SUMS = ("ranking", "calibration", "calibration_fine", "classwise", "brier", "moments")
@@ -116,7 +117,7 @@ def test_first_argmax_and_top_k_equal_torch_on_ties_and_a_short_last_chunk():
     picked = x.gather(1, torch.randint(0, 1000, (64, 1), generator=g)).squeeze(1)
     assert torch.equal(in_top_k(x, 1, picked, 5), (x > picked[:, None]).sum(1) < 5)
     dense = torch.randn(4, 21, 7, generator=g).round()
-    assert torch.equal(_first_hit(dense, 1, dense.amax(1)), dense.argmax(1))
+    assert torch.equal(first_hit(dense, 1, dense.amax(1)), dense.argmax(1))
 
 
 def test_the_staged_histogram_is_the_fixed_histogram_of_the_same_values():

@@ -1,0 +1,223 @@
+"""Per-row operations of the class engine: maxima and first argmax, top-k membership, row losses, byte counts.
+
+Each finds a per-row value of ``(M, C)`` rows or ``(A, C, L)`` dense scores with few kernels and small temporaries
+(the CPU's ``argmax`` over a dim that is not the last, int64 copies of masks and fresh full-size buffers are what they
+avoid). None reads the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F  # noqa: N812
+
+ARGMAX_CHUNK = 64
+_NLL_VALUES = 2**22  # scores per piece of the row losses (a float32 log-softmax of 16 MiB)
+
+
+def chunk_maxima(rows: Tensor) -> Tensor:
+    """``(M, ceil(C / 64))`` maxima of the chunks of 64 scores of every row (the last chunk may be shorter)."""
+    m, c = rows.shape
+    b = ARGMAX_CHUNK
+    full = c - c % b
+    chunks = rows[:, :full].reshape(m, full // b, b).amax(-1)
+    if full < c:
+        chunks = torch.cat([chunks, rows[:, full:].amax(-1, keepdim=True)], 1)
+    return chunks
+
+
+def max_in_chunks(rows: Tensor, chunks: Tensor, offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The maximum of every row and its first index, given the :func:`chunk_maxima`.
+
+    The first chunk holding the maximum is searched alone (64 values a row; ``offsets``: ``arange(64)`` on the device).
+    """
+    c = rows.shape[1]
+    top, at = chunks.max(-1)  # the first chunk with the maximum
+    if offsets is None:
+        offsets = torch.arange(ARGMAX_CHUNK, device=rows.device)
+    columns = torch.add(offsets, at[:, None], alpha=ARGMAX_CHUNK)
+    inside = rows.gather(1, columns if c % ARGMAX_CHUNK == 0 else columns.clamp_(max=c - 1))
+    return top, torch.add(inside.argmax(-1), at, alpha=ARGMAX_CHUNK)
+
+
+def in_top_k_chunks(rows: Tensor, chunks: Tensor, picked: Tensor, k: int) -> Tensor:
+    """``picked >= `` the k-th largest score of every row: the top k lie in the k chunks with the largest maxima."""
+    m, c = rows.shape
+    b = ARGMAX_CHUNK
+    full = c - c % b
+    best = chunks[:, : full // b].topk(min(k, full // b), dim=-1).indices  # the chunks that hold the k largest
+    candidates = rows[:, :full].reshape(m, full // b, b).gather(1, best[..., None].expand(-1, -1, b)).reshape(m, -1)
+    if full < c:
+        candidates = torch.cat([candidates, rows[:, full:]], 1)
+    return count_true(candidates > picked[:, None], 1) < k  # fewer than k above it (a count: cheaper than a topk)
+
+
+def first_hit(x: Tensor, dim: int, top: Tensor, weights: Tensor | None = None) -> Tensor:
+    """First index along ``dim`` (not the last) where ``x`` equals ``top = x.amax(dim)``.
+
+    One comparison and an ``amax`` of descending class ``weights`` (:func:`descending_weights`): the CPU's
+    ``argmax`` over a dim that is not the last costs several times more.
+    """
+    c = x.shape[dim]
+    if weights is None:
+        weights = descending_weights(c, x.ndim, dim, x.device)
+    hits = x >= top.unsqueeze(dim)  # == where top is the maximum (a comparison the CPU makes faster)
+    hits = hits.view(torch.uint8) if weights.dtype == torch.uint8 else hits
+    return (c - (hits * weights).amax(dim).to(torch.long)).clamp_(max=c - 1)  # a NaN row: the last class
+
+
+def descending_weights(c: int, ndim: int, dim: int, device: torch.device) -> Tensor:
+    """``c - arange(c)`` in the smallest integer dtype, shaped to broadcast along ``dim`` of an ``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[dim] = c
+    dtype = torch.uint8 if c < 2**8 else torch.int16 if c < 2**15 else torch.int32
+    return (c - torch.arange(c, device=device, dtype=torch.int32)).to(dtype).view(shape)
+
+
+def first_argmax(x: Tensor, dim: int, top: Tensor) -> Tensor:
+    """``x.argmax(dim)`` (first maximum) given ``top = x.amax(dim)``, at a fraction of ``argmax``'s CPU cost.
+
+    torch's CPU ``argmax``/``max`` with indices is several times slower than ``amax``: over a class dim that is not
+    the last one (``(N, C, H, W)``), the first class whose value equals the maximum is found with one comparison and
+    an ``amax`` of descending class weights; over a long last dim (512 classes or more, a 32k vocabulary), the
+    maximum's chunk of 64 is found first and searched alone. Short last dims use ``argmax`` itself. No host read.
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 5.0], [5.0, 2.0]], [[0.0, 5.0], [3.0, 1.0]]])  # (N=2, C=2, L=2)
+        >>> first_argmax(x, 1, x.amax(1)).tolist()
+        [[1, 0], [1, 0]]
+    """
+    c = x.shape[dim]
+    if dim == x.ndim - 1:
+        if c < 512:
+            return x.argmax(dim)
+        rows = x.reshape(-1, c)
+        return max_in_chunks(rows, chunk_maxima(rows))[1].reshape(x.shape[:-1])
+    return first_hit(x, dim, top)
+
+
+def in_top_k(x: Tensor, dim: int, picked: Tensor, k: int) -> Tensor:
+    """Whether fewer than ``k`` scores along ``dim`` are strictly above ``picked`` (the true class is in the top k).
+
+    Over a long last dim (512 classes or more) the k-th largest score is found among the ``k`` chunks of 64 with the
+    largest maxima (the top k values lie in them), so the work is an ``amax`` pass plus ``k x 64`` values a row;
+    otherwise the scores above ``picked`` are counted in bytes. No host read.
+
+    Example:
+        >>> x = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.8, 0.7, 0.6, 0.5]])
+        >>> in_top_k(x, 1, torch.tensor([0.3, 0.5]), 2).tolist()
+        [False, False]
+        >>> in_top_k(x, 1, torch.tensor([0.5, 0.7]), 2).tolist()
+        [True, True]
+    """
+    c = x.shape[dim]
+    if dim != x.ndim - 1 or c < 512:
+        return count_true(x > picked.unsqueeze(dim), dim) < k
+    rows = x.reshape(-1, c)
+    return in_top_k_chunks(rows, chunk_maxima(rows), picked.reshape(-1), k).reshape(picked.shape)
+
+
+def row_nll(scores: Tensor, target: Tensor, low: bool, work: Workspace | None = None) -> Tensor:
+    """``-log p(target)`` of every row, ``(M,)`` (targets in range), over pieces of at most ``_NLL_VALUES`` scores.
+
+    The log-softmax is a float32 temporary the size of the scores: in pieces it stays below 16 MiB whatever the
+    vocabulary (a few more kernels on outputs large enough that they do not show), and with ``work`` it is written
+    into a kept buffer (no fresh pages on the CPU). ``low``: bf16/fp16 scores, read once in float32.
+
+    Example:
+        >>> x, t = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+        >>> torch.allclose(row_nll(x, t, False), F.cross_entropy(x, t, reduction="none"))
+        True
+    """
+    dim = 0 if scores.shape[0] > 1 or scores.ndim == 2 else 2  # (M, C) or (A, C, L): rows, else positions
+    pieces = max(1, min(scores.shape[dim], -(-scores.numel() // _NLL_VALUES)))
+    tdim = dim - 1 if dim else 0
+    out = []
+    for x, t in zip(scores.tensor_split(pieces, dim), target.tensor_split(pieces, tdim), strict=True):
+        dtype = torch.float32 if low else x.dtype
+        kept = work is not None and (not low or x.is_cuda)  # half-to-float log-softmax: CUDA only
+        buffer = work.take("log_softmax", tuple(x.shape), dtype) if work is not None and kept else None
+        log_p = torch.ops.aten._log_softmax.out(x, 1, low, out=buffer) if buffer is not None else None
+        if log_p is None:
+            log_p = F.log_softmax(x, 1, dtype=torch.float32) if low else F.log_softmax(x, 1)
+        out.append(log_p.gather(1, t.unsqueeze(1)).squeeze(1).neg_())
+    return (out[0] if pieces == 1 else torch.cat(out, tdim)).reshape(-1)
+
+
+def count_true(mask: Tensor, dim: int) -> Tensor:
+    """``mask.sum(dim)`` of a bool tensor without a wider copy of it (int32 counts).
+
+    Summed as bytes in blocks of 255 along ``dim`` (a byte holds a block's count: no cast, no copy), then the few
+    block counts are added in int32. A cast before the sum would copy the whole mask into a fresh buffer.
+
+    Example:
+        >>> m = torch.rand(600, 3) < 0.5
+        >>> bool((count_true(m, 0) == m.sum(0)).all()), count_true(m, 0).dtype
+        (True, torch.int32)
+    """
+    n = mask.shape[dim]
+    u8 = mask.view(torch.uint8)
+    if n < 2**8:
+        return u8.sum(dim, dtype=torch.uint8).to(torch.int32)
+    full = n - n % 255
+    head = u8.narrow(dim, 0, full)
+    shape = [*head.shape[:dim], full // 255, 255, *head.shape[dim + 1 :]]
+    blocks = head.reshape(shape).sum(dim + 1, dtype=torch.uint8).sum(dim, dtype=torch.int32)
+    return blocks if full == n else blocks + u8.narrow(dim, full, n - full).sum(dim, dtype=torch.uint8)
+
+
+class Workspace:
+    """Scratch buffers kept from one update to the next, one per name, grown when a larger one is asked for.
+
+    On the CPU a fresh multi-megabyte temporary costs page faults on every update (the allocator hands large blocks
+    back to the system); ops that write into a kept buffer (``out=``) do not. Views of the buffers are valid until the
+    next :meth:`take` of the same name.
+
+    Example:
+        >>> ws = Workspace(torch.device("cpu"))
+        >>> a = ws.take("x", (2, 3), torch.float32)
+        >>> b = ws.take("x", (3, 2), torch.float32)
+        >>> a.data_ptr() == b.data_ptr(), ws.nbytes
+        (True, 24)
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A ``shape`` view of the buffer ``name`` (its contents are whatever the last user left)."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < size:
+            buffer = self._buffers[name] = torch.empty(size, dtype=dtype, device=self.device)
+        return buffer[:size].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+def row_index(pos: Tensor, seen: int, per_sample: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """Sample index of rows ``pos`` (in the stage's loader order; under DDP the sampler's) and their element."""
+    lead = torch.div(pos, per_sample, rounding_mode="floor")
+    return lead.mul(world).add_(seen * world + rank).double(), torch.sub(pos, lead, alpha=per_sample).double()
+
+
+__all__ = [
+    "ARGMAX_CHUNK",
+    "chunk_maxima",
+    "count_true",
+    "descending_weights",
+    "first_argmax",
+    "first_hit",
+    "in_top_k",
+    "in_top_k_chunks",
+    "max_in_chunks",
+    "row_index",
+    "row_nll",
+    "Workspace",
+]
