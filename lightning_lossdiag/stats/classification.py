@@ -44,7 +44,6 @@ from lightning_lossdiag.stats.calibration import (
     bin_sums,
     calibration_bin,
     calibration_bins,
-    classwise_index,
 )
 from lightning_lossdiag.stats.curves import by_lookup, curve_thresholds, threshold_bins, threshold_window
 from lightning_lossdiag.stats.distributed import GatherFn
@@ -251,7 +250,7 @@ class ClassCounts:
             "hist_sums": positions(hist + 4, hist + 5),
             "classes": torch.arange(c, device=dev),
             "curve_base": torch.arange(k, device=dev)[None, :] * (2 * t),
-            "classwise": classwise_index(torch.zeros(1, c, dtype=torch.long, device=dev), c, b, at["classwise"]),
+            "classwise": torch.arange(c, device=dev) * (3 * b) + at["classwise"],  # each class's first bin, weight
             "descending": descending_weights(c, 3, 1, dev),
             "chunk": torch.arange(ARGMAX_CHUNK, device=dev),
         }
@@ -407,8 +406,9 @@ class ClassCounts:
         self._add_curves(probs, positive, w)
         # classwise bins of every class (the sampled values: O(budget)): weight, probability, hit sums
         p64 = probs.double()
-        at = calibration_bin(probs, self._calibration_edges, self._windows[1])[..., None] + self._index["classwise"]
-        self._store.index_add_(0, at.view(-1), bin_sums(p64, positive, w[:, None]).view(-1))
+        wk = w[:, None].expand_as(p64)
+        j = calibration_bin(probs, self._calibration_edges, self._windows[1])
+        self._add_classwise(j, (wk, wk * p64, torch.where(positive, wk, 0.0)))
         # moments (weight, sum p, sum p^2 per class) and the Brier score: sum over classes of (p - onehot)^2
         moment = w @ torch.cat([p64, p64.square(), (p64 - positive.double()).square()], 1)
         total = w.sum()
@@ -416,6 +416,16 @@ class ClassCounts:
         parts.append(torch.cat([total.expand(c), moment[: 2 * c], moment[2 * c :].sum()[None], total[None]]))
         p_true = probs.gather(1, s_safe[:, None]).squeeze(1)
         self._add_probs(torch.where(s_valid, p_true, float("nan")), index, parts)  # the sampled rows
+
+    def _add_classwise(self, j: Tensor, sums: Sequence[Tensor]) -> None:
+        """Add ``(k, C)`` weight, probability and hit sums to the classwise bins ``j`` (``(k, C)``, changed in place).
+
+        One index for the three sums (each ``index_add_`` goes through a view of the store shifted by a bin row).
+        """
+        at = j.add_(self._index["classwise"]).view(-1)  # the weight slot of each value's class and bin
+        b = CALIBRATION_BINS + 1
+        for row, values in enumerate(sums):
+            self._store[row * b :].index_add_(0, at, values.reshape(-1))
 
     def _add_probs(self, p: Tensor, index: list[Tensor], parts: list[Tensor]) -> None:
         """Count ``(n,)`` probabilities (NaN: a row left out) in the true-class histogram (:attr:`true_prob`).
@@ -599,16 +609,16 @@ class ClassCounts:
         w = s_valid.to(torch.float64).mul_(m / max(k, 1))
         self._add_curves(probs, s_pos, w)
         j, fine = calibration_bins(probs, self._calibration_edges, FINE_BINS, self._windows[1])
-        sums = bin_sums(probs, s_pos, w)  # (k, C, 3): weight, probability and hit sums of each value
-        self._store.index_add_(0, (j[..., None] + self._index["classwise"]).view(-1), sums.view(-1))
+        sums = (w, w * probs, torch.where(s_pos, w, 0.0))  # (k, C) weight, probability and hit sums of each value
+        self._add_classwise(j, sums)
         self.calibration.copy_(self.classwise.sum(0))
-        self.calibration_fine.scatter_add_(1, fine.view(1, -1).expand(3, -1), sums.view(-1, 3).T)
-        per_label = sums.sum(0)  # (C, 3)
-        squares = (sums[..., 1] * probs).sum(0)  # sum of w p^2 per label
+        for row, values in zip(self.calibration_fine, sums, strict=True):
+            row.index_add_(0, fine.view(-1), values.view(-1))
+        weight, p_sum, hits = (v.sum(0) for v in sums)  # (C,) each
+        squares = (sums[1] * probs).sum(0)  # sum of w p^2 per label
         # Brier: sum of w (p - y)^2 = w p^2 - 2 w p y + w y for 0/1 labels, from the sums at hand
-        brier = squares.sum() - 2 * (sums[..., 1] * s_pos).sum() + per_label[:, 2].sum()
-        weight = per_label[:, 0]
-        moment = torch.cat([weight, per_label[:, 1], squares, brier[None], weight.sum()[None]])
+        brier = squares.sum() - 2 * (sums[1] * s_pos).sum() + hits.sum()
+        moment = torch.cat([weight, p_sum, squares, brier[None], weight.sum()[None]])
         index, parts = [self._index["moments"], self._index["rows"]], [moment, rows]
         shown = max(1, _HISTOGRAM_VALUES // c)  # the probability histogram takes a few of the sampled rows
         p_true = torch.where(s_pos[:shown], probs[:shown], 1 - probs[:shown])
