@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
 ARGMAX_CHUNK = 64
-_NLL_VALUES = 2**22  # scores per piece of the row losses (a float32 log-softmax of 16 MiB)
+_NLL_VALUES = 2**22  # scores per piece of the row losses: a float32 log-softmax of 16 MiB (64 MiB off the CPU)
 
 
 def chunk_maxima(rows: Tensor) -> Tensor:
@@ -123,8 +123,9 @@ def row_nll(scores: Tensor, target: Tensor, low: bool, work: Workspace | None = 
     """``-log p(target)`` of every row, ``(M,)`` (targets in range), over pieces of at most ``_NLL_VALUES`` scores.
 
     The log-softmax is a float32 temporary the size of the scores: in pieces it stays below 16 MiB whatever the
-    vocabulary (a few more kernels on outputs large enough that they do not show), and with ``work`` it is written
-    into a kept buffer (no fresh pages on the CPU). ``low``: bf16/fp16 scores, read once in float32.
+    vocabulary (64 MiB off the CPU, where launches cost more than pages; a few more kernels, on outputs large enough
+    that they do not show), and with ``work`` it is written into a kept buffer (no fresh pages on the CPU). ``low``:
+    bf16/fp16 scores, read once in float32.
 
     Example:
         >>> x, t = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
@@ -132,7 +133,8 @@ def row_nll(scores: Tensor, target: Tensor, low: bool, work: Workspace | None = 
         True
     """
     dim = 0 if scores.shape[0] > 1 or scores.ndim == 2 else 2  # (M, C) or (A, C, L): rows, else positions
-    pieces = max(1, min(scores.shape[dim], -(-scores.numel() // _NLL_VALUES)))
+    limit = _NLL_VALUES if scores.device.type == "cpu" else 4 * _NLL_VALUES  # a caching allocator: fewer launches
+    pieces = max(1, min(scores.shape[dim], -(-scores.numel() // limit)))
     tdim = dim - 1 if dim else 0
     out = []
     for x, t in zip(scores.tensor_split(pieces, dim), target.tensor_split(pieces, tdim), strict=True):
