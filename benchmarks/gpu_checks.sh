@@ -9,6 +9,9 @@
 # installed from .whl/ when that folder exists.
 #
 #     OUT=/tmp/gpu bash benchmarks/gpu_checks.sh [parts, default "tests bench suite scale"]
+#
+# All four parts take up to ~14 min; one device call may run 10. Run "tests bench scale" (~8 min) in one call and
+# "suite" (~5 min) in the next.
 set -u
 OUT=${OUT:-/tmp/lossdiag-gpu}
 mkdir -p "$OUT"
@@ -50,13 +53,13 @@ fi
 if part suite; then
     stamp "whole suite -n 14"
     # -v: each test's verdict is printed as it ends, so a run cut by the timeout still names its failures
-    timeout 200 $PY -m pytest -v -p no:cacheprovider -n 14 --timeout 180 --maxfail 30 >"$OUT/suite.txt" 2>&1
+    timeout 290 $PY -m pytest -v -p no:cacheprovider -n 14 --timeout 240 --maxfail 30 >"$OUT/suite.txt" 2>&1
     echo "rc=$?" >>"$OUT/suite.txt"
     grep -E "FAILED|ERROR|passed|failed|rc=" "$OUT/suite.txt" | tail -25
 fi
 if part scale; then
     stamp "scale.py cuda"
-    timeout 120 $PY benchmarks/scale.py --device cuda --precision bf16-mixed --repeats 1 --configs bare,diag \
+    timeout 150 $PY benchmarks/scale.py --device cuda --precision bf16-mixed --repeats 1 --configs bare,diag \
         --workloads cls1000,tag1000,seg21,lm32k_btv \
         --json "$OUT/scale.json" >"$OUT/scale.txt" 2>&1
     echo "rc=$?" >>"$OUT/scale.txt"

@@ -16,6 +16,11 @@ files the diag run wrote per stage (train, val) and epoch.
     python benchmarks/scale.py --quick --repeats 1              # smoke run with tiny sizes
     python benchmarks/scale.py --device cuda --precision bf16-mixed --json scale.json
     python benchmarks/scale.py --workloads cls1000,lm32k_btv --steps 100
+    python benchmarks/scale.py --workloads lm32k_flat,lm32k_btv --configs bare,diag --live-rss   # memory, steadier
+
+Peak RSS depends on what glibc keeps cached: from one run to the next the same fit's peak moves by tens of MiB.
+``--live-rss`` fixes the allocator's mmap threshold in every run (bare and diag alike), so freed buffers go back to
+the system and the peak follows the bytes alive; page faults then cost both configurations more time a step.
 """
 
 from __future__ import annotations
@@ -261,7 +266,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_child(name: str, config: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     spec = json.dumps({"workload": name, "config": config, "seed": seed, "args": vars(args)})
-    proc = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.live_rss:  # glibc hands every freed buffer of 128 KiB or more back: peak RSS follows the live bytes
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    proc = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT) :])  # type: ignore[no-any-return]
@@ -350,6 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--configs", default="bare,loss,diag", help="configurations run in turn: bare,diag and optionally loss"
     )
+    parser.add_argument(
+        "--live-rss",
+        action="store_true",
+        help="CPU: a fixed glibc mmap threshold in every run (peak RSS follows live bytes, not the allocator cache)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (and 8 steps, 2 val batches): smoke run")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -401,6 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, res in results.items():
         print(row(name, res["shapes"], res["summary"]))
     memory = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS (ru_maxrss) of the process"
+    if args.live_rss and args.device != "cuda":
+        memory += ", glibc mmap threshold fixed at 128 KiB"
     print(
         f"\nTargets (cells that miss are marked{MARK}): per step <= {TARGETS['ratio']:.2f}x bare (ratio of the "
         f"per-step means); epoch end <= +{TARGETS['epoch_s']:.0f} s (validation + epoch-end hooks per epoch, diag - "

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
 ARGMAX_CHUNK = 64
+_KEPT_VALUES = 2**20  # the largest log-softmax written into a kept buffer
 _NLL_VALUES = 2**22  # scores per piece of the row losses: a float32 log-softmax of 16 MiB (64 MiB off the CPU)
 
 
@@ -124,8 +125,8 @@ def row_nll(scores: Tensor, target: Tensor, low: bool, work: Workspace | None = 
 
     The log-softmax is a float32 temporary the size of the scores: in pieces it stays below 16 MiB whatever the
     vocabulary (64 MiB off the CPU, where launches cost more than pages; a few more kernels, on outputs large enough
-    that they do not show), and with ``work`` it is written into a kept buffer (no fresh pages on the CPU). ``low``:
-    bf16/fp16 scores, read once in float32.
+    that they do not show). With ``work``, a piece of up to 1M scores is written into a kept buffer (no fresh pages
+    on the CPU). ``low``: bf16/fp16 scores, read once in float32.
 
     Example:
         >>> x, t = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
@@ -139,7 +140,8 @@ def row_nll(scores: Tensor, target: Tensor, low: bool, work: Workspace | None = 
     out = []
     for x, t in zip(scores.tensor_split(pieces, dim), target.tensor_split(pieces, tdim), strict=True):
         dtype = torch.float32 if low else x.dtype
-        kept = work is not None and (not low or x.is_cuda)  # half-to-float log-softmax: CUDA only
+        # a kept buffer up to 4 MiB (beyond, the compute outweighs the pages); half-to-float log-softmax: CUDA only
+        kept = work is not None and x.numel() <= _KEPT_VALUES and (not low or x.is_cuda)
         buffer = work.take("log_softmax", tuple(x.shape), dtype) if work is not None and kept else None
         log_p = torch.ops.aten._log_softmax.out(x, 1, low, out=buffer) if buffer is not None else None
         if log_p is None:
