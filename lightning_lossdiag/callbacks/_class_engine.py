@@ -25,7 +25,7 @@ from lightning_lossdiag.stats.classification import ClassCounts
 _ENGINES_ATTR = "lossdiag_class_engines"
 DEFAULT_BUDGET = 2**14
 DEFAULT_MAX_CONFUSION = 32
-_LARGE_BYTES = 2**19  # a step this large is counted alone (no concatenation)
+_LARGE_BYTES = 2**19  # on the CPU a step this large is counted alone (no concatenation)
 DEFAULT_BUFFER_BYTES = 8 * 2**20  # held step outputs per slot: a few steps of 1,000-class logits, one 32k-token step
 
 
@@ -76,7 +76,7 @@ class Engine:
             self.finished = False
         self.last = (weakref.ref(preds), weakref.ref(target))
         self.version += 1
-        if self.buffer.add(preds, target) or _large(preds):
+        if self.buffer.add(preds, target) or _large(preds, self.buffer.max_bytes):
             self.drain()  # a large step goes alone: concatenating it would copy more than it saves
 
     def drain(self) -> None:
@@ -129,13 +129,17 @@ def restore_counts(counts: Any, saved: Any) -> None:
             current += value.to(device=current.device, dtype=current.dtype)
 
 
-def _large(preds: Tensor) -> bool:
-    """Predictions of at least 512 KiB (storage size: metadata, no host read), whatever the buffer's size.
+def _large(preds: Tensor, max_bytes: int) -> bool:
+    """A step counted alone (storage size: metadata, no host read); its update's fixed cost is small next to it.
 
-    Such a step is counted alone: its update's fixed cost is small next to its values, while a concatenation would
-    copy it (on the CPU into fresh pages).
+    On the CPU, predictions of 512 KiB or more: a concatenation would copy them into fresh pages, which costs more
+    than the few ops an update adds. Elsewhere, at least 1 MiB and a quarter of the buffer: there an update's cost
+    is its kernel launches, which the concatenation of several steps saves.
     """
-    return preds.untyped_storage().nbytes() >= _LARGE_BYTES
+    nbytes = preds.untyped_storage().nbytes()
+    if preds.device.type == "cpu":
+        return nbytes >= _LARGE_BYTES
+    return nbytes >= max(max_bytes // 4, 2**20)
 
 
 def _new_counts(info: TaskInfo, config: EngineConfig, device: torch.device, rank: int) -> ClassCounts:
