@@ -47,7 +47,8 @@ from lightning_lossdiag.stats.calibration import (
 )
 from lightning_lossdiag.stats.curves import by_lookup, curve_thresholds, threshold_bins, threshold_window
 from lightning_lossdiag.stats.distributed import GatherFn
-from lightning_lossdiag.stats.histogram import FixedHistogram, histogram_edges
+from lightning_lossdiag.stats.histogram import FixedHistogram, stage_values, staged_histogram, staged_slots
+from lightning_lossdiag.stats.label_values import label_masks, label_values
 from lightning_lossdiag.stats.pairs import ConfusedPairs
 from lightning_lossdiag.stats.row_ops import (
     ARGMAX_CHUNK,
@@ -89,19 +90,6 @@ _STORE = (
 _Column = Tensor | Callable[[Tensor], Tensor]  # a worst-rows column, or what builds it for the kept rows
 CALIBRATION_BINS = 15  # equal-width confidence bins of the calibration error (Guo et al. 2017; torchmetrics' default)
 TOP_K = 5  # top-k accuracy is counted from this many classes on (k = 5 when there are at least 10 classes)
-
-
-def _histogram_slots(bins: int, device: torch.device) -> Tensor:
-    """Boundaries whose ``bucketize(x, right=True)`` is the slot of ``x`` in the staged true-class histogram.
-
-    Slot 0 for ``-inf``, 1 below 0, ``2 + i`` in bin ``i`` of ``histogram_edges(0, 1, bins)`` (1.0 in the last bin),
-    ``bins + 2`` above 1, ``bins + 3`` for ``+inf`` and NaN: the bins, underflow, overflow and non-finite counts of
-    :class:`~lightning_lossdiag.stats.histogram.FixedHistogram`.
-    """
-    edges = histogram_edges(0.0, 1.0, bins, device=device)
-    one = torch.ones(1, dtype=torch.float64, device=device)
-    low = torch.full((1,), -torch.finfo(torch.float64).max, dtype=torch.float64, device=device)
-    return torch.cat([low, edges[:-1], one.nextafter(one + 1), one * math.inf])
 
 
 class ClassCounts:
@@ -246,7 +234,7 @@ class ClassCounts:
             "left_out": positions(rows + 1),
             "rows": positions(rows, rows + 1),
             "moments": torch.arange(at["moments"], at["moments"] + 3 * k + 2, device=dev),  # then brier
-            "hist_bounds": _histogram_slots(self._bins, dev),
+            "hist_bounds": staged_slots(self._bins, dev),
             "hist_sums": positions(hist + 4, hist + 5),
             "classes": torch.arange(c, device=dev),
             "curve_base": torch.arange(k, device=dev)[None, :] * (2 * t),
@@ -442,17 +430,11 @@ class ClassCounts:
         position; the counts and the sums of the finite values are appended to ``index``/``parts`` (the store's
         update), the minimum and maximum kept apart. No host read.
         """
-        x = p.double()
-        if x.shape[0] == 0:
-            return
-        finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        sums = self._index["hist_sums"]
-        index += [torch.bucketize(x, self._index["hist_bounds"], right=True).add_(self._at["prob_hist"])]
-        index += [sums[:1].expand_as(x), sums[1:].expand_as(x)]
-        parts += [torch.ones_like(x), finite, finite * finite]
-        inf = math.inf  # the minimum and maximum of the finite values: the others weigh +-inf
-        low = torch.stack([torch.nan_to_num(x, inf, inf, inf), torch.nan_to_num(x, -inf, -inf, -inf).neg_()])
-        torch.minimum(self._prob_range, low.amin(1), out=self._prob_range)
+        offset, sums = self._at["prob_hist"], self._index["hist_sums"]
+        added = stage_values(p, self._index["hist_bounds"], offset, sums, self._prob_range)
+        if added is not None:
+            index += added[0]
+            parts += added[1]
 
     @property
     def true_prob(self) -> FixedHistogram:
@@ -461,13 +443,7 @@ class ClassCounts:
         ``bins`` bins over ``[0, 1]`` with :class:`~lightning_lossdiag.stats.histogram.FixedHistogram`'s conventions
         (NaN: rows left out), built from the device counts at each access (epoch end).
         """
-        b, s = self._bins, self.prob_hist
-        counts = s.round().long()
-        hist = FixedHistogram(0.0, 1.0, b, device=self.device)
-        state = {"counts": counts[2 : b + 2], "underflow": counts[1], "overflow": counts[b + 2]}
-        state.update(nonfinite=counts[0] + counts[b + 3], sum=s[b + 4], sum_squares=s[b + 5])
-        hist.load_state_dict({**state, "min": self._prob_range[0], "max": -self._prob_range[1]})
-        return hist
+        return staged_histogram(self.prob_hist, self._bins, self._prob_range)
 
     def _add_curves(self, probs: Tensor, positive: Tensor, w: Tensor) -> None:
         """Binned curve weights of ``(k, K)`` sampled probabilities (``w``: ``(k,)`` or ``(k, K)``).
@@ -544,22 +520,6 @@ class ClassCounts:
         counted = pieces[0][1] if len(pieces) == 1 else torch.stack([p[1] for p in pieces]).sum()
         self._add_labels_sampled(xs, ts, m, torch.stack([counted, m - counted]))
 
-    def _label_masks(self, t: Tensor, take: Callable[[str, torch.dtype], Tensor] | None = None) -> tuple[Tensor, ...]:
-        """``(clean, valid, positive)`` of float targets: clamped into ``[0, 1]``, kept, kept and above 0.5.
-
-        ``take``: where each full-size result goes (kept scratch buffers), else fresh tensors.
-        """
-
-        def out(name: str, dtype: torch.dtype) -> Tensor | None:
-            return take(name, dtype) if take is not None else None
-
-        clean = torch.clamp(t, 0, 1, out=out("clean", t.dtype))
-        valid = torch.eq(clean, t, out=out("valid", torch.bool))  # in [0, 1] (NaN is not)
-        if self.ignore_index is not None and 0 <= self.ignore_index <= 1:
-            valid.logical_and_(torch.ne(t, self.ignore_index, out=out("scratch", torch.bool)))
-        positive = torch.gt(t, 0.5, out=out("positive", torch.bool)).logical_and_(valid)
-        return clean, valid, positive
-
     def _label_piece(
         self, xs: Tensor, ts: Tensor, n: int, rank: int, world: int, start: int, total: int
     ) -> tuple[Tensor, Tensor]:
@@ -567,40 +527,11 @@ class ClassCounts:
 
         Each full-size temporary is a kept scratch buffer (:class:`~lightning_lossdiag.stats.row_ops.Workspace`).
         """
-        shape = tuple(xs.shape)
-        fd = xs.dtype if xs.dtype in (torch.float32, torch.float64) else torch.float32
-
-        def take(name: str, dtype: torch.dtype) -> Tensor:
-            return self._work.take(name, shape, dtype)
-
-        x = xs if xs.dtype == fd else take("x", fd).copy_(xs)
-        t = ts if ts.dtype == fd else take("t", fd).copy_(ts)
-        clean, valid, positive = self._label_masks(t, take)
-        score = x if self.inputs != "log_probabilities" else torch.exp(x, out=take("probs", fd))
-        pred = torch.gt(score, 0.0 if self.inputs == "logits" else 0.5, out=take("pred", torch.bool))
-        predicted = torch.logical_and(pred, valid, out=take("predicted", torch.bool))
-        per_row = count_true(valid, 1)
-        kept = per_row > 0
-        correct = pred.logical_and_(positive)
-        counts = torch.stack([count_true(positive, 0), count_true(predicted, 0), count_true(correct, 0)])
-        counts = torch.cat([counts, count_true(valid, 0)[None]])
-        # worst rows: the mean binary cross-entropy of each row over its valid labels (every row), torch's formula
-        if self.inputs == "logits":  # binary_cross_entropy_with_logits: x - y * x - log(sigmoid(x)), in place
-            bce = torch.addcmul(x, clean, x, value=-1, out=clean).sub_(
-                torch.ops.aten.log_sigmoid.out(x, out=take("probs", fd))
-            )
-        else:
-            # torch's formula, -(y log p + (1 - y) log(1 - p)) with logs clamped at -100, without its range checks
-            probs = torch.clamp(score, 0, 1, out=take("probs", fd))
-            log_p = torch.log(probs, out=take("bce", fd)).clamp_min_(-100)
-            log_q = probs.neg_().log1p_().clamp_min_(-100)
-            bce = log_p.sub_(log_q).mul_(clean).add_(log_q).neg_()
-        row_loss = bce.masked_fill_(torch.logical_not(valid, out=take("scratch", torch.bool)), 0.0).sum(1)
-        row_loss = row_loss.div_(per_row.clamp_min(1))
-        loss = torch.where(kept, row_loss, float("-inf"))
+        v = label_values(xs, ts, self.inputs, self.ignore_index, self._work)
+        positive, predicted, row_loss = v.positive, v.predicted, v.row_loss
         columns = [lambda at: positive[at].sum(1), lambda at: predicted[at].sum(1), lambda at: (-row_loss[at]).exp()]
-        self._offer_worst(loss, columns, n, rank, world, start, total)
-        return counts, kept.sum()
+        self._offer_worst(torch.where(v.kept, row_loss, float("-inf")), columns, n, rank, world, start, total)
+        return v.counts, v.kept.sum()
 
     def _add_labels_sampled(self, xs: Tensor, ts: Tensor, m: int, rows: Tensor) -> None:
         """Multilabel statistics on the budget sample of rows, each label as a binary task.
@@ -612,7 +543,7 @@ class ClassCounts:
         c = self.num_classes
         r, k = self._sample(m, c)
         sample, s_t = (xs, ts) if r is None else (xs[r], ts[r])
-        _, s_valid, s_pos = self._label_masks(s_t if s_t.dtype == torch.float64 else s_t.float())
+        _, s_valid, s_pos = label_masks(s_t if s_t.dtype == torch.float64 else s_t.float(), self.ignore_index)
         probs = self._probabilities(sample, multiclass=False)
         w = s_valid.to(torch.float64).mul_(m / max(k, 1))
         self._add_curves(probs, s_pos, w)

@@ -251,4 +251,63 @@ def histogram_raw_args(h: FixedHistogram) -> dict[str, Any]:
     }
 
 
-__all__ = ["FixedHistogram", "HistogramState", "histogram_edges", "histogram_raw_args"]
+# ---- a histogram staged in a caller's flat float64 state (slot counts and sums via one index_add_) -------------
+def staged_slots(bins: int, device: torch.device | str | None = None) -> Tensor:
+    """Boundaries whose ``bucketize(x, right=True)`` is the slot of ``x`` in a staged ``[0, 1]`` histogram.
+
+    Slot 0 for ``-inf``, 1 below 0, ``2 + i`` in bin ``i`` of ``histogram_edges(0, 1, bins)`` (1.0 in the last bin),
+    ``bins + 2`` above 1, ``bins + 3`` for ``+inf`` and NaN: the bins, underflow, overflow and non-finite counts of
+    :class:`FixedHistogram`. The staged state is ``bins + 6`` float64 values: these ``bins + 4`` slot counts, then
+    the sum and the sum of squares of the finite values.
+
+    Example:
+        >>> torch.bucketize(torch.tensor([-1.0, 0.0, 0.5, 1.0, 2.0], dtype=torch.float64), staged_slots(2),
+        ...                 right=True).tolist()
+        [1, 2, 3, 3, 4]
+    """
+    edges = histogram_edges(0.0, 1.0, bins, device=device)
+    one = torch.ones(1, dtype=torch.float64, device=edges.device)
+    low = torch.full((1,), -torch.finfo(torch.float64).max, dtype=torch.float64, device=edges.device)
+    return torch.cat([low, edges[:-1], one.nextafter(one + 1), one * math.inf])
+
+
+def stage_values(
+    p: Tensor, bounds: Tensor, offset: int, sums: Tensor, value_range: Tensor
+) -> tuple[list[Tensor], list[Tensor]] | None:
+    """Positions and values that count ``(n,)`` values (NaN: left out) in a staged histogram; ``None`` for none.
+
+    ``bounds``: :func:`staged_slots`; ``offset``: where the staged state starts in the caller's flat state;
+    ``sums``: the ``(2,)`` positions of its sum and sum of squares. The caller adds the returned values at the
+    returned positions (one ``index_add_``). ``value_range`` (``(2,)`` float64: minimum and minus the maximum of the
+    finite values) is updated in place. No host read.
+    """
+    x = p.double()
+    if x.shape[0] == 0:
+        return None
+    finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    index = [torch.bucketize(x, bounds, right=True).add_(offset), sums[:1].expand_as(x), sums[1:].expand_as(x)]
+    inf = math.inf  # the minimum and maximum of the finite values: the others weigh +-inf
+    low = torch.stack([torch.nan_to_num(x, inf, inf, inf), torch.nan_to_num(x, -inf, -inf, -inf).neg_()])
+    torch.minimum(value_range, low.amin(1), out=value_range)
+    return index, [torch.ones_like(x), finite, finite * finite]
+
+
+def staged_histogram(state: Tensor, bins: int, value_range: Tensor) -> FixedHistogram:
+    """The :class:`FixedHistogram` over ``[0, 1]`` of a staged state (see :func:`staged_slots`; epoch end)."""
+    counts = state.round().long()
+    hist = FixedHistogram(0.0, 1.0, bins, device=state.device)
+    fields = {"counts": counts[2 : bins + 2], "underflow": counts[1], "overflow": counts[bins + 2]}
+    fields.update(nonfinite=counts[0] + counts[bins + 3], sum=state[bins + 4], sum_squares=state[bins + 5])
+    hist.load_state_dict({**fields, "min": value_range[0], "max": -value_range[1]})
+    return hist
+
+
+__all__ = [
+    "FixedHistogram",
+    "HistogramState",
+    "histogram_edges",
+    "histogram_raw_args",
+    "stage_values",
+    "staged_histogram",
+    "staged_slots",
+]
