@@ -292,7 +292,8 @@ class MetricCurves(StagedOutputsCallback):
         """Bytes of device tensors held.
 
         Every metric state (fixed by the task and ``thresholds``), plus with ``buffers`` the steps held for a batched
-        update (at most ``buffer_bytes`` plus one step).
+        update (at most ``buffer_bytes`` plus one step) and the class engines' scratch buffers (bounded by the largest
+        piece of an update, see :class:`~lightning_lossdiag.stats.row_ops.Workspace`).
         """
         states = sum(
             t.nbytes
@@ -304,7 +305,8 @@ class MetricCurves(StagedOutputsCallback):
         )
         states += sum(engine.counts.nbytes() for engine in self._engines.values())
         held = [*self._buffers.values(), *(e.buffer for e in self._engines.values())]
-        return states + (sum(buffer.nbytes for buffer in held) if buffers else 0)
+        scratch = sum(engine.counts.scratch_bytes for engine in self._engines.values())
+        return states + (sum(buffer.nbytes for buffer in held) + scratch if buffers else 0)
 
     def _drain_stage(self, stage: str) -> None:
         for slot in self._slots(stage):

@@ -69,6 +69,7 @@ from lightning_lossdiag.stats.topk import TopKWorst
 _TASKS = ("binary", "multiclass", "multilabel")
 _INPUTS = ("logits", "probabilities", "log_probabilities")
 _LABEL_VALUES = 2**20  # multilabel: values per piece of the every-value statistics (kept scratch buffers)
+_KEPT_ROW_VALUES = 2**19  # multiclass: the largest per-row column block kept between updates (float64)
 _HISTOGRAM_VALUES = 4096  # multilabel: probabilities per update in the true-label probability histogram
 _CALIBRATION = ("calibration", "calibration_fine", "classwise", "brier")  # top-label, fine, classwise bins; Brier
 _TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking", *_CALIBRATION, "prob_hist")
@@ -351,7 +352,11 @@ class ClassCounts:
         # float64, 0 on the rows left out. The CPU copies each column into a row of a kept buffer and fills once: a
         # where() over stacked columns of mixed dtypes takes its slow casting path there (~1 ms at 32k pixels)
         if by_lookup(x):
-            per_row = self._work.take("per_row", (len(columns), m), torch.float64)
+            shape = (len(columns), m)
+            kept = math.prod(shape) <= _KEPT_ROW_VALUES  # a kept buffer of at most 4 MiB
+            per_row = (
+                self._work.take("per_row", shape, torch.float64) if kept else torch.empty(shape, dtype=torch.float64)
+            )
             for row, column in zip(per_row, columns, strict=True):
                 row.copy_(column)
             per_row.masked_fill_(valid.logical_not(), 0.0)
@@ -583,6 +588,11 @@ class ClassCounts:
                 clone.sync(gather)
                 setattr(out, name, clone)
         return out
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes of the scratch buffers kept between updates (at most one piece of an update's temporaries)."""
+        return self._work.nbytes
 
     def nbytes(self) -> int:
         """Bytes of device state (fixed at construction)."""

@@ -239,7 +239,7 @@ def test_state_size_does_not_grow_with_samples(tmp_path, task):
     # MetricCurves: fixed-size metric states, plus held steps of at most `buffer_bytes` (8 MiB) and one step
     assert curves_held[0] == curves_held[1]
     assert 0 < curves_held[0] < 512 * 1024
-    assert all(total < DEFAULT_BUFFER_BYTES + 512 * 1024 for total in curves_total)
+    assert all(total < DEFAULT_BUFFER_BYTES + 512 * 1024 for total in curves_total), curves_total
 
 
 class _ValReadProbe(Callback):
