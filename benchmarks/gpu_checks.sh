@@ -58,6 +58,9 @@ if part suite; then
     grep -E "FAILED|ERROR|passed|failed|rc=" "$OUT/suite.txt" | tail -25
 fi
 if part scale; then
+    stamp "update_ops.py cuda"
+    timeout 60 $PY benchmarks/update_ops.py --device cuda >"$OUT/update_ops.txt" 2>&1
+    tail -4 "$OUT/update_ops.txt"
     stamp "scale.py cuda"
     timeout 150 $PY benchmarks/scale.py --device cuda --precision bf16-mixed --repeats 1 --configs bare,diag \
         --workloads cls1000,tag1000,seg21,lm32k_btv \

@@ -1,0 +1,121 @@
+"""Torch ops dispatched by one update of the class engine, by part: where the fixed cost of a hand-over lies.
+
+One ``ClassCounts.update`` runs on a warm state under ``torch.profiler``; every top-level ``aten::`` op is charged to
+the innermost part of the update that called it (each part is wrapped in a ``record_function``). On the CPU of a
+fit each op costs several microseconds whatever its size, and on a GPU each is host time spent launching a kernel,
+so this count, more than the number of values, is what a hand-over costs on small and medium outputs.
+
+    python benchmarks/update_ops.py                      # the three tasks of benchmarks/scale.py's 1,000-class rows
+    python benchmarks/update_ops.py --device cuda        # the same on a GPU (ops, not kernels)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+from typing import Any
+
+import torch
+from torch.profiler import profile, record_function
+
+from lightning_lossdiag.stats import classification, pairs, topk
+
+PARTS = {
+    classification.ClassCounts: (
+        "_scores",
+        "_add_sampled",
+        "_offer_worst",
+        "_add_probs",
+        "_add_curves",
+        "_add_classwise",
+        "_labels",
+        "_label_piece",
+        "_add_labels_sampled",
+    ),
+    pairs.ConfusedPairs: ("update",),
+    topk.TopKWorst: ("update",),
+}
+FUNCTIONS = {classification: ("calibration_bins", "calibration_bin", "row_nll", "label_values")}
+
+
+def _wrap(owner: Any, name: str, label: str) -> None:
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with record_function(label):
+            return fn(*args, **kwargs)
+
+    setattr(owner, name, wrapped)
+
+
+def instrument() -> None:
+    """Wrap every part of an update in a ``record_function`` named after it."""
+    for owner, names in PARTS.items():
+        for name in names:
+            if hasattr(owner, name):
+                _wrap(owner, name, f"{owner.__name__}.{name}")
+    for module, names in FUNCTIONS.items():
+        for name in names:
+            if hasattr(module, name):
+                _wrap(module, name, name)
+
+
+def cases(device: torch.device) -> dict[str, tuple[Any, Any, Any]]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "cls1000 (256, 1000)": (
+            classification.ClassCounts("multiclass", "logits", 1000, device=device),
+            torch.randn(256, 1000, generator=g),
+            torch.randint(0, 1000, (256,), generator=g),
+        ),
+        "tag1000 (256, 1000)": (
+            classification.ClassCounts("multilabel", "logits", 1000, device=device),
+            torch.randn(256, 1000, generator=g),
+            (torch.rand(256, 1000, generator=g) < 0.02).float(),
+        ),
+        "seg21 (8, 21, 64, 64)": (
+            classification.ClassCounts("multiclass", "logits", 21, ignore_index=255, device=device),
+            torch.randn(8, 21, 64, 64, generator=g),
+            torch.randint(0, 21, (8, 64, 64), generator=g),
+        ),
+    }
+
+
+def count(counts: Any, preds: torch.Tensor, target: torch.Tensor) -> collections.Counter[str]:
+    """Top-level ``aten::`` ops of one update (after three warm-up updates), keyed by the innermost part."""
+    for _ in range(3):
+        counts.update(preds, target)
+    with profile() as prof:
+        counts.update(preds, target)
+    charged: collections.Counter[str] = collections.Counter()
+    for event in prof.events():
+        parent = event.cpu_parent
+        if not event.name.startswith("aten::") or (parent is not None and parent.name.startswith("aten::")):
+            continue
+        label = "update itself"
+        while parent is not None:
+            if not parent.name.startswith("aten::"):
+                label = parent.name
+                break
+            parent = parent.cpu_parent
+        charged[label] += 1
+    return charged
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    instrument()
+    print(f"torch {torch.__version__}, device {device}; top-level aten ops of one ClassCounts.update")
+    for name, (counts, preds, target) in cases(device).items():
+        charged = count(counts, preds.to(device), target.to(device))
+        parts = ", ".join(f"{label} {n}" for label, n in charged.most_common())
+        print(f"{name}: {sum(charged.values())} ops ({parts})")
+
+
+if __name__ == "__main__":
+    main()
