@@ -5,7 +5,7 @@ the innermost part of the update that called it (each part is wrapped in a ``rec
 fit each op costs several microseconds whatever its size, and on a GPU each is host time spent launching a kernel,
 so this count, more than the number of values, is what a hand-over costs on small and medium outputs.
 
-    python benchmarks/update_ops.py                      # the three tasks of benchmarks/scale.py's 1,000-class rows
+    python benchmarks/update_ops.py                      # cls1000, tag1000 and seg21 of benchmarks/scale.py
     python benchmarks/update_ops.py --device cuda        # the same on a GPU (ops, not kernels)
 """
 
@@ -62,21 +62,21 @@ def instrument() -> None:
                 _wrap(module, name, name)
 
 
-def cases(device: torch.device) -> dict[str, tuple[Any, Any, Any]]:
+def cases(device: torch.device, views: bool) -> dict[str, tuple[Any, Any, Any]]:
     g = torch.Generator().manual_seed(0)
     return {
         "cls1000 (256, 1000)": (
-            classification.ClassCounts("multiclass", "logits", 1000, device=device),
+            classification.ClassCounts("multiclass", "logits", 1000, device=device, views=views),
             torch.randn(256, 1000, generator=g),
             torch.randint(0, 1000, (256,), generator=g),
         ),
         "tag1000 (256, 1000)": (
-            classification.ClassCounts("multilabel", "logits", 1000, device=device),
+            classification.ClassCounts("multilabel", "logits", 1000, device=device, views=views),
             torch.randn(256, 1000, generator=g),
             (torch.rand(256, 1000, generator=g) < 0.02).float(),
         ),
         "seg21 (8, 21, 64, 64)": (
-            classification.ClassCounts("multiclass", "logits", 21, ignore_index=255, device=device),
+            classification.ClassCounts("multiclass", "logits", 21, ignore_index=255, device=device, views=views),
             torch.randn(8, 21, 64, 64, generator=g),
             torch.randint(0, 21, (8, 64, 64), generator=g),
         ),
@@ -107,14 +107,21 @@ def count(counts: Any, preds: torch.Tensor, target: torch.Tensor) -> collections
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--views",
+        default="both",
+        choices=["on", "off", "both"],
+        help="with the error views' statistics (a slot ErrorDistributionMonitor reads), without (MetricCurves only)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     instrument()
     print(f"torch {torch.__version__}, device {device}; top-level aten ops of one ClassCounts.update")
-    for name, (counts, preds, target) in cases(device).items():
-        charged = count(counts, preds.to(device), target.to(device))
-        parts = ", ".join(f"{label} {n}" for label, n in charged.most_common())
-        print(f"{name}: {sum(charged.values())} ops ({parts})")
+    for views in {"on": [True], "off": [False], "both": [True, False]}[args.views]:
+        for name, (counts, preds, target) in cases(device, views).items():
+            charged = count(counts, preds.to(device), target.to(device))
+            parts = ", ".join(f"{label} {n}" for label, n in charged.most_common())
+            print(f"{name}, views {'on' if views else 'off'}: {sum(charged.values())} ops ({parts})")
 
 
 if __name__ == "__main__":

@@ -248,7 +248,7 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
                 gather = make_gather(trainer, pl_module)
                 self._ranges[slot] = regression_ranges(aligned, target, self.target_bins, self.residual_range, gather)
         else:
-            config = EngineConfig(self.thresholds, self.budget, self.max_classes, self.bins, self.worst_k)
+            config = EngineConfig(self.thresholds, self.budget, self.max_classes, self.bins, self.worst_k, True)
             steps = int(getattr(trainer, "log_every_n_steps", 0) or 50)
             self._engines[slot] = engine_for(trainer, slot, info, config, preds.device, steps, DEFAULT_BUFFER_BYTES)
         self._states[slot] = self._make_state(slot, preds.device, int(trainer.global_rank))

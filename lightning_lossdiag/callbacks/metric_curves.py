@@ -274,6 +274,7 @@ class MetricCurves(StagedOutputsCallback):
         engine = self._engines.get(slot)
         if engine is not None:
             restore_counts(engine.counts, saved.get("counts"))
+            engine.drained += 1  # restored counts are counts: never rebuilt from scratch
             return
         for name, metric in self._stage_metrics(slot).items():
             if name in saved:

@@ -145,6 +145,7 @@ class ClassCounts:
         worst_k: int = 20,
         device: torch.device | str | None = None,
         seed: int = 0,
+        views: bool = True,
     ) -> None:
         if task not in _TASKS:
             raise ValueError(f"`task` must be one of {_TASKS}, got {task!r}")
@@ -162,7 +163,8 @@ class ClassCounts:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         c, k = num_classes, (1 if task == "binary" else num_classes)
         b = CALIBRATION_BINS + 1
-        dense = task != "multilabel" and c <= max_confusion
+        self.views = views  # the error views' statistics: confusion or pairs, worst rows, probability histogram
+        dense = views and task != "multilabel" and c <= max_confusion
         self.thresholds = curve_thresholds(thresholds, self.device)
         self._calibration_edges = curve_thresholds(b, self.device)
         self._windows = (threshold_window(self.thresholds), threshold_window(self._calibration_edges))
@@ -204,7 +206,8 @@ class ClassCounts:
         self._trash = start
         # float32 curve weights: exact integer counts up to 2**24 per bin, half the memory of float64 at 32k classes
         self.curves = torch.zeros(k, 2, thresholds, dtype=torch.float32, device=self.device)
-        self.pairs = ConfusedPairs(c, device=self.device) if task == "multiclass" and not dense else None
+        many = views and task == "multiclass" and c > max_confusion
+        self.pairs = ConfusedPairs(c, device=self.device) if many else None
         self._bins = bins
         self._prob_range = torch.full((2,), float("inf"), dtype=torch.float64, device=self.device)  # min, -max
         self.worst = TopKWorst(worst_k, 5, device=self.device)
@@ -373,9 +376,10 @@ class ClassCounts:
             self.confusion.view(-1).index_add_(0, torch.add(pred, safe, alpha=c), v)
         if self.pairs is not None:
             self.pairs.update(safe, pred, v - hit, checked=True)  # the confused rows weigh 1
-        loss = torch.where(valid, nll, float("-inf"))
-        prob = confidence if self.inputs != "probabilities" else (lambda at: log_pred[at].exp())
-        self._offer_worst(loss, [lab, pred, prob], n, rank, world)
+        if self.views:
+            loss = torch.where(valid, nll, float("-inf"))
+            prob = confidence if self.inputs != "probabilities" else (lambda at: log_pred[at].exp())
+            self._offer_worst(loss, [lab, pred, prob], n, rank, world)
         # the sampled statistics and the row sums go to the store in one index_add_
         index = [self._index["row_sums"][: len(columns)], self._index["left_out"]]
         parts = [sums, m - sums[:1]]
@@ -415,8 +419,9 @@ class ClassCounts:
         total = w.sum()
         index.append(self._index["moments"])
         parts.append(torch.cat([total.expand(c), moment[: 2 * c], moment[2 * c :].sum()[None], total[None]]))
-        p_true = probs.gather(1, s_safe[:, None]).squeeze(1)
-        self._add_probs(torch.where(s_valid, p_true, float("nan")), index, parts)  # the sampled rows
+        if self.views:
+            p_true = probs.gather(1, s_safe[:, None]).squeeze(1)
+            self._add_probs(torch.where(s_valid, p_true, float("nan")), index, parts)  # the sampled rows
 
     def _add_classwise(self, j: Tensor, sums: Sequence[Tensor]) -> None:
         """Add ``(k, C)`` weight, probability and hit sums to the classwise bins ``j`` (``(k, C)``, changed in place).
@@ -487,8 +492,9 @@ class ClassCounts:
         if self.confusion.numel():
             self.confusion.view(-1).index_add_(0, torch.add(pred, safe, alpha=2), v)
         p_true = torch.where(safe == 1, p, 1 - p)
-        loss = torch.where(valid, -p_true.clamp_min(1e-12).log(), float("-inf"))
-        self._offer_worst(loss, [safe, pred, torch.where(pred == 1, p, 1 - p)], n, rank, world)
+        if self.views:
+            loss = torch.where(valid, -p_true.clamp_min(1e-12).log(), float("-inf"))
+            self._offer_worst(loss, [safe, pred, torch.where(pred == 1, p, 1 - p)], n, rank, world)
         # classwise bins of both classes (1 - p and p against the label, every row); the top-label bins are those of
         # the positive class (p against the label), so they are taken from them; the fine bins of the same values
         both, labels = torch.stack([1 - p, p], 1), torch.stack([1 - safe, safe], 1)
@@ -504,7 +510,8 @@ class ClassCounts:
         brier = v @ (p.double() - safe).square()  # every row
         index = [self._index["moments"], self._index["rows"]]  # moments (sampled), brier; rows counted, left out
         parts = [torch.stack([w.sum(), w @ sp, w @ sp.square(), brier, counted, counted, m - counted])]
-        self._add_probs(torch.where(valid, p_true, float("nan")), index, parts)
+        if self.views:
+            self._add_probs(torch.where(valid, p_true, float("nan")), index, parts)
         self._store.index_add_(0, torch.cat(index), torch.cat(parts))
 
     def _update_multilabel(self, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
@@ -532,10 +539,15 @@ class ClassCounts:
 
         Each full-size temporary is a kept scratch buffer (:class:`~lightning_lossdiag.stats.row_ops.Workspace`).
         """
-        v = label_values(xs, ts, self.inputs, self.ignore_index, self._work)
+        v = label_values(xs, ts, self.inputs, self.ignore_index, self._work, losses=self.views)
         positive, predicted, row_loss = v.positive, v.predicted, v.row_loss
-        columns = [lambda at: positive[at].sum(1), lambda at: predicted[at].sum(1), lambda at: (-row_loss[at]).exp()]
-        self._offer_worst(torch.where(v.kept, row_loss, float("-inf")), columns, n, rank, world, start, total)
+        if row_loss is not None:  # the worst rows (error views only)
+            columns = [
+                lambda at: positive[at].sum(1),
+                lambda at: predicted[at].sum(1),
+                lambda at: (-row_loss[at]).exp(),
+            ]
+            self._offer_worst(torch.where(v.kept, row_loss, float("-inf")), columns, n, rank, world, start, total)
         return v.counts, v.kept.sum()
 
     def _add_labels_sampled(self, xs: Tensor, ts: Tensor, m: int, rows: Tensor) -> None:
@@ -564,9 +576,10 @@ class ClassCounts:
         brier = squares.sum() - 2 * (sums[1] * s_pos).sum() + hits.sum()
         moment = torch.cat([weight, p_sum, squares, brier[None], weight.sum()[None]])
         index, parts = [self._index["moments"], self._index["rows"]], [moment, rows]
-        shown = max(1, _HISTOGRAM_VALUES // c)  # the probability histogram takes a few of the sampled rows
-        p_true = torch.where(s_pos[:shown], probs[:shown], 1 - probs[:shown])
-        self._add_probs(torch.where(s_valid[:shown], p_true, float("nan")).view(-1), index, parts)
+        if self.views:
+            shown = max(1, _HISTOGRAM_VALUES // c)  # the probability histogram takes a few of the sampled rows
+            p_true = torch.where(s_pos[:shown], probs[:shown], 1 - probs[:shown])
+            self._add_probs(torch.where(s_valid[:shown], p_true, float("nan")).view(-1), index, parts)
         self._store.index_add_(0, torch.cat(index), torch.cat(parts))
 
     # ---- epoch end (host reads allowed) ----------------------------------------------------------------------

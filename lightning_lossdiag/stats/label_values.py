@@ -26,7 +26,7 @@ class LabelValues(NamedTuple):
 
     counts: Tensor  # (4, C) int32: positives, predicted positives, correct positives, valid values per label
     kept: Tensor  # (M,) bool: rows with at least one valid value
-    row_loss: Tensor  # (M,) mean binary cross-entropy over each row's valid values (0 for a row with none)
+    row_loss: Tensor | None  # (M,) mean binary cross-entropy over each row's valid values; None: not asked for
     positive: Tensor  # (M, C) bool: valid and above 0.5 (a scratch buffer: valid until the next piece)
     predicted: Tensor  # (M, C) bool: valid and predicted positive (a scratch buffer)
 
@@ -53,11 +53,14 @@ def label_masks(t: Tensor, ignore_index: int | None, take: Take | None = None) -
     return clean, valid, positive
 
 
-def label_values(xs: Tensor, ts: Tensor, inputs: str, ignore_index: int | None, work: Workspace) -> LabelValues:
+def label_values(
+    xs: Tensor, ts: Tensor, inputs: str, ignore_index: int | None, work: Workspace, *, losses: bool = True
+) -> LabelValues:
     """The :class:`LabelValues` of ``(M, C)`` predictions ``xs`` (``inputs``: logits, probabilities or log-probs).
 
     The row loss is torch's binary cross-entropy (with logits: ``x - y x - log sigmoid(x)``; with probabilities:
-    ``-(y log p + (1 - y) log(1 - p))``, logs clamped at -100, without torch's range check, which NaN fails).
+    ``-(y log p + (1 - y) log(1 - p))``, logs clamped at -100, without torch's range check, which NaN fails); with
+    ``losses=False`` it is not computed (``None``): only the worst rows need it.
 
     Example:
         >>> ws = Workspace(torch.device("cpu"))
@@ -85,6 +88,8 @@ def label_values(xs: Tensor, ts: Tensor, inputs: str, ignore_index: int | None, 
     correct = pred.logical_and_(positive)
     counts = torch.stack([count_true(positive, 0), count_true(predicted, 0), count_true(correct, 0)])
     counts = torch.cat([counts, count_true(valid, 0)[None]])
+    if not losses:
+        return LabelValues(counts, per_row > 0, None, positive, predicted)
     if inputs == "logits":  # binary_cross_entropy_with_logits: x - y * x - log(sigmoid(x)), in place
         bce = torch.addcmul(x, clean, x, value=-1, out=clean)
         bce = bce.sub_(torch.ops.aten.log_sigmoid.out(x, out=take("probs", fd)))
