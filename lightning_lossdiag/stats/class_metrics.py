@@ -47,9 +47,10 @@ def stat_scores(counts: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     Example:
         >>> from types import SimpleNamespace
-        >>> c = SimpleNamespace(task="multiclass", per_class=torch.tensor([[2.0, 1.0], [1.0, 2.0], [1.0, 1.0]]),
+        >>> c = SimpleNamespace(task="multiclass",  # example inputs
+        ...                     per_class=torch.tensor([[2.0, 1.0], [1.0, 2.0], [1.0, 1.0]]),
         ...                     rows=torch.tensor([3.0, 0.0]), label_rows=torch.zeros(2))
-        >>> [t.tolist() for t in stat_scores(c)]
+        >>> [t.tolist() for t in stat_scores(c)]  # an example reads the host (epoch-end code)
         [[1.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
     """
     support, predicted, correct = counts.per_class
@@ -71,8 +72,9 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
     Example:
         >>> from lightning_lossdiag.stats.classification import ClassCounts
         >>> c = ClassCounts("binary", "probabilities", 2, thresholds=11)
-        >>> c.update(torch.tensor([0.9, 0.2, 0.7, 0.4]), torch.tensor([1.0, 0.0, 0.0, 1.0]))
-        >>> {k: round(v.item(), 3) for k, v in class_metrics(c, ["accuracy", "precision", "auroc"]).items()}
+        >>> c.update(torch.tensor([0.9, 0.2, 0.7, 0.4]), torch.tensor([1.0, 0.0, 0.0, 1.0]))  # example inputs
+        >>> out = class_metrics(c, ["accuracy", "precision", "auroc"])  # device tensors
+        >>> {k: round(v.item(), 3) for k, v in out.items()}  # an example reads the host (epoch-end code)
         {'accuracy': 0.5, 'precision': 0.5, 'auroc': 0.75}
     """
     tp, fp, tn, fn = stat_scores(counts)
@@ -139,9 +141,9 @@ def top_label_confidence(fine: Tensor) -> Tensor:
 
     Example:
         >>> fine = torch.zeros(3, 4, dtype=torch.float64)
-        >>> fine[:, 0] = torch.tensor([1.0, 0.1, 0.0])  # p = 0.1: confidence 0.9
-        >>> fine[:, 3] = torch.tensor([1.0, 0.8, 1.0])  # p = 0.8: confidence 0.8
-        >>> round(top_label_confidence(fine).item(), 3)
+        >>> fine[:, 0] = torch.tensor([1.0, 0.1, 0.0])  # example input, p = 0.1: confidence 0.9
+        >>> fine[:, 3] = torch.tensor([1.0, 0.8, 1.0])  # example input, p = 0.8: confidence 0.8
+        >>> round(top_label_confidence(fine).item(), 3)  # an example reads the host (epoch-end code)
         0.85
     """
     weight, confidence = fine[0], fine[1]

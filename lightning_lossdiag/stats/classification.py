@@ -219,10 +219,8 @@ class ClassCounts:
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(seed)
         self._index = self._index_tables(c, k, b, thresholds)
-        self._zero = torch.zeros(1, 1, dtype=torch.float64, device=self.device)
-        self._work = Workspace(
-            self.device
-        )  # multilabel: the full-size temporaries of every update, kept  # promotes row values to float64
+        self._zero = torch.zeros(1, 1, dtype=torch.float64, device=self.device)  # promotes row values to float64
+        self._work = Workspace(self.device)  # an update's full-size temporaries, kept (see row_ops.Workspace)
 
     def _index_tables(self, c: int, k: int, b: int, t: int) -> dict[str, Tensor]:
         """Constant device index tables of the updates (built once, on the device: no host-to-device copy)."""
@@ -284,10 +282,7 @@ class ClassCounts:
         """
         scores, at = loss.topk(min(self.worst.k, loss.shape[0]))
         per_sample = max(1, max(total, loss.shape[0]) // max(n, 1))
-        pos = at if start == 0 else at + start
-        lead = pos if per_sample == 1 else torch.div(pos, per_sample, rounding_mode="floor")  # row_index, fewer kernels
-        element = torch.zeros_like(pos) if per_sample == 1 else torch.sub(pos, lead, alpha=per_sample)
-        index = lead.mul(world).add_(self.seen * world + rank).double()
+        index, element = row_index(at if start == 0 else at + start, self.seen, per_sample, rank, world)
         kept = [col(at) if callable(col) else col[at] for col in columns]
         self.worst.update(scores, torch.stack([index, element, *kept], dim=1))  # float64, as the index is
 

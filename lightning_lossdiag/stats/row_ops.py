@@ -206,7 +206,16 @@ class Workspace:
 
 
 def row_index(pos: Tensor, seen: int, per_sample: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
-    """Sample index of rows ``pos`` (in the stage's loader order; under DDP the sampler's) and their element."""
+    """Sample index of rows ``pos`` (in the stage's loader order; under DDP the sampler's) and their element.
+
+    Both float64 (the worst-rows tables store them so); one sample a row (``per_sample == 1``) takes no division.
+
+    Example:
+        >>> [t.tolist() for t in row_index(torch.tensor([0, 5]), 10, 4, 1, 2)]  # an example: values read on the host
+        [[21.0, 23.0], [0.0, 1.0]]
+    """
+    if per_sample == 1:
+        return pos.mul(world).add_(seen * world + rank).double(), torch.zeros_like(pos, dtype=torch.float64)
     lead = torch.div(pos, per_sample, rounding_mode="floor")
     return lead.mul(world).add_(seen * world + rank).double(), torch.sub(pos, lead, alpha=per_sample).double()
 
