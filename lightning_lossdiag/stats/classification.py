@@ -407,18 +407,23 @@ class ClassCounts:
         probs = self._probabilities(sample, multiclass=True)
         positive = s_safe[:, None] == self._index["classes"]  # one_hot reads min() on the CPU
         self._add_curves(probs, positive, w)
-        # classwise bins of every class (the sampled values: O(budget)): weight, probability, hit sums
-        p64 = probs.double()
-        wk = w[:, None].expand_as(p64)
-        j = calibration_bin(probs, self._calibration_edges, self._windows[1])
-        self._add_classwise(j, (wk, wk * p64, torch.where(positive, wk, 0.0)))
-        # moments (weight, sum p, sum p^2 per class) and the Brier score: sum over classes of (p - onehot)^2
-        moment = w @ torch.cat([p64, p64.square(), (p64 - positive.double()).square()], 1)
+        # classwise bins of every class (the sampled values: O(budget)): weight and probability sums of every value;
+        # the hit sums have one value a row (its true class), added alone
+        wp = probs.double().mul_(w[:, None])  # w p, (k, C)
+        at = calibration_bin(probs, self._calibration_edges, self._windows[1]).add_(self._index["classwise"])
+        b = CALIBRATION_BINS + 1
+        self._store.index_add_(0, at.view(-1), w[:, None].expand_as(wp).reshape(-1))
+        self._store[b:].index_add_(0, at.view(-1), wp.view(-1))
+        self._store[2 * b :].index_add_(0, at.gather(1, s_safe[:, None]).squeeze(1), w)
+        # moments (weight, sum p, sum p^2 per class) and the Brier score, the sum over classes of (p - onehot)^2:
+        # sum p^2 - 2 p_true + 1 a row, from the sums at hand
+        p_true = probs.gather(1, s_safe[:, None]).squeeze(1)
+        p_sum, squares = wp.sum(0), wp.mul_(probs).sum(0)
         total = w.sum()
+        brier = squares.sum() - 2 * (w @ p_true.double()) + total
         index.append(self._index["moments"])
-        parts.append(torch.cat([total.expand(c), moment[: 2 * c], moment[2 * c :].sum()[None], total[None]]))
+        parts.append(torch.cat([total.expand(c), p_sum, squares, brier[None], total[None]]))
         if self.views:
-            p_true = probs.gather(1, s_safe[:, None]).squeeze(1)
             self._add_probs(torch.where(s_valid, p_true, float("nan")), index, parts)  # the sampled rows
 
     def _add_classwise(self, j: Tensor, sums: Sequence[Tensor]) -> None:

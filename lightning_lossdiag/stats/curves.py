@@ -71,18 +71,18 @@ def _curve_offsets(k: int, t: int, device: torch.device) -> Tensor:
 
 
 def threshold_window(thresholds: Tensor) -> tuple[Tensor, Tensor]:
-    """``(low, high)``, ``T + 1`` values each: ``low[j] = t_j`` and ``high[j] = t_{j+1}`` for ``j`` in ``[-1, T - 1]``.
+    """``(low, high)``, ``T + 1`` values each: ``low[j + 1] = t_j``, ``high[j + 1] = t_{j+1}``, ``j`` in ``[-1, T)``.
 
-    Index ``-1`` (the last entry) holds ``(-inf, t_0)`` and ``high[T - 1]`` is ``+inf``, so one lookup at a candidate
-    bin ``j`` gives both thresholds around it. Build it once per threshold tensor and pass it to
-    :func:`threshold_bins`.
+    The first entry holds ``(-inf, t_0)`` (below every threshold) and the last ``high`` is ``+inf``, so one lookup at a
+    candidate bin ``j`` (at position ``j + 1``: no negative index) gives both thresholds around it. Build it once per
+    threshold tensor and pass it to :func:`threshold_bins`.
 
     Example:
         >>> [t.tolist() for t in threshold_window(curve_thresholds(3))]
-        [[0.0, 0.5, 1.0, -inf], [0.5, 1.0, inf, 0.0]]
+        [[-inf, 0.0, 0.5, 1.0], [0.0, 0.5, 1.0, inf]]
     """
     inf = thresholds.new_full((1,), float("inf"))
-    return torch.cat([thresholds, -inf]), torch.cat([thresholds[1:], inf, thresholds[:1]])
+    return torch.cat([-inf, thresholds]), torch.cat([thresholds, inf])
 
 
 def threshold_bins(p: Tensor, thresholds: Tensor, window: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -119,13 +119,16 @@ def lookup_bins(q: Tensor, thresholds: Tensor, window: tuple[Tensor, Tensor] | N
     """:func:`threshold_bins` of NaN-free ``q`` by arithmetic.
 
     The candidate ``trunc(q * (T - 1))`` is within one bin of the answer; one lookup of the thresholds on each side of
-    it moves it there.
+    it moves it there. The candidate is taken one up (``trunc(q * (T - 1) + 1)``, 0 for anything below ``t_0``) so
+    both lookups are ``index_select`` calls on non-negative positions, several times cheaper on the CPU than indexing.
     """
     t = thresholds.shape[0]
     low, high = window if window is not None else threshold_window(thresholds)
-    j = (q * (t - 1)).clamp_(-1, t - 1).to(torch.long)
-    above_low, above_high = low[j] <= q, high[j] <= q  # both read at the candidate before it moves
-    return j.add_(above_low).add_(above_high).sub_(1)
+    j = q.mul(t - 1).add_(1).clamp_(0, t).to(torch.long)  # the candidate bin + 1, in [0, T]
+    at = j.view(-1)
+    # both thresholds around the candidate, read before it moves
+    above_low, above_high = low.index_select(0, at).view_as(q) <= q, high.index_select(0, at).view_as(q) <= q
+    return j.add_(above_low).add_(above_high).sub_(2)
 
 
 def rates_at_thresholds(counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -20,10 +20,10 @@ _NLL_VALUES = 2**22  # scores per piece of the row losses: a float32 log-softmax
 
 def chunk_maxima(rows: Tensor) -> Tensor:
     """``(M, ceil(C / 64))`` maxima of the chunks of 64 scores of every row (the last chunk may be shorter)."""
-    m, c = rows.shape
+    c = rows.shape[1]
     b = ARGMAX_CHUNK
     full = c - c % b
-    chunks = rows[:, :full].reshape(m, full // b, b).amax(-1)
+    chunks = rows.unfold(1, b, b).amax(-1)  # a view of the full chunks (no copy of the first `full` columns)
     if full < c:
         chunks = torch.cat([chunks, rows[:, full:].amax(-1, keepdim=True)], 1)
     return chunks
@@ -49,10 +49,13 @@ def in_top_k_chunks(rows: Tensor, chunks: Tensor, picked: Tensor, k: int) -> Ten
     b = ARGMAX_CHUNK
     full = c - c % b
     best = chunks[:, : full // b].topk(min(k, full // b), dim=-1).indices  # the chunks that hold the k largest
-    candidates = rows[:, :full].reshape(m, full // b, b).gather(1, best[..., None].expand(-1, -1, b)).reshape(m, -1)
+    # the k chunks of each row, picked from a view of the full chunks (a gather with an expanded index, or a reshape
+    # of the first `full` columns, would cost a copy of the whole rows on the CPU)
+    candidates = rows.unfold(1, b, b)[torch.arange(m, device=rows.device)[:, None], best]  # (M, k, 64)
+    above = (candidates > picked[:, None, None]).sum((1, 2))
     if full < c:
-        candidates = torch.cat([candidates, rows[:, full:]], 1)
-    return count_true(candidates > picked[:, None], 1) < k  # fewer than k above it (a count: cheaper than a topk)
+        above += (rows[:, full:] > picked[:, None]).sum(1)
+    return above < k  # fewer than k above it (a count: cheaper than a topk)
 
 
 def first_hit(x: Tensor, dim: int, top: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -118,6 +118,11 @@ def test_first_argmax_and_top_k_equal_torch_on_ties_and_a_short_last_chunk():
     assert torch.equal(in_top_k(x, 1, picked, 5), (x > picked[:, None]).sum(1) < 5)
     dense = torch.randn(4, 21, 7, generator=g).round()
     assert torch.equal(first_hit(dense, 1, dense.amax(1)), dense.argmax(1))
+    # whole chunks only (1024 = 16 x 64), and rows that are a strided view (every other column of a wider tensor)
+    for rows in (torch.randn(32, 1024, generator=g).round(), torch.randn(32, 1400, generator=g).round()[:, ::2]):
+        assert torch.equal(first_argmax(rows, 1, rows.amax(1)), rows.argmax(1))
+        picked = rows.gather(1, torch.randint(0, rows.shape[1], (32, 1), generator=g)).squeeze(1)
+        assert torch.equal(in_top_k(rows, 1, picked, 5), (rows > picked[:, None]).sum(1) < 5)
 
 
 def test_the_staged_histogram_is_the_fixed_histogram_of_the_same_values():
