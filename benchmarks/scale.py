@@ -17,6 +17,7 @@ files the diag run wrote per stage (train, val) and epoch.
     python benchmarks/scale.py --device cuda --precision bf16-mixed --json scale.json
     python benchmarks/scale.py --workloads cls1000,lm32k_btv --steps 100
     python benchmarks/scale.py --workloads lm32k_flat,lm32k_btv --configs bare,diag --live-rss   # memory, steadier
+    python benchmarks/scale.py --workloads cls1000,tag1000 --budget 4096     # a smaller sample: cheaper steps
 
 Peak RSS depends on what glibc keeps cached: from one run to the next the same fit's peak moves by tens of MiB.
 ``--live-rss`` fixes the allocator's mmap threshold in every run (bare and diag alike), so freed buffers go back to
@@ -233,7 +234,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             if config in ("diag", "loss"):
                 from lightning_lossdiag import LossDiagnostics
 
-                callbacks.append(LossDiagnostics())
+                budget = getattr(args, "budget", None)
+                parts = {} if budget is None else {"errors": {"budget": budget}, "metrics": {"budget": budget}}
+                callbacks.append(LossDiagnostics(**parts))
             trainer = Trainer(
                 max_epochs=args.epochs,
                 limit_val_batches=args.val_batches,
@@ -363,6 +366,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="CPU: a fixed glibc mmap threshold in every run (peak RSS follows live bytes, not the allocator cache)",
     )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="the class engine's sampled values per step (errors and metrics; default: the package's, 16384)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (and 8 steps, 2 val batches): smoke run")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -392,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
         f"precision {args.precision or '32-true'}; {args.epochs} epochs x "
         f"({WARMUP} warm-up + {math.ceil(args.steps / args.epochs)} measured + 1 last) training steps, "
         f"{args.val_batches} val batches per epoch; {args.repeats} repeats ({args.configs} in turn, one process each)"
-        + ("; QUICK sizes" if args.quick else ""),
+        + ("; QUICK sizes" if args.quick else "")
+        + (f"; budget {args.budget}" if args.budget is not None else ""),
     ]
     print("\n".join(header), flush=True)
     results: dict[str, Any] = {}
