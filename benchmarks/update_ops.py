@@ -7,6 +7,7 @@ so this count, more than the number of values, is what a hand-over costs on smal
 
     python benchmarks/update_ops.py                      # cls1000, tag1000 and seg21 of benchmarks/scale.py
     python benchmarks/update_ops.py --device cuda        # the same on a GPU (ops, not kernels)
+    python benchmarks/update_ops.py --path device        # the GPU's code path, counted on the CPU (no GPU needed)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch.profiler import profile, record_function
 
-from lightning_lossdiag.stats import classification, pairs, topk
+from lightning_lossdiag.stats import classification, curves, pairs, row_ops, topk
 
 PARTS = {
     classification.ClassCounts: (
@@ -113,10 +114,21 @@ def main(argv: list[str] | None = None) -> None:
         choices=["on", "off", "both"],
         help="with the error views' statistics (a slot ErrorDistributionMonitor reads), without (MetricCurves only)",
     )
+    parser.add_argument(
+        "--path",
+        default="native",
+        choices=["native", "device"],
+        help="device: the code path taken off the CPU (bins by bucketize, argmax by max, counts by one sum), on any "
+        "device",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.path == "device":
+        curves.LOOKUP_DEVICES = frozenset()
+        row_ops.BYTE_SUM_DEVICES = frozenset()
     instrument()
-    print(f"torch {torch.__version__}, device {device}; top-level aten ops of one ClassCounts.update")
+    path = "" if args.path == "native" else ", the off-CPU path"
+    print(f"torch {torch.__version__}, device {device}{path}; top-level aten ops of one ClassCounts.update")
     for views in {"on": [True], "off": [False], "both": [True, False]}[args.views]:
         for name, (counts, preds, target) in cases(device, views).items():
             charged = count(counts, preds.to(device), target.to(device))

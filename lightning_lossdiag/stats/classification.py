@@ -70,6 +70,7 @@ _TASKS = ("binary", "multiclass", "multilabel")
 _INPUTS = ("logits", "probabilities", "log_probabilities")
 _LABEL_VALUES = 2**20  # multilabel: values per piece of the every-value statistics (kept scratch buffers)
 _KEPT_ROW_VALUES = 2**19  # multiclass: the largest per-row column block kept between updates (float64)
+_DIRECT_SCORES = 2**24  # off the CPU: long rows up to this many scores take max and a counted comparison
 _HISTOGRAM_VALUES = 4096  # multilabel: probabilities per update in the true-label probability histogram
 _CALIBRATION = ("calibration", "calibration_fine", "classwise", "brier")  # top-label, fine, classwise bins; Brier
 _TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking", *_CALIBRATION, "prob_hist")
@@ -298,13 +299,15 @@ class ClassCounts:
         """``(top, pred, picked, in_top)`` of ``(M, C)`` rows or ``(A, C, L)`` dense scores (the class dim is 1).
 
         The maximum, its first index, the true class's score and whether it is among the ``top_k`` highest, each
-        ``(M,)``. Long rows (512 classes or more) find all four from one pass of chunk maxima; elsewhere CUDA takes
-        ``max`` (one kernel for both), the CPU ``amax`` and one comparison (see :func:`first_argmax`).
+        ``(M,)``. On the CPU, long rows (512 classes or more) find all four from one pass of chunk maxima; off the CPU
+        they do so only above ``_DIRECT_SCORES`` scores (below, ``max`` and one counted comparison: a third of the
+        launches, and a bool temporary of at most 16 MiB). Dense scores: CUDA takes ``max`` (one kernel for both),
+        the CPU ``amax`` and one comparison (see :func:`first_argmax`).
         """
         k = self.top_k
         if x.ndim == 2:
             picked = x.gather(1, safe[:, None]).squeeze(1)
-            if x.shape[1] >= 512:
+            if x.shape[1] >= 512 and (by_lookup(x) or x.numel() > _DIRECT_SCORES):
                 chunks = chunk_maxima(x)
                 top, pred = max_in_chunks(x, chunks, self._index["chunk"])
                 return top, pred, picked, (in_top_k_chunks(x, chunks, picked, k) if k else None)

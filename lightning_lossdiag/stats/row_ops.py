@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
 ARGMAX_CHUNK = 64
+BYTE_SUM_DEVICES = frozenset({"cpu"})  # device types where count_true sums bytes in blocks (elsewhere one sum)
 _KEPT_VALUES = 2**20  # the largest log-softmax written into a kept buffer
 # scores per piece of the row losses. On the CPU a piece fits the kept buffer (4 MiB of float32, in cache: ~10 %
 # less time for a (256, 32000) update than 16 MiB pieces); off the CPU 16M (64 MiB): fewer, larger kernels
@@ -159,14 +160,17 @@ def row_nll(scores: Tensor, target: Tensor, low: bool, work: Workspace | None = 
 def count_true(mask: Tensor, dim: int) -> Tensor:
     """``mask.sum(dim)`` of a bool tensor without a wider copy of it (int32 counts).
 
-    Summed as bytes in blocks of 255 along ``dim`` (a byte holds a block's count: no cast, no copy), then the few
-    block counts are added in int32. A cast before the sum would copy the whole mask into a fresh buffer.
+    On the CPU, summed as bytes in blocks of 255 along ``dim`` (a byte holds a block's count: no cast, no copy), then
+    the few block counts are added in int32; a cast before the sum would copy the whole mask into a fresh buffer.
+    Elsewhere one ``sum`` kernel (it widens each value as it reads it).
 
     Example:
         >>> m = torch.rand(600, 3) < 0.5
         >>> bool((count_true(m, 0) == m.sum(0)).all()), count_true(m, 0).dtype
         (True, torch.int32)
     """
+    if mask.device.type not in BYTE_SUM_DEVICES:  # one reduction kernel that widens as it reads: fewer launches
+        return mask.sum(dim, dtype=torch.int32)
     n = mask.shape[dim]
     u8 = mask.view(torch.uint8)
     if n < 2**8:
@@ -228,6 +232,7 @@ def row_index(pos: Tensor, seen: int, per_sample: int, rank: int, world: int) ->
 
 __all__ = [
     "ARGMAX_CHUNK",
+    "BYTE_SUM_DEVICES",
     "chunk_maxima",
     "count_true",
     "descending_weights",

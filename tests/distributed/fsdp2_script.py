@@ -137,3 +137,8 @@ def main(out: Path, devices: int) -> None:
 if __name__ == "__main__":
     scenario = sys.argv[3] if len(sys.argv) > 3 else "norms"
     (run_nonfinite if scenario == "nonfinite" else main)(Path(sys.argv[1]), int(sys.argv[2]))
+    if torch.distributed.is_initialized():
+        # tear the group down before the interpreter does: a gloo thread still running at exit can abort the process
+        # ("terminate called without an active exception") after the run itself finished
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

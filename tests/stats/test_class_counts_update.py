@@ -1,14 +1,15 @@
-"""ClassCounts' update in few kernels. Off the CPU, bins come from one binary search and the argmax from ``max``: that
-path (forced here on the CPU) gives the CPU path's states value for value. The states the update derives instead of
-counting twice (multilabel and binary top-label bins), the true-class histogram staged in the float64 store, the
-checked pair-sketch update and the merge across ranks keep the values of what they replace; and no per-class or
-per-threshold loop creeps back into an update (a generous bound on the operators one update dispatches)."""
+"""ClassCounts' update in few kernels. Off the CPU, bins come from one binary search, the argmax from ``max`` and byte
+counts from one sum: that path (forced here on the CPU) gives the CPU path's states value for value. The states the
+update derives instead of counting twice (multilabel and binary top-label bins), the true-class histogram staged in
+the float64 store, the checked pair-sketch update and the merge across ranks keep the values of what they replace;
+and no per-class or per-threshold loop creeps back into an update (a generous bound on the operators one update
+dispatches)."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_lossdiag.stats import curves
+from lightning_lossdiag.stats import curves, row_ops
 from lightning_lossdiag.stats.calibration import calibration_bins, classwise_ece
 from lightning_lossdiag.stats.classification import ClassCounts
 from lightning_lossdiag.stats.curves import curve_thresholds, threshold_bins
@@ -22,8 +23,9 @@ SUMS = ("ranking", "calibration", "calibration_fine", "classwise", "brier", "mom
 
 @pytest.fixture
 def search(monkeypatch):
-    """Bins by binary search and the argmax by ``max`` on the CPU too, as on a GPU."""
+    """Bins by binary search, the argmax by ``max`` and counts by one sum on the CPU too, as on a GPU."""
     monkeypatch.setattr(curves, "LOOKUP_DEVICES", frozenset())
+    monkeypatch.setattr(row_ops, "BYTE_SUM_DEVICES", frozenset())
 
 
 def _edges_and_noise(th):
@@ -107,6 +109,7 @@ def test_the_gpu_path_gives_the_cpu_path_states(case, monkeypatch):
     kw, preds, target = _cases()[case]
     cpu = _fed(kw, preds, target)
     monkeypatch.setattr(curves, "LOOKUP_DEVICES", frozenset())
+    monkeypatch.setattr(row_ops, "BYTE_SUM_DEVICES", frozenset())
     _assert_same_states(cpu, _fed(kw, preds, target))
 
 
