@@ -59,8 +59,9 @@ if part suite; then
 fi
 if part scale; then
     stamp "update_ops.py cuda"
-    timeout 60 $PY benchmarks/update_ops.py --device cuda >"$OUT/update_ops.txt" 2>&1
-    tail -4 "$OUT/update_ops.txt"
+    # ops of each update and its host time (what the hand-over costs a step), the H200 LM's bf16 logits included
+    timeout 90 $PY benchmarks/update_ops.py --device cuda --time --lm >"$OUT/update_ops.txt" 2>&1
+    grep -v USDT "$OUT/update_ops.txt" | tail -16
     stamp "scale.py cuda"
     timeout 150 $PY benchmarks/scale.py --device cuda --precision bf16-mixed --repeats 1 --configs bare,diag \
         --workloads cls1000,tag1000,seg21,lm32k_btv \

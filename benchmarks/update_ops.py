@@ -8,6 +8,7 @@ so this count, more than the number of values, is what a hand-over costs on smal
     python benchmarks/update_ops.py                      # cls1000, tag1000 and seg21 of benchmarks/scale.py
     python benchmarks/update_ops.py --device cuda        # the same on a GPU (ops, not kernels)
     python benchmarks/update_ops.py --path device        # the GPU's code path, counted on the CPU (no GPU needed)
+    python benchmarks/update_ops.py --device cuda --time --lm   # and each update's host time, with the H200 LM case
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import statistics
+import time
 from typing import Any
 
 import torch
@@ -63,9 +66,21 @@ def instrument() -> None:
                 _wrap(module, name, name)
 
 
-def cases(device: torch.device, views: bool) -> dict[str, tuple[Any, Any, Any]]:
+def cases(device: torch.device, views: bool, lm: bool = False) -> dict[str, tuple[Any, Any, Any]]:
+    """The workloads of ``benchmarks/scale.py`` (and, with ``lm``, the H200 LM's bf16 ``(16, 512, 8192)`` logits)."""
     g = torch.Generator().manual_seed(0)
-    return {
+    extra = {}
+    if lm:
+        target = torch.randint(0, 8192, (16, 512), generator=g)
+        target[:, ::20] = -100
+        extra["lm8192 (16, 512, 8192) bf16"] = (
+            classification.ClassCounts(
+                "multiclass", "logits", 8192, class_dim=-1, ignore_index=-100, device=device, views=views
+            ),
+            torch.randn(16, 512, 8192, generator=g).bfloat16(),
+            target,
+        )
+    return extra | {
         "cls1000 (256, 1000)": (
             classification.ClassCounts("multiclass", "logits", 1000, device=device, views=views),
             torch.randn(256, 1000, generator=g),
@@ -105,6 +120,25 @@ def count(counts: Any, preds: torch.Tensor, target: torch.Tensor) -> collections
     return charged
 
 
+def timed(counts: Any, preds: torch.Tensor, target: torch.Tensor, n: int = 20) -> tuple[float, float]:
+    """Median ms of one update: host time (until it returns) and, on a GPU, until its kernels are done too."""
+    cuda = preds.is_cuda
+    host, done = [], []
+    for i in range(n + 3):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        counts.update(preds, target)
+        t1 = time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if i >= 3:  # warm-up updates left out
+            host.append(t1 - t0)
+            done.append(t2 - t0)
+    return 1e3 * statistics.median(host), 1e3 * statistics.median(done)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -118,22 +152,34 @@ def main(argv: list[str] | None = None) -> None:
         "--path",
         default="native",
         choices=["native", "device"],
-        help="device: the code path taken off the CPU (bins by bucketize, argmax by max, counts by one sum), on any "
-        "device",
+        help="device: the code path taken off the CPU (bins by bucketize, argmax by max, counts by one sum, row-loss "
+        "pieces of 16M scores), on any device",
+    )
+    parser.add_argument(
+        "--time", action="store_true", help="also time one update (median of 20): host ms, and ms until done on a GPU"
+    )
+    parser.add_argument(
+        "--lm", action="store_true", help="add the H200 LM's bf16 (16, 512, 8192) logits (a GPU case: ~0.5 GB)"
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.path == "device":
         curves.LOOKUP_DEVICES = frozenset()
         row_ops.BYTE_SUM_DEVICES = frozenset()
+        row_ops._NLL_VALUES = row_ops._NLL_VALUES_DEVICE  # row-loss pieces of a GPU's size
     instrument()
     path = "" if args.path == "native" else ", the off-CPU path"
     print(f"torch {torch.__version__}, device {device}{path}; top-level aten ops of one ClassCounts.update")
     for views in {"on": [True], "off": [False], "both": [True, False]}[args.views]:
-        for name, (counts, preds, target) in cases(device, views).items():
-            charged = count(counts, preds.to(device), target.to(device))
+        for name, (counts, preds, target) in cases(device, views, args.lm).items():
+            preds, target = preds.to(device), target.to(device)
+            charged = count(counts, preds, target)
             parts = ", ".join(f"{label} {n}" for label, n in charged.most_common())
             print(f"{name}, views {'on' if views else 'off'}: {sum(charged.values())} ops ({parts})")
+            if args.time:
+                host, done = timed(counts, preds, target)
+                until = f", {done:.3f} ms until done" if preds.is_cuda else ""
+                print(f"    one update: {host:.3f} ms on the host{until} (parts wrapped for the count)")
 
 
 if __name__ == "__main__":
