@@ -23,24 +23,19 @@ from typing import Any
 import torch
 from torch.profiler import profile, record_function
 
-from lightning_lossdiag.stats import classification, curves, pairs, row_ops, topk
+from lightning_lossdiag.stats import classification, curves, label_counts, multiclass_counts, pairs, row_ops, topk
 
 PARTS = {
-    classification.ClassCounts: (
-        "_scores",
-        "_add_sampled",
-        "_offer_worst",
-        "_add_probs",
-        "_add_curves",
-        "_add_classwise",
-        "_labels",
-        "_label_piece",
-        "_add_labels_sampled",
-    ),
+    classification.ClassCounts: ("_add_curves", "_add_classwise", "_labels", "_add_probs", "_offer_worst"),
     pairs.ConfusedPairs: ("update",),
     topk.TopKWorst: ("update",),
 }
-FUNCTIONS = {classification: ("calibration_bins", "calibration_bin", "row_nll", "label_values")}
+# module functions, wrapped where their callers look them up (the module that imports them)
+FUNCTIONS = {
+    classification: ("update_multiclass", "update_binary", "update_multilabel"),
+    multiclass_counts: ("row_scores", "add_sampled", "calibration_bins", "calibration_bin", "row_nll"),
+    label_counts: ("label_piece", "add_labels_sampled", "calibration_bins", "label_values"),
+}
 
 
 def _wrap(owner: Any, name: str, label: str) -> None:

@@ -26,6 +26,10 @@ bins, fixed top-label calibration bins (15 and 1,024, see :mod:`~lightning_lossd
 ``classes x thresholds`` whatever the data.
 Targets outside ``[0, C)`` (multiclass) or ``[0, 1]`` (binary, multilabel), and ``ignore_index``, weigh 0 in every
 statistic: ``-100`` tokens and ``255`` void pixels are left out without a boolean mask. No update reads the host.
+
+This module holds the state and what the tasks share (sampling, the worst rows, curve, classwise and histogram
+adders, the merge); each task's update is in its own module: :mod:`~lightning_lossdiag.stats.multiclass_counts`,
+:mod:`~lightning_lossdiag.stats.label_counts` and :mod:`~lightning_lossdiag.stats.binary_counts`.
 """
 
 from __future__ import annotations
@@ -38,40 +42,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lossdiag.stats.calibration import (
-    FINE_BINS,
-    add_classwise,
-    bin_sums,
-    calibration_bin,
-    calibration_bins,
-)
+from lightning_lossdiag.stats.binary_counts import update_binary
+from lightning_lossdiag.stats.calibration import FINE_BINS
 from lightning_lossdiag.stats.curves import by_lookup, curve_thresholds, threshold_bins, threshold_window
 from lightning_lossdiag.stats.distributed import GatherFn
 from lightning_lossdiag.stats.histogram import FixedHistogram, stage_values, staged_histogram, staged_slots
-from lightning_lossdiag.stats.label_values import label_masks, label_values
+from lightning_lossdiag.stats.label_counts import update_multilabel
+from lightning_lossdiag.stats.multiclass_counts import update_multiclass
 from lightning_lossdiag.stats.pairs import ConfusedPairs
 from lightning_lossdiag.stats.row_ops import (
     ARGMAX_CHUNK,
     Workspace,
-    chunk_maxima,
-    count_true,
     descending_weights,
     first_argmax,
-    first_hit,
     in_top_k,
-    in_top_k_chunks,
-    max_in_chunks,
     row_index,
-    row_nll,
 )
 from lightning_lossdiag.stats.topk import TopKWorst
 
 _TASKS = ("binary", "multiclass", "multilabel")
 _INPUTS = ("logits", "probabilities", "log_probabilities")
-_LABEL_VALUES = 2**20  # multilabel: values per piece of the every-value statistics (kept scratch buffers)
-_KEPT_ROW_VALUES = 2**19  # multiclass: the largest per-row column block kept between updates (float64)
-_DIRECT_SCORES = 2**24  # off the CPU: long rows up to this many scores take max and a counted comparison
-_HISTOGRAM_VALUES = 4096  # multilabel: probabilities per update in the true-label probability histogram
 _CALIBRATION = ("calibration", "calibration_fine", "classwise", "brier")  # top-label, fine, classwise bins; Brier
 _TENSORS = ("per_class", "label_rows", "rows", "curves", "moments", "confusion", "ranking", *_CALIBRATION, "prob_hist")
 # the float64 states, views in this order into one flat tensor (one index_add_ reaches any of them); per_class and
@@ -258,11 +248,11 @@ class ClassCounts:
         n = int(target.shape[0]) if target.ndim else 1
         self._steps = max(1, steps)
         if self.task == "multiclass":
-            self._update_multiclass(preds.detach(), target.detach(), n, rank, world)
+            update_multiclass(self, preds.detach(), target.detach(), n, rank, world)
         elif self.task == "binary":
-            self._update_binary(preds.detach(), target.detach(), n, rank, world)
+            update_binary(self, preds.detach(), target.detach(), n, rank, world)
         else:
-            self._update_multilabel(preds.detach(), target.detach(), n, rank, world)
+            update_multilabel(self, preds.detach(), target.detach(), n, rank, world)
         self.seen += n
 
     def _sample(self, m: int, width: int) -> tuple[Tensor | None, int]:
@@ -294,140 +284,6 @@ class ClassCounts:
         if self.ignore_index is not None and 0 <= self.ignore_index < self.num_classes:
             valid &= lab != self.ignore_index
         return safe, valid
-
-    def _scores(self, x: Tensor, safe: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(top, pred, picked, in_top)`` of ``(M, C)`` rows or ``(A, C, L)`` dense scores (the class dim is 1).
-
-        The maximum, its first index, the true class's score and whether it is among the ``top_k`` highest, each
-        ``(M,)``. On the CPU, long rows (512 classes or more) find all four from one pass of chunk maxima; off the CPU
-        they do so only above ``_DIRECT_SCORES`` scores (below, ``max`` and one counted comparison: a third of the
-        launches, and a bool temporary of at most 16 MiB). Dense scores: CUDA takes ``max`` (one kernel for both),
-        the CPU ``amax`` and one comparison (see :func:`first_argmax`).
-        """
-        k = self.top_k
-        if x.ndim == 2:
-            picked = x.gather(1, safe[:, None]).squeeze(1)
-            if x.shape[1] >= 512 and (by_lookup(x) or x.numel() > _DIRECT_SCORES):
-                chunks = chunk_maxima(x)
-                top, pred = max_in_chunks(x, chunks, self._index["chunk"])
-                return top, pred, picked, (in_top_k_chunks(x, chunks, picked, k) if k else None)
-            top, pred = x.max(1)
-            return top, pred, picked, (count_true(x > picked[:, None], 1) < k if k else None)
-        picked = x.gather(1, safe.unsqueeze(1)).squeeze(1)
-        if by_lookup(x):  # the CPU
-            top = x.amax(1)
-            pred = first_hit(x, 1, top, self._index["descending"])
-        else:
-            top, pred = x.max(1)
-        in_top = (count_true(x > picked.unsqueeze(1), 1) < k).view(-1) if k else None
-        return top.view(-1), pred.view(-1), picked.view(-1), in_top
-
-    def _update_multiclass(self, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
-        d = self.class_dim % x.ndim
-        c = self.num_classes
-        # bf16/fp16 logits off the CPU stay as they are (maxima and scores are exact; the log-softmax reads them once
-        # in float32); the CPU computes faster on a float32 copy
-        low = x.dtype not in (torch.float32, torch.float64)
-        if low and (self.inputs != "logits" or by_lookup(x)):
-            x, low = x.float(), False
-        lab = target.reshape(-1).long()
-        safe, valid = self._labels(lab)
-        m = lab.shape[0]
-        if d == x.ndim - 1:  # (N, C), (B, T, V): rows
-            scores = x.reshape(-1, c)
-            target_of = safe
-        else:  # (N, C, d1, ...): (A, C, L) with the class dim 1, a view for the usual layouts
-            a = math.prod(x.shape[:d])
-            scores = x.reshape(a, c, m // max(a, 1))
-            target_of = safe.view(a, -1)
-        top, pred, picked, in_top = self._scores(scores, target_of)
-        if self.inputs == "logits":
-            # the fused cross-entropy is -log p_true; logsumexp follows from it (a separate logsumexp costs 2-3x)
-            nll = row_nll(scores, target_of, low, self._work)
-            log_pred = top - (picked + nll)  # log p(top) = top - logsumexp, logsumexp = picked + nll (float32)
-            confidence = log_pred.exp()  # the top-label probability
-        elif self.inputs == "log_probabilities":
-            nll, log_pred, confidence = picked.neg(), top, top.exp()
-        else:
-            nll, log_pred, confidence = picked.clamp_min(1e-12).log().neg_(), top.clamp_min(1e-12).log(), top
-        # every row: support[true], predicted[pred], correct[true] (exact counts in float64); the top-label calibration
-        # bins (weight, confidence, hit); rows counted and left out, the top-k hits and the sum of -log p(true class)
-        columns = [valid, confidence, pred == safe, nll, *([] if in_top is None else [in_top])]
-        # float64, 0 on the rows left out. The CPU copies each column into a row of a kept buffer and fills once: a
-        # where() over stacked columns of mixed dtypes takes its slow casting path there (~1 ms at 32k pixels)
-        if by_lookup(x):
-            shape = (len(columns), m)
-            kept = math.prod(shape) <= _KEPT_ROW_VALUES  # a kept buffer of at most 4 MiB
-            per_row = (
-                self._work.take("per_row", shape, torch.float64) if kept else torch.empty(shape, dtype=torch.float64)
-            )
-            for row, column in zip(per_row, columns, strict=True):
-                row.copy_(column)
-            per_row.masked_fill_(valid.logical_not(), 0.0)
-        else:  # two kernels
-            per_row = torch.where(valid, torch.stack(columns), self._zero)
-        v, hit = per_row[0], per_row[2]
-        self.per_class[::2].index_add_(1, safe, per_row[::2][:2])  # support and correct: weight and hit
-        self.per_class[1].index_add_(0, pred, v)
-        j, fine = calibration_bins(confidence, self._calibration_edges, FINE_BINS, self._windows[1])
-        self.calibration.index_add_(1, j, per_row[:3])
-        self.calibration_fine.index_add_(1, fine, per_row[:3])
-        sums = per_row.sum(1)
-        if self.confusion.numel():
-            self.confusion.view(-1).index_add_(0, torch.add(pred, safe, alpha=c), v)
-        if self.pairs is not None:
-            self.pairs.update(safe, pred, v - hit, checked=True)  # the confused rows weigh 1
-        if self.views:
-            loss = torch.where(valid, nll, float("-inf"))
-            prob = confidence if self.inputs != "probabilities" else (lambda at: log_pred[at].exp())
-            self._offer_worst(loss, [lab, pred, prob], n, rank, world)
-        # the sampled statistics and the row sums go to the store in one index_add_
-        index = [self._index["row_sums"][: len(columns)], self._index["left_out"]]
-        parts = [sums, m - sums[:1]]
-        self._add_sampled(scores, safe, valid, m, index, parts)
-        self._store.index_add_(0, torch.cat(index), torch.cat(parts))
-
-    def _add_sampled(
-        self, scores: Tensor, safe: Tensor, valid: Tensor, m: int, index: list[Tensor], parts: list[Tensor]
-    ) -> None:
-        """Multiclass statistics of ``rows x classes`` on the budget sample of rows.
-
-        Curves and classwise bins are added here; the moments, the Brier score and the true-class histogram (a few
-        values) are appended to ``index``/``parts``, the caller's update of the store.
-        """
-        c = self.num_classes
-        r, k = self._sample(m, c)
-        if scores.ndim == 2:
-            sample = scores if r is None else scores[r]
-        elif r is None:
-            sample = scores.movedim(1, -1).reshape(-1, c)
-        else:
-            length = scores.shape[2]
-            lead = torch.div(r, length, rounding_mode="floor")
-            sample = scores[lead, :, torch.sub(r, lead, alpha=length)]  # (k, C)
-        s_safe, s_valid = (safe, valid) if r is None else (safe[r], valid[r])
-        w = s_valid.to(torch.float64).mul_(m / max(k, 1))
-        probs = self._probabilities(sample, multiclass=True)
-        positive = s_safe[:, None] == self._index["classes"]  # one_hot reads min() on the CPU
-        self._add_curves(probs, positive, w)
-        # classwise bins of every class (the sampled values: O(budget)): weight and probability sums of every value;
-        # the hit sums have one value a row (its true class), added alone
-        wp = probs.double().mul_(w[:, None])  # w p, (k, C)
-        at = calibration_bin(probs, self._calibration_edges, self._windows[1]).add_(self._index["classwise"])
-        b = CALIBRATION_BINS + 1
-        self._store.index_add_(0, at.view(-1), w[:, None].expand_as(wp).reshape(-1))
-        self._store[b:].index_add_(0, at.view(-1), wp.view(-1))
-        self._store[2 * b :].index_add_(0, at.gather(1, s_safe[:, None]).squeeze(1), w)
-        # moments (weight, sum p, sum p^2 per class) and the Brier score, the sum over classes of (p - onehot)^2:
-        # sum p^2 - 2 p_true + 1 a row, from the sums at hand
-        p_true = probs.gather(1, s_safe[:, None]).squeeze(1)
-        p_sum, squares = wp.sum(0), wp.mul_(probs).sum(0)
-        total = w.sum()
-        brier = squares.sum() - 2 * (w @ p_true.double()) + total
-        index.append(self._index["moments"])
-        parts.append(torch.cat([total.expand(c), p_sum, squares, brier[None], total[None]]))
-        if self.views:
-            self._add_probs(torch.where(s_valid, p_true, float("nan")), index, parts)  # the sampled rows
 
     def _add_classwise(self, j: Tensor, sums: Sequence[Tensor]) -> None:
         """Add ``(k, C)`` weight, probability and hit sums to the classwise bins ``j`` (``(k, C)``, changed in place).
@@ -482,111 +338,6 @@ class ClassCounts:
         if self.inputs == "logits":
             return x.softmax(dim=-1) if multiclass else x.sigmoid()
         return x.exp() if self.inputs == "log_probabilities" else x
-
-    def _update_binary(self, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
-        p = self._probabilities(x.reshape(-1), multiclass=False)
-        t = target.reshape(-1).float()
-        m = p.shape[0]
-        valid = (t >= 0) & (t <= 1)
-        if self.ignore_index is not None:
-            valid &= t != self.ignore_index
-        safe = torch.where(valid, t, 0.0).round().long()
-        pred = (p > 0.5).long()
-        v = valid.to(torch.float64)
-        self.per_class[::2].index_add_(1, safe, torch.stack([v, torch.where(pred == safe, v, 0.0)]))
-        self.per_class[1].index_add_(0, pred, v)
-        if self.confusion.numel():
-            self.confusion.view(-1).index_add_(0, torch.add(pred, safe, alpha=2), v)
-        p_true = torch.where(safe == 1, p, 1 - p)
-        if self.views:
-            loss = torch.where(valid, -p_true.clamp_min(1e-12).log(), float("-inf"))
-            self._offer_worst(loss, [safe, pred, torch.where(pred == 1, p, 1 - p)], n, rank, world)
-        # classwise bins of both classes (1 - p and p against the label, every row); the top-label bins are those of
-        # the positive class (p against the label), so they are taken from them; the fine bins of the same values
-        both, labels = torch.stack([1 - p, p], 1), torch.stack([1 - safe, safe], 1)
-        add_classwise(self.classwise, both, labels, v, self._calibration_edges, self._windows[1])
-        self.calibration.copy_(self.classwise[1])
-        _, fine = calibration_bins(p, self._calibration_edges, FINE_BINS, self._windows[1])
-        self.calibration_fine.index_add_(1, fine, bin_sums(p, safe, v).T)
-        r, k = self._sample(m, 1)
-        s_p, s_pos, w = (p, safe, v) if r is None else (p[r], safe[r], v[r] * (m / k))
-        self._add_curves(s_p[:, None], s_pos[:, None], w)
-        sp = s_p.double()
-        counted = v.sum()
-        brier = v @ (p.double() - safe).square()  # every row
-        index = [self._index["moments"], self._index["rows"]]  # moments (sampled), brier; rows counted, left out
-        parts = [torch.stack([w.sum(), w @ sp, w @ sp.square(), brier, counted, counted, m - counted])]
-        if self.views:
-            self._add_probs(torch.where(valid, p_true, float("nan")), index, parts)
-        self._store.index_add_(0, torch.cat(index), torch.cat(parts))
-
-    def _update_multilabel(self, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
-        d = self.class_dim % x.ndim
-        c = self.num_classes
-        xs, ts = x.movedim(d, -1).reshape(-1, c), target.movedim(d, -1).reshape(-1, c)
-        m = xs.shape[0]
-        if m == 0:
-            return
-        # every value, in pieces of at most _LABEL_VALUES whose full-size temporaries are kept buffers
-        step = max(1, _LABEL_VALUES * (1 if xs.device.type == "cpu" else 4) // c)  # 16 MiB float32 pieces off the CPU
-        pieces = [
-            self._label_piece(xs[a : a + step], ts[a : a + step], n, rank, world, a, m) for a in range(0, m, step)
-        ]
-        counts = pieces[0][0] if len(pieces) == 1 else torch.stack([p[0] for p in pieces]).sum(0)
-        # support, predicted and correct per label, then the valid values per label (label_rows follows per_class)
-        self._store[self._at["per_class"] : self._at["per_class"] + 4 * c].add_(counts.view(-1))
-        counted = pieces[0][1] if len(pieces) == 1 else torch.stack([p[1] for p in pieces]).sum()
-        self._add_labels_sampled(xs, ts, m, torch.stack([counted, m - counted]))
-
-    def _label_piece(
-        self, xs: Tensor, ts: Tensor, n: int, rank: int, world: int, start: int, total: int
-    ) -> tuple[Tensor, Tensor]:
-        """Every value of rows ``start:start + len(xs)``: ``(4, C)`` label counts and the rows kept; worst rows offered.
-
-        Each full-size temporary is a kept scratch buffer (:class:`~lightning_lossdiag.stats.row_ops.Workspace`).
-        """
-        v = label_values(xs, ts, self.inputs, self.ignore_index, self._work, losses=self.views)
-        positive, predicted, row_loss = v.positive, v.predicted, v.row_loss
-        if row_loss is not None:  # the worst rows (error views only)
-            columns = [
-                lambda at: positive[at].sum(1),
-                lambda at: predicted[at].sum(1),
-                lambda at: (-row_loss[at]).exp(),
-            ]
-            self._offer_worst(torch.where(v.kept, row_loss, float("-inf")), columns, n, rank, world, start, total)
-        return v.counts, v.kept.sum()
-
-    def _add_labels_sampled(self, xs: Tensor, ts: Tensor, m: int, rows: Tensor) -> None:
-        """Multilabel statistics on the budget sample of rows, each label as a binary task.
-
-        Curves, classwise and fine calibration bins, moments, Brier score and the probability histogram; ``rows``
-        (counted, left out) joins their update of the store. The top-label bins are the classwise bins summed over
-        labels (the same values in the same bins), so they are taken from them instead of being counted twice.
-        """
-        c = self.num_classes
-        r, k = self._sample(m, c)
-        sample, s_t = (xs, ts) if r is None else (xs[r], ts[r])
-        _, s_valid, s_pos = label_masks(s_t if s_t.dtype == torch.float64 else s_t.float(), self.ignore_index)
-        probs = self._probabilities(sample, multiclass=False)
-        w = s_valid.to(torch.float64).mul_(m / max(k, 1))
-        self._add_curves(probs, s_pos, w)
-        j, fine = calibration_bins(probs, self._calibration_edges, FINE_BINS, self._windows[1])
-        sums = (w, w * probs, torch.where(s_pos, w, 0.0))  # (k, C) weight, probability and hit sums of each value
-        self._add_classwise(j, sums)
-        self.calibration.copy_(self.classwise.sum(0))
-        for row, values in zip(self.calibration_fine, sums, strict=True):
-            row.index_add_(0, fine.view(-1), values.view(-1))
-        weight, p_sum, hits = (v.sum(0) for v in sums)  # (C,) each
-        squares = (sums[1] * probs).sum(0)  # sum of w p^2 per label
-        # Brier: sum of w (p - y)^2 = w p^2 - 2 w p y + w y for 0/1 labels, from the sums at hand
-        brier = squares.sum() - 2 * (sums[1] * s_pos).sum() + hits.sum()
-        moment = torch.cat([weight, p_sum, squares, brier[None], weight.sum()[None]])
-        index, parts = [self._index["moments"], self._index["rows"]], [moment, rows]
-        if self.views:
-            shown = max(1, _HISTOGRAM_VALUES // c)  # the probability histogram takes a few of the sampled rows
-            p_true = torch.where(s_pos[:shown], probs[:shown], 1 - probs[:shown])
-            self._add_probs(torch.where(s_valid[:shown], p_true, float("nan")).view(-1), index, parts)
-        self._store.index_add_(0, torch.cat(index), torch.cat(parts))
 
     # ---- epoch end (host reads allowed) ----------------------------------------------------------------------
     def merged(self, gather: GatherFn | None = None, world: int = 1) -> ClassCounts:

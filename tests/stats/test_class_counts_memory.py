@@ -16,7 +16,7 @@ import torch
 
 from lightning_lossdiag.callbacks._class_engine import EngineConfig, engine_for
 from lightning_lossdiag.callbacks._task import TaskInfo
-from lightning_lossdiag.stats import classification, row_ops
+from lightning_lossdiag.stats import classification, label_counts, row_ops
 from lightning_lossdiag.stats.classification import ClassCounts
 
 
@@ -61,7 +61,7 @@ def test_multilabel_pieces_give_the_counts_of_the_whole_update(monkeypatch, inpu
     def build():
         return ClassCounts("multilabel", inputs, 7, thresholds=11, budget=10_000, worst_k=6)
 
-    whole, pieces = _run(monkeypatch, classification, "_LABEL_VALUES", 20, build, batches)  # 2 rows a piece
+    whole, pieces = _run(monkeypatch, label_counts, "_LABEL_VALUES", 20, build, batches)  # 2 rows a piece
     _assert_same(whole, pieces, exact=False)  # float sums in another order: equal to rounding
     counts = ClassCounts("multilabel", inputs, 7, thresholds=11)
     counts.update(x, y)
@@ -74,7 +74,7 @@ def test_multilabel_worst_rows_keep_their_sample_index_across_pieces(monkeypatch
     x = torch.zeros(30, 4)
     y = torch.zeros(30, 4)
     x[[4, 17, 28]] = torch.tensor([5.0, 6.0, 7.0])[:, None]  # confident and wrong: the worst rows
-    monkeypatch.setattr(classification, "_LABEL_VALUES", 8)  # 2 rows a piece: the worst rows lie in 3 pieces
+    monkeypatch.setattr(label_counts, "_LABEL_VALUES", 8)  # 2 rows a piece: the worst rows lie in 3 pieces
     counts = ClassCounts("multilabel", "logits", 4, worst_k=3)
     counts.update(x[:10], y[:10])
     counts.update(x[10:], y[10:])
@@ -106,7 +106,7 @@ def test_row_losses_in_pieces_give_the_counts_of_the_whole_update(monkeypatch, s
 
 
 def test_the_multilabel_scratch_buffers_are_kept_and_bounded(monkeypatch):
-    monkeypatch.setattr(classification, "_LABEL_VALUES", 4_000)
+    monkeypatch.setattr(label_counts, "_LABEL_VALUES", 4_000)
     counts = ClassCounts("multilabel", "logits", 100)
     counts.update(torch.randn(200, 100), (torch.rand(200, 100) < 0.1).float())  # 20,000 values: 5 pieces
     held = dict(counts._work._buffers)

@@ -1,0 +1,96 @@
+"""The multilabel update of :class:`~lightning_lossdiag.stats.classification.ClassCounts`: each label a binary task.
+
+Part of ``ClassCounts``' implementation (it reads and writes the counts' state): every value, in pieces of at most
+``_LABEL_VALUES`` whose temporaries are kept buffers (:func:`~lightning_lossdiag.stats.label_values.label_values`),
+gives the per-label counts and each row's loss; the budget sample of rows gives the curves, calibration bins, moments
+and Brier score. No host read.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lightning_lossdiag.stats.calibration import FINE_BINS, calibration_bins
+from lightning_lossdiag.stats.label_values import label_masks, label_values
+
+if TYPE_CHECKING:
+    from lightning_lossdiag.stats.classification import ClassCounts
+
+_LABEL_VALUES = 2**20  # values per piece of the every-value statistics (kept scratch buffers)
+_HISTOGRAM_VALUES = 4096  # probabilities per update in the true-label probability histogram
+
+
+def update_multilabel(counts: ClassCounts, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
+    """Add a multilabel batch: every value in bounded pieces (:func:`label_piece`), then the sample. No host read."""
+    d = counts.class_dim % x.ndim
+    c = counts.num_classes
+    xs, ts = x.movedim(d, -1).reshape(-1, c), target.movedim(d, -1).reshape(-1, c)
+    m = xs.shape[0]
+    if m == 0:
+        return
+    # every value, in pieces of at most _LABEL_VALUES whose full-size temporaries are kept buffers
+    step = max(1, _LABEL_VALUES * (1 if xs.device.type == "cpu" else 4) // c)  # 16 MiB float32 pieces off the CPU
+    pieces = [label_piece(counts, xs[a : a + step], ts[a : a + step], n, rank, world, a, m) for a in range(0, m, step)]
+    label_counts = pieces[0][0] if len(pieces) == 1 else torch.stack([p[0] for p in pieces]).sum(0)
+    # support, predicted and correct per label, then the valid values per label (label_rows follows per_class)
+    counts._store[counts._at["per_class"] : counts._at["per_class"] + 4 * c].add_(label_counts.view(-1))
+    counted = pieces[0][1] if len(pieces) == 1 else torch.stack([p[1] for p in pieces]).sum()
+    add_labels_sampled(counts, xs, ts, m, torch.stack([counted, m - counted]))
+
+
+def label_piece(
+    counts: ClassCounts, xs: Tensor, ts: Tensor, n: int, rank: int, world: int, start: int, total: int
+) -> tuple[Tensor, Tensor]:
+    """Every value of rows ``start:start + len(xs)``: ``(4, C)`` label counts and the rows kept; worst rows offered.
+
+    Each full-size temporary is a kept scratch buffer (:class:`~lightning_lossdiag.stats.row_ops.Workspace`).
+    """
+    v = label_values(xs, ts, counts.inputs, counts.ignore_index, counts._work, losses=counts.views)
+    positive, predicted, row_loss = v.positive, v.predicted, v.row_loss
+    if row_loss is not None:  # the worst rows (error views only)
+        columns = [
+            lambda at: positive[at].sum(1),
+            lambda at: predicted[at].sum(1),
+            lambda at: (-row_loss[at]).exp(),
+        ]
+        counts._offer_worst(torch.where(v.kept, row_loss, float("-inf")), columns, n, rank, world, start, total)
+    return v.counts, v.kept.sum()
+
+
+def add_labels_sampled(counts: ClassCounts, xs: Tensor, ts: Tensor, m: int, rows: Tensor) -> None:
+    """Multilabel statistics on the budget sample of rows, each label as a binary task.
+
+    Curves, classwise and fine calibration bins, moments, Brier score and the probability histogram; ``rows``
+    (counted, left out) joins their update of the store. The top-label bins are the classwise bins summed over
+    labels (the same values in the same bins), so they are taken from them instead of being counted twice.
+    """
+    c = counts.num_classes
+    r, k = counts._sample(m, c)
+    sample, s_t = (xs, ts) if r is None else (xs[r], ts[r])
+    _, s_valid, s_pos = label_masks(s_t if s_t.dtype == torch.float64 else s_t.float(), counts.ignore_index)
+    probs = counts._probabilities(sample, multiclass=False)
+    w = s_valid.to(torch.float64).mul_(m / max(k, 1))
+    counts._add_curves(probs, s_pos, w)
+    j, fine = calibration_bins(probs, counts._calibration_edges, FINE_BINS, counts._windows[1])
+    sums = (w, w * probs, torch.where(s_pos, w, 0.0))  # (k, C) weight, probability and hit sums of each value
+    counts._add_classwise(j, sums)
+    counts.calibration.copy_(counts.classwise.sum(0))
+    for row, values in zip(counts.calibration_fine, sums, strict=True):
+        row.index_add_(0, fine.view(-1), values.view(-1))
+    weight, p_sum, hits = (v.sum(0) for v in sums)  # (C,) each
+    squares = (sums[1] * probs).sum(0)  # sum of w p^2 per label
+    # Brier: sum of w (p - y)^2 = w p^2 - 2 w p y + w y for 0/1 labels, from the sums at hand
+    brier = squares.sum() - 2 * (sums[1] * s_pos).sum() + hits.sum()
+    moment = torch.cat([weight, p_sum, squares, brier[None], weight.sum()[None]])
+    index, parts = [counts._index["moments"], counts._index["rows"]], [moment, rows]
+    if counts.views:
+        shown = max(1, _HISTOGRAM_VALUES // c)  # the probability histogram takes a few of the sampled rows
+        p_true = torch.where(s_pos[:shown], probs[:shown], 1 - probs[:shown])
+        counts._add_probs(torch.where(s_valid[:shown], p_true, float("nan")).view(-1), index, parts)
+    counts._store.index_add_(0, torch.cat(index), torch.cat(parts))
+
+
+__all__ = ["add_labels_sampled", "label_piece", "update_multilabel"]

@@ -1,0 +1,173 @@
+"""The multiclass update of :class:`~lightning_lossdiag.stats.classification.ClassCounts`: rows or dense scores.
+
+Part of ``ClassCounts``' implementation (it reads and writes the counts' state): every row gives its maximum, argmax,
+true-class score, top-k membership and loss (:func:`row_scores`, :func:`~lightning_lossdiag.stats.row_ops.row_nll`),
+which feed the per-class counts, the top-label calibration bins and the row sums; the budget sample of rows feeds the
+curves, classwise bins, moments and Brier score (:func:`add_sampled`). No host read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lightning_lossdiag.stats.calibration import FINE_BINS, calibration_bin, calibration_bins
+from lightning_lossdiag.stats.curves import by_lookup
+from lightning_lossdiag.stats.row_ops import (
+    chunk_maxima,
+    count_true,
+    first_hit,
+    in_top_k_chunks,
+    max_in_chunks,
+    row_nll,
+)
+
+if TYPE_CHECKING:
+    from lightning_lossdiag.stats.classification import ClassCounts
+
+_KEPT_ROW_VALUES = 2**19  # the largest per-row column block kept between updates (float64)
+_DIRECT_SCORES = 2**24  # off the CPU: long rows up to this many scores take max and a counted comparison
+
+
+def row_scores(counts: ClassCounts, x: Tensor, safe: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(top, pred, picked, in_top)`` of ``(M, C)`` rows or ``(A, C, L)`` dense scores (the class dim is 1).
+
+    The maximum, its first index, the true class's score and whether it is among the ``top_k`` highest, each
+    ``(M,)``. On the CPU, long rows (512 classes or more) find all four from one pass of chunk maxima; off the CPU
+    they do so only above ``_DIRECT_SCORES`` scores (below, ``max`` and one counted comparison: a third of the
+    launches, and a bool temporary of at most 16 MiB). Dense scores: CUDA takes ``max`` (one kernel for both),
+    the CPU ``amax`` and one comparison (see :func:`first_argmax`).
+    """
+    k = counts.top_k
+    if x.ndim == 2:
+        picked = x.gather(1, safe[:, None]).squeeze(1)
+        if x.shape[1] >= 512 and (by_lookup(x) or x.numel() > _DIRECT_SCORES):
+            chunks = chunk_maxima(x)
+            top, pred = max_in_chunks(x, chunks, counts._index["chunk"])
+            return top, pred, picked, (in_top_k_chunks(x, chunks, picked, k) if k else None)
+        top, pred = x.max(1)
+        return top, pred, picked, (count_true(x > picked[:, None], 1) < k if k else None)
+    picked = x.gather(1, safe.unsqueeze(1)).squeeze(1)
+    if by_lookup(x):  # the CPU
+        top = x.amax(1)
+        pred = first_hit(x, 1, top, counts._index["descending"])
+    else:
+        top, pred = x.max(1)
+    in_top = (count_true(x > picked.unsqueeze(1), 1) < k).view(-1) if k else None
+    return top.view(-1), pred.view(-1), picked.view(-1), in_top
+
+
+def update_multiclass(counts: ClassCounts, x: Tensor, target: Tensor, n: int, rank: int, world: int) -> None:
+    """Add a multiclass batch: every row's statistics, then the budget sample (:func:`add_sampled`). No host read."""
+    d = counts.class_dim % x.ndim
+    c = counts.num_classes
+    # bf16/fp16 logits off the CPU stay as they are (maxima and scores are exact; the log-softmax reads them once
+    # in float32); the CPU computes faster on a float32 copy
+    low = x.dtype not in (torch.float32, torch.float64)
+    if low and (counts.inputs != "logits" or by_lookup(x)):
+        x, low = x.float(), False
+    lab = target.reshape(-1).long()
+    safe, valid = counts._labels(lab)
+    m = lab.shape[0]
+    if d == x.ndim - 1:  # (N, C), (B, T, V): rows
+        scores = x.reshape(-1, c)
+        target_of = safe
+    else:  # (N, C, d1, ...): (A, C, L) with the class dim 1, a view for the usual layouts
+        a = math.prod(x.shape[:d])
+        scores = x.reshape(a, c, m // max(a, 1))
+        target_of = safe.view(a, -1)
+    top, pred, picked, in_top = row_scores(counts, scores, target_of)
+    if counts.inputs == "logits":
+        # the fused cross-entropy is -log p_true; logsumexp follows from it (a separate logsumexp costs 2-3x)
+        nll = row_nll(scores, target_of, low, counts._work)
+        log_pred = top - (picked + nll)  # log p(top) = top - logsumexp, logsumexp = picked + nll (float32)
+        confidence = log_pred.exp()  # the top-label probability
+    elif counts.inputs == "log_probabilities":
+        nll, log_pred, confidence = picked.neg(), top, top.exp()
+    else:
+        nll, log_pred, confidence = picked.clamp_min(1e-12).log().neg_(), top.clamp_min(1e-12).log(), top
+    # every row: support[true], predicted[pred], correct[true] (exact counts in float64); the top-label calibration
+    # bins (weight, confidence, hit); rows counted and left out, the top-k hits and the sum of -log p(true class)
+    columns = [valid, confidence, pred == safe, nll, *([] if in_top is None else [in_top])]
+    # float64, 0 on the rows left out. The CPU copies each column into a row of a kept buffer and fills once: a
+    # where() over stacked columns of mixed dtypes takes its slow casting path there (~1 ms at 32k pixels)
+    if by_lookup(x):
+        shape = (len(columns), m)
+        kept = math.prod(shape) <= _KEPT_ROW_VALUES  # a kept buffer of at most 4 MiB
+        per_row = (
+            counts._work.take("per_row", shape, torch.float64) if kept else torch.empty(shape, dtype=torch.float64)
+        )
+        for row, column in zip(per_row, columns, strict=True):
+            row.copy_(column)
+        per_row.masked_fill_(valid.logical_not(), 0.0)
+    else:  # two kernels
+        per_row = torch.where(valid, torch.stack(columns), counts._zero)
+    v, hit = per_row[0], per_row[2]
+    counts.per_class[::2].index_add_(1, safe, per_row[::2][:2])  # support and correct: weight and hit
+    counts.per_class[1].index_add_(0, pred, v)
+    j, fine = calibration_bins(confidence, counts._calibration_edges, FINE_BINS, counts._windows[1])
+    counts.calibration.index_add_(1, j, per_row[:3])
+    counts.calibration_fine.index_add_(1, fine, per_row[:3])
+    sums = per_row.sum(1)
+    if counts.confusion.numel():
+        counts.confusion.view(-1).index_add_(0, torch.add(pred, safe, alpha=c), v)
+    if counts.pairs is not None:
+        counts.pairs.update(safe, pred, v - hit, checked=True)  # the confused rows weigh 1
+    if counts.views:
+        loss = torch.where(valid, nll, float("-inf"))
+        prob = confidence if counts.inputs != "probabilities" else (lambda at: log_pred[at].exp())
+        counts._offer_worst(loss, [lab, pred, prob], n, rank, world)
+    # the sampled statistics and the row sums go to the store in one index_add_
+    index = [counts._index["row_sums"][: len(columns)], counts._index["left_out"]]
+    parts = [sums, m - sums[:1]]
+    add_sampled(counts, scores, safe, valid, m, index, parts)
+    counts._store.index_add_(0, torch.cat(index), torch.cat(parts))
+
+
+def add_sampled(
+    counts: ClassCounts, scores: Tensor, safe: Tensor, valid: Tensor, m: int, index: list[Tensor], parts: list[Tensor]
+) -> None:
+    """Multiclass statistics of ``rows x classes`` on the budget sample of rows.
+
+    Curves and classwise bins are added here; the moments, the Brier score and the true-class histogram (a few
+    values) are appended to ``index``/``parts``, the caller's update of the store.
+    """
+    c = counts.num_classes
+    r, k = counts._sample(m, c)
+    if scores.ndim == 2:
+        sample = scores if r is None else scores[r]
+    elif r is None:
+        sample = scores.movedim(1, -1).reshape(-1, c)
+    else:
+        length = scores.shape[2]
+        lead = torch.div(r, length, rounding_mode="floor")
+        sample = scores[lead, :, torch.sub(r, lead, alpha=length)]  # (k, C)
+    s_safe, s_valid = (safe, valid) if r is None else (safe[r], valid[r])
+    w = s_valid.to(torch.float64).mul_(m / max(k, 1))
+    probs = counts._probabilities(sample, multiclass=True)
+    positive = s_safe[:, None] == counts._index["classes"]  # one_hot reads min() on the CPU
+    counts._add_curves(probs, positive, w)
+    # classwise bins of every class (the sampled values: O(budget)): weight and probability sums of every value;
+    # the hit sums have one value a row (its true class), added alone
+    wp = probs.double().mul_(w[:, None])  # w p, (k, C)
+    at = calibration_bin(probs, counts._calibration_edges, counts._windows[1]).add_(counts._index["classwise"])
+    b = counts._calibration_edges.shape[0]  # calibration bins + 1: a class's bin rows
+    counts._store.index_add_(0, at.view(-1), w[:, None].expand_as(wp).reshape(-1))
+    counts._store[b:].index_add_(0, at.view(-1), wp.view(-1))
+    counts._store[2 * b :].index_add_(0, at.gather(1, s_safe[:, None]).squeeze(1), w)
+    # moments (weight, sum p, sum p^2 per class) and the Brier score, the sum over classes of (p - onehot)^2:
+    # sum p^2 - 2 p_true + 1 a row, from the sums at hand
+    p_true = probs.gather(1, s_safe[:, None]).squeeze(1)
+    p_sum, squares = wp.sum(0), wp.mul_(probs).sum(0)
+    total = w.sum()
+    brier = squares.sum() - 2 * (w @ p_true.double()) + total
+    index.append(counts._index["moments"])
+    parts.append(torch.cat([total.expand(c), p_sum, squares, brier[None], total[None]]))
+    if counts.views:
+        counts._add_probs(torch.where(s_valid, p_true, float("nan")), index, parts)  # the sampled rows
+
+
+__all__ = ["add_sampled", "row_scores", "update_multiclass"]
