@@ -39,7 +39,15 @@ def row_scores(counts: ClassCounts, x: Tensor, safe: Tensor) -> tuple[Tensor, Te
     ``(M,)``. On the CPU, long rows (512 classes or more) find all four from one pass of chunk maxima; off the CPU
     they do so only above ``_DIRECT_SCORES`` scores (below, ``max`` and one counted comparison: a third of the
     launches, and a bool temporary of at most 16 MiB). Dense scores: CUDA takes ``max`` (one kernel for both),
-    the CPU ``amax`` and one comparison (see :func:`first_argmax`).
+    the CPU ``amax`` and one comparison (see :func:`~lightning_lossdiag.stats.row_ops.first_argmax`).
+
+    Example:
+        >>> from lightning_lossdiag.stats.classification import ClassCounts
+        >>> counts = ClassCounts("multiclass", "logits", 12)  # top-5 membership from 10 classes on
+        >>> x = torch.stack([torch.arange(12.0), torch.arange(12.0).flip(0)])
+        >>> top, pred, picked, in_top = row_scores(counts, x, torch.tensor([0, 3]))
+        >>> pred.tolist(), picked.tolist(), in_top.tolist()  # 11 classes above class 0, 3 above class 3
+        ([11, 0], [0.0, 8.0], [False, True])
     """
     k = counts.top_k
     if x.ndim == 2:
