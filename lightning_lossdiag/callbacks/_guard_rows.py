@@ -67,7 +67,7 @@ def step_ok(
     ``NaN``); adding ``0 * probe`` (``alpha=0``) folds the loss in the same way, and ``NaN`` is the one value not
     equal to itself. Three small kernels whatever the number of parameters, exact for any finite values (nothing
     is summed that could overflow), and the result is written as an integer, the type
-    :func:`~lightning_lossdiag.callbacks.nonfinite_guard.drop_update` multiplies integer views of the gradients by
+    :func:`~lightning_lossdiag.callbacks._guard_ops.drop_update` multiplies integer views of the gradients by
     (a bool would be converted once per gradient).
 
     With ``found_inf=True`` the flag is inverted and ``float32``: ``1.0`` for a bad step, what a fused torch

@@ -26,7 +26,8 @@ from lightning_lossdiag.callbacks._base import (
     warn_no_logger_once,
 )
 from lightning_lossdiag.callbacks._grad_groups import host_floats, safe_tag
-from lightning_lossdiag.callbacks.nonfinite_guard import NO_STEP, merge_nonfinite
+from lightning_lossdiag.callbacks._guard_ops import merge_nonfinite
+from lightning_lossdiag.callbacks._guard_rows import NO_STEP
 from lightning_lossdiag.diagnosis.record import record_for
 
 _MIN_LOG_STD = 0.01  # floor of the spike detector's std of log(loss): a spike must rise > zscore * 1% at least

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_lossdiag.callbacks._grad_window import param_norms
+from lightning_lossdiag.callbacks._guard_ops import drop_update, int_view
 from lightning_lossdiag.callbacks._guard_rows import NO_STEP, GuardRows, loss_mark, loss_probe, step_ok
-from lightning_lossdiag.callbacks.nonfinite_guard import drop_update, int_view
 
 NAN, INF = float("nan"), float("inf")
 
