@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from _turns import Relay  # benchmarks/_turns.py, beside this script
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm
@@ -45,7 +46,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 IN_FEATURES = 64
-TURN_TIMEOUT_S = 600  # a turn is seconds; a process that died holding it must not hang the others
 
 
 class MLP(LightningModule):
@@ -123,39 +123,6 @@ def diagnostics_factories(with_activations: bool) -> tuple[dict[str, Callable[[]
                 base = rows[next(iter(rows))]
                 rows["LossDiagnostics + activations"] = lambda: [*base(), ActivationMonitor()]
     return rows, notes
-
-
-class Relay:
-    """One turn at a time between processes, cyclic; sums each one's wall-clock and CPU time in its turns.
-
-    Built in the parent from multiprocessing primitives and handed to the children, which only touch the shared
-    arrays while they hold the turn.
-    """
-
-    def __init__(self, ctx: Any, n: int) -> None:
-        self.turns = [ctx.Event() for _ in range(n)]
-        self.finished = ctx.Array("b", n, lock=False)
-        self.wall = ctx.Array("d", n, lock=False)
-        self.cpu = ctx.Array("d", n, lock=False)
-        self._since = (0.0, 0.0)
-
-    def take(self, i: int) -> None:
-        """Wait for process ``i``'s turn, then start its clocks (fail, not hang, if the holder died)."""
-        if not self.turns[i].wait(timeout=TURN_TIMEOUT_S):
-            raise TimeoutError(f"no turn for {TURN_TIMEOUT_S} s: the process holding it died")
-        self.turns[i].clear()
-        self._since = (time.perf_counter(), time.process_time())
-
-    def give(self, i: int, finished: bool = False) -> None:
-        """Stop process ``i``'s clocks and wake the next unfinished one (``i`` itself if it is the last)."""
-        wall, cpu = self._since
-        self.wall[i] += time.perf_counter() - wall
-        self.cpu[i] += time.process_time() - cpu
-        self.finished[i] = self.finished[i] or finished
-        n = len(self.turns)
-        nxt = next((k % n for k in range(i + 1, i + 1 + n) if not self.finished[k % n]), None)
-        if nxt is not None:
-            self.turns[nxt].set()
 
 
 class Turns(Callback):

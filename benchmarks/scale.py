@@ -2,8 +2,12 @@
 
 Every workload is a small LightningModule with seeded synthetic data made here; its training_step and
 validation_step return ``{"loss": loss, "preds": logits.detach(), "target": y}``, so both configurations run the same
-module and only the callbacks differ. Each configuration of each repeat runs in its own subprocess (bare, diag, bare,
-diag, ...) so one's memory never leaks into the other's; the numbers are medians over repeats.
+module and only the callbacks differ. Each configuration of each repeat runs in its own process, so one's memory never
+leaks into the other's. By default the configurations of a repeat run at once and take turns every ``--turns`` (10)
+training steps, only one running at a time (``benchmarks/_turns.py``): they share the same seconds of the machine,
+whose speed drifts by 10 % or more between fits run one after the other. The wait for a turn is left out of every
+time, and so is the first step after it (cold caches). ``--turns 0`` runs the fits one after the other instead. The
+numbers are medians over repeats; the per-step ratio is the median of each repeat's ratio.
 
 Columns: mean wall time per training step within a run, flush steps and batched-count steps included
 (``on_train_batch_start`` to the next one, warm-up steps and the steps that cross an epoch end left out; on CUDA
@@ -27,8 +31,10 @@ the system and the peak follows the bytes alive; page faults then cost both conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import multiprocessing
 import os
 import resource
 import shlex
@@ -36,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -43,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _turns import TURN_TIMEOUT_S, Relay  # benchmarks/_turns.py, beside this script
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -176,6 +184,8 @@ def timers(cuda: bool) -> tuple[Any, Any]:
             self.prev: float | None = None
             self.index = 0
             self.tail_end: float | None = None
+            self.paused = 0.0  # seconds spent waiting for a turn since the last mark (left out of every time)
+            self.skip_next = False  # the first step after a turn finds cold caches: not counted
 
         def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
             self.prev, self.index = None, 0
@@ -183,15 +193,15 @@ def timers(cuda: bool) -> tuple[Any, Any]:
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             t = now()
             if self.index == 0 and self.tail_end is not None:  # previous epoch: its validation and end hooks
-                self.outside.append(t - self.tail_end)
+                self.outside.append(t - self.tail_end - self.paused)
                 self.tail_end = None
-            if self.prev is not None and self.index > WARMUP:
-                self.steps.append(t - self.prev)
-            self.prev, self.index = t, self.index + 1
+            if self.prev is not None and self.index > WARMUP and not self.skip_next:
+                self.steps.append(t - self.prev - self.paused)
+            self.prev, self.index, self.paused, self.skip_next = t, self.index + 1, 0.0, False
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             if self.tail_end is not None:
-                self.outside.append(now() - self.tail_end)
+                self.outside.append(now() - self.tail_end - self.paused)
 
     class Tail(Callback):
         def __init__(self, timer: StepTimer) -> None:
@@ -204,8 +214,31 @@ def timers(cuda: bool) -> tuple[Any, Any]:
     return timer, Tail(timer)
 
 
-def child(spec: dict[str, Any]) -> dict[str, Any]:
-    """One configuration of one workload, in this process: fit, then report times, memory and event bytes."""
+def turns_callback(timer: Any, relay: Relay, index: int, every: int) -> Any:
+    """The last callback: every ``every`` optimizer steps, hand the machine to the next configuration's process.
+
+    The wait is added to ``timer.paused`` (left out of the step and epoch-end times) and the step that follows is not
+    counted (cold caches after another process ran).
+    """
+    from lightning.pytorch import Callback
+
+    class Turns(Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.global_step % every == 0:
+                start = time.perf_counter()
+                relay.give(index)
+                relay.take(index)
+                timer.paused += time.perf_counter() - start
+                timer.skip_next = True
+
+    return Turns()
+
+
+def child(spec: dict[str, Any], turns: tuple[Relay, int, Any] | None = None) -> dict[str, Any]:
+    """One configuration of one workload, in this process: fit, then report times, memory and event bytes.
+
+    ``turns``: ``(relay, index, ready)`` when the configurations of a repeat run at once and take turns.
+    """
     import logging
 
     from lightning.pytorch import Trainer, seed_everything
@@ -237,6 +270,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 budget = getattr(args, "budget", None)
                 parts = {} if budget is None else {"errors": {"budget": budget}, "metrics": {"budget": budget}}
                 callbacks.append(LossDiagnostics(**parts))
+            last = [tail] if turns is None else [tail, turns_callback(timer, turns[0], turns[1], args.turns)]
             trainer = Trainer(
                 max_epochs=args.epochs,
                 limit_val_batches=args.val_batches,
@@ -249,9 +283,18 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 enable_progress_bar=False,
                 enable_model_summary=False,
                 enable_checkpointing=False,
-                callbacks=[*callbacks, tail],
+                callbacks=[*callbacks, *last],
             )
-            trainer.fit(model, train, val)
+            if turns is None:
+                trainer.fit(model, train, val)
+            else:
+                relay, index, ready = turns
+                ready.wait()  # every configuration has built its model and Trainer
+                relay.take(index)
+                try:
+                    trainer.fit(model, train, val)
+                finally:
+                    relay.give(index, finished=True)
         except Exception as err:  # noqa: BLE001 - reported in the workload's row
             frames = [f for f in traceback.extract_tb(err.__traceback__) if "lightning_lossdiag" in f.filename]
             where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
@@ -280,6 +323,42 @@ def run_child(name: str, config: str, seed: int, args: argparse.Namespace) -> di
     return {"workload": name, "config": config, "error": f"process exited {proc.returncode}: {tail}"[:300]}
 
 
+def _turn_worker(spec: dict[str, Any], index: int, relay: Relay, ready: Any, results: Any) -> None:
+    """One configuration in its own process, taking turns with the others (see :func:`run_in_turns`)."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the diagnosis each fit prints; the parent prints the table
+    try:
+        results.put((index, child(spec, (relay, index, ready))))
+    except BaseException as err:  # noqa: BLE001 - reported in the workload's row
+        ready.abort()
+        relay.give(index, finished=True)
+        results.put((index, {"workload": spec["workload"], "config": spec["config"], "error": repr(err)[:300]}))
+
+
+def run_in_turns(name: str, configs: list[str], seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every configuration of one repeat at once, one process each, taking turns every ``args.turns`` steps.
+
+    Only one process runs at a time, and all of them share the same seconds of the machine: its drift, which moves
+    fits run one after the other by 10 % or more, cancels out of the ratios. The first configuration to run rotates
+    with the repeat.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "lightning.pytorch", "lightning_lossdiag"])
+    relay = Relay(ctx, len(configs))
+    ready = ctx.Barrier(len(configs) + 1)
+    results = ctx.Queue()
+    specs = [{"workload": name, "config": c, "seed": seed, "args": vars(args)} for c in configs]
+    procs = [ctx.Process(target=_turn_worker, args=(spec, i, relay, ready, results)) for i, spec in enumerate(specs)]
+    for proc in procs:
+        proc.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # broken: a child failed; it reports below
+        ready.wait()
+    relay.turns[seed % len(configs)].set()
+    got = dict(results.get(timeout=TURN_TIMEOUT_S * len(configs)) for _ in procs)
+    for proc in procs:
+        proc.join()
+    return [got[i] for i in range(len(configs))]
+
+
 def med(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -303,7 +382,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     def diff(key: str) -> float | None:
         return None if bare[key] is None or diag[key] is None else diag[key] - bare[key]
 
-    s["ratio"] = diag["step_s"] / bare["step_s"] if bare["step_s"] and diag["step_s"] else None
+    # per repeat, bare and diag ran side by side (in turns, the same seconds): the median of the paired ratios
+    paired = [
+        statistics.fmean(d["step_s"]) / statistics.fmean(b["step_s"])
+        for b, d in zip(runs["bare"], runs["diag"], strict=True)
+        if "error" not in b and "error" not in d and b["step_s"] and d["step_s"]
+    ]
+    s["ratio"] = med(paired)
+    s["ratios"] = paired
     loss = s.get("loss", {})
     s["handover_ms"] = (diag["step_s"] - loss["step_s"]) * 1000 if loss.get("step_s") and diag["step_s"] else None
     s["outside_added_s"] = diff("outside_s")
@@ -362,6 +448,13 @@ def main(argv: list[str] | None = None) -> None:
         "--configs", default="bare,loss,diag", help="configurations run in turn: bare,diag and optionally loss"
     )
     parser.add_argument(
+        "--turns",
+        type=int,
+        default=10,
+        help="the configurations of a repeat run at once and take turns every N training steps (same seconds of the "
+        "machine); 0: one after the other",
+    )
+    parser.add_argument(
         "--live-rss",
         action="store_true",
         help="CPU: a fixed glibc mmap threshold in every run (peak RSS follows live bytes, not the allocator cache)",
@@ -385,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not {"bare", "diag"} <= set(configs) or not set(configs) <= {"bare", "loss", "diag"}:
         parser.error(f"--configs must hold bare and diag, optionally loss; got {args.configs!r}")
+    if args.live_rss and args.turns > 0:  # the processes of a repeat fork from a server that reads it at its start
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in names if w not in WORKLOADS]
     if unknown:
@@ -400,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
         f"device {device}; torch threads {args.threads or torch.get_num_threads()}; "
         f"precision {args.precision or '32-true'}; {args.epochs} epochs x "
         f"({WARMUP} warm-up + {math.ceil(args.steps / args.epochs)} measured + 1 last) training steps, "
-        f"{args.val_batches} val batches per epoch; {args.repeats} repeats ({args.configs} in turn, one process each)"
+        f"{args.val_batches} val batches per epoch; {args.repeats} repeats ({args.configs}, one process each, "
+        + (f"all at once, taking turns every {args.turns} steps)" if args.turns > 0 else "one after the other)")
         + ("; QUICK sizes" if args.quick else "")
         + (f"; budget {args.budget}" if args.budget is not None else ""),
     ]
@@ -409,6 +505,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
         for r in range(args.repeats):
+            if args.turns > 0:
+                start = time.perf_counter()
+                for config, out in zip(configs, run_in_turns(name, configs, seed=r, args=args), strict=True):
+                    runs[config].append(out)
+                status = "; ".join(f"{c} {runs[c][-1].get('error', 'ok')}" for c in configs)
+                print(f"  {name} repeat {r + 1}/{args.repeats} in turns: {time.perf_counter() - start:.1f} s, {status}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                continue
             for config in configs:
                 start = time.perf_counter()
                 runs[config].append(run_child(name, config, seed=r, args=args))
@@ -427,12 +531,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.live_rss and args.device != "cuda":
         memory += ", glibc mmap threshold fixed at 128 KiB"
     print(
-        f"\nTargets (cells that miss are marked{MARK}): per step <= {TARGETS['ratio']:.2f}x bare (ratio of the "
-        f"per-step means); epoch end <= +{TARGETS['epoch_s']:.0f} s (validation + epoch-end hooks per epoch, diag - "
-        f"bare); memory added <= {TARGETS['mem_mib']:.0f} MiB at 32k classes (applied to every row; {memory}, diag - "
-        "bare); hand-over = diag minus the same LossDiagnostics() given the loss only (config 'loss'); "
+        f"\nTargets (cells that miss are marked{MARK}): per step <= {TARGETS['ratio']:.2f}x bare (the median over "
+        "repeats of the ratio of the per-step means); "
+        f"epoch end <= +{TARGETS['epoch_s']:.0f} s (validation + epoch-end hooks per epoch, diag - bare); "
+        f"memory added <= {TARGETS['mem_mib']:.0f} MiB at 32k classes (applied to every row; {memory}, diag - bare); "
+        "hand-over = diag minus the same LossDiagnostics() given the loss only (config 'loss'); "
         f"events <= {TARGETS['events_mib']:.0f} MiB per stage and epoch (TensorBoard files of the diag run / "
-        f"(epochs x stages), stages train and val, or train alone with --val-batches 0)."
+        "(epochs x stages), stages train and val, or train alone with --val-batches 0)."
     )
     for name, res in results.items():
         for w in res["summary"]["diag_only_warnings"][:5]:
