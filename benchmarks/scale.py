@@ -262,6 +262,7 @@ def child(spec: dict[str, Any], turns: tuple[Relay, int, Any] | None = None) -> 
     val = make_data(name, size, max(args.val_batches, 1), seed=spec["seed"] + 1000)
     timer, tail = timers(cuda)
     callbacks: list[Any] = [timer]
+    started = False  # in turns: this process has passed the barrier and taken its first turn
     with tempfile.TemporaryDirectory() as tmp:
         try:
             if config in ("diag", "loss"):
@@ -291,11 +292,15 @@ def child(spec: dict[str, Any], turns: tuple[Relay, int, Any] | None = None) -> 
                 relay, index, ready = turns
                 ready.wait()  # every configuration has built its model and Trainer
                 relay.take(index)
+                started = True
                 try:
                     trainer.fit(model, train, val)
                 finally:
                     relay.give(index, finished=True)
         except Exception as err:  # noqa: BLE001 - reported in the workload's row
+            if turns is not None and not started:  # failed before its first turn: the others must not wait for it
+                turns[2].abort()
+                turns[0].give(turns[1], finished=True)
             frames = [f for f in traceback.extract_tb(err.__traceback__) if "lightning_lossdiag" in f.filename]
             where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
             out["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:240]}{where}"
