@@ -285,15 +285,20 @@ class ClassCounts:
             valid &= lab != self.ignore_index
         return safe, valid
 
-    def _add_classwise(self, j: Tensor, sums: Sequence[Tensor]) -> None:
+    def _add_classwise(self, j: Tensor, sums: Sequence[Tensor], hits: tuple[Tensor, Tensor] | None = None) -> None:
         """Add ``(k, C)`` weight, probability and hit sums to the classwise bins ``j`` (``(k, C)``, changed in place).
 
         One index for the three sums (each ``index_add_`` goes through a view of the store shifted by a bin row).
+        ``hits``: ``(true class, weight)`` of each of the ``k`` rows instead of a ``(k, C)`` hit sum, when a row has
+        one hit (multiclass): ``k`` values added, not ``k x C``.
         """
-        at = j.add_(self._index["classwise"]).view(-1)  # the weight slot of each value's class and bin
+        at = j.add_(self._index["classwise"])  # the weight slot of each value's class and bin
         b = CALIBRATION_BINS + 1
         for row, values in enumerate(sums):
-            self._store[row * b :].index_add_(0, at, values.reshape(-1))
+            self._store[row * b :].index_add_(0, at.view(-1), values.reshape(-1))
+        if hits is not None:
+            true, weight = hits
+            self._store[2 * b :].index_add_(0, at.gather(1, true[:, None]).squeeze(1), weight)
 
     def _add_probs(self, p: Tensor, index: list[Tensor], parts: list[Tensor]) -> None:
         """Count ``(n,)`` probabilities (NaN: a row left out) in the true-class histogram (:attr:`true_prob`).

@@ -161,11 +161,8 @@ def add_sampled(
     # classwise bins of every class (the sampled values: O(budget)): weight and probability sums of every value;
     # the hit sums have one value a row (its true class), added alone
     wp = probs.double().mul_(w[:, None])  # w p, (k, C)
-    at = calibration_bin(probs, counts._calibration_edges, counts._windows[1]).add_(counts._index["classwise"])
-    b = counts._calibration_edges.shape[0]  # calibration bins + 1: a class's bin rows
-    counts._store.index_add_(0, at.view(-1), w[:, None].expand_as(wp).reshape(-1))
-    counts._store[b:].index_add_(0, at.view(-1), wp.view(-1))
-    counts._store[2 * b :].index_add_(0, at.gather(1, s_safe[:, None]).squeeze(1), w)
+    j = calibration_bin(probs, counts._calibration_edges, counts._windows[1])
+    counts._add_classwise(j, (w[:, None].expand_as(wp), wp), hits=(s_safe, w))
     # moments (weight, sum p, sum p^2 per class) and the Brier score, the sum over classes of (p - onehot)^2:
     # sum p^2 - 2 p_true + 1 a row, from the sums at hand
     p_true = probs.gather(1, s_safe[:, None]).squeeze(1)
