@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.profiler import profile, record_function
 
-from lightning_lossdiag.stats import classification, curves, label_counts, multiclass_counts, pairs, row_ops, topk
+from lightning_lossdiag.stats import classification, curves, label_counts, multiclass_counts, pairs, topk
 
 PARTS = {
     classification.ClassCounts: ("_add_curves", "_add_classwise", "_labels", "_add_probs", "_offer_worst"),
@@ -159,9 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.path == "device":
-        curves.LOOKUP_DEVICES = frozenset()
-        row_ops.BYTE_SUM_DEVICES = frozenset()
-        row_ops._NLL_VALUES = row_ops._NLL_VALUES_DEVICE  # row-loss pieces of a GPU's size
+        curves.LOOKUP_DEVICES = frozenset()  # the one switch between the CPU's paths and a GPU's
     instrument()
     path = "" if args.path == "native" else ", the off-CPU path"
     print(f"torch {torch.__version__}, device {device}{path}; top-level aten ops of one ClassCounts.update")

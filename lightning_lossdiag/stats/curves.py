@@ -107,11 +107,14 @@ def threshold_bins(p: Tensor, thresholds: Tensor, window: tuple[Tensor, Tensor] 
     return lookup_bins(q, thresholds, window)
 
 
-LOOKUP_DEVICES = frozenset({"cpu"})  # device types where bins are found by arithmetic and a lookup, not a search
+# device types that take the CPU's paths of the class engine: bins by arithmetic and a lookup (not a search), byte
+# counts in blocks, small row-loss pieces, a float32 copy of half-precision logits. The one switch: tests set it
+# empty to run a GPU's paths on the CPU (benchmarks/update_ops.py --path device counts them)
+LOOKUP_DEVICES = frozenset({"cpu"})
 
 
 def by_lookup(t: Tensor) -> bool:
-    """Whether bins of values on ``t``'s device are found by :func:`lookup_bins` (the CPU) or ``bucketize``."""
+    """Whether ``t``'s device takes the CPU's paths (:data:`LOOKUP_DEVICES`): bins by :func:`lookup_bins`, etc."""
     return t.device.type in LOOKUP_DEVICES
 
 

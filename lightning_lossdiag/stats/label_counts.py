@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossdiag.stats.calibration import FINE_BINS, calibration_bins
+from lightning_lossdiag.stats.curves import by_lookup
 from lightning_lossdiag.stats.label_values import label_masks, label_values
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def update_multilabel(counts: ClassCounts, x: Tensor, target: Tensor, n: int, ra
     if m == 0:
         return
     # every value, in pieces of at most _LABEL_VALUES whose full-size temporaries are kept buffers
-    step = max(1, _LABEL_VALUES * (1 if xs.device.type == "cpu" else 4) // c)  # 16 MiB float32 pieces off the CPU
+    step = max(1, _LABEL_VALUES * (1 if by_lookup(xs) else 4) // c)  # 16 MiB float32 pieces off the CPU
     pieces = [label_piece(counts, xs[a : a + step], ts[a : a + step], n, rank, world, a, m) for a in range(0, m, step)]
     label_counts = pieces[0][0] if len(pieces) == 1 else torch.stack([p[0] for p in pieces]).sum(0)
     # support, predicted and correct per label, then the valid values per label (label_rows follows per_class)

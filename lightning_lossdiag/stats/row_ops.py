@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
+from lightning_lossdiag.stats.curves import by_lookup  # the one switch between the CPU's paths and a GPU's
+
 ARGMAX_CHUNK = 64
-BYTE_SUM_DEVICES = frozenset({"cpu"})  # device types where count_true sums bytes in blocks (elsewhere one sum)
 _KEPT_VALUES = 2**20  # the largest log-softmax written into a kept buffer
 # scores per piece of the row losses. On the CPU a piece fits the kept buffer (4 MiB of float32, in cache: ~10 %
 # less time for a (256, 32000) update than 16 MiB pieces); off the CPU 16M (64 MiB): fewer, larger kernels
@@ -141,7 +142,7 @@ def row_nll(scores: Tensor, target: Tensor, low: bool, work: Workspace | None = 
         True
     """
     dim = 0 if scores.shape[0] > 1 or scores.ndim == 2 else 2  # (M, C) or (A, C, L): rows, else positions
-    limit = _NLL_VALUES if scores.device.type == "cpu" else _NLL_VALUES_DEVICE  # a caching allocator: fewer launches
+    limit = _NLL_VALUES if by_lookup(scores) else _NLL_VALUES_DEVICE  # a caching allocator: fewer launches
     pieces = max(1, min(scores.shape[dim], -(-scores.numel() // limit)))
     tdim = dim - 1 if dim else 0
     out = []
@@ -169,7 +170,7 @@ def count_true(mask: Tensor, dim: int) -> Tensor:
         >>> bool((count_true(m, 0) == m.sum(0)).all()), count_true(m, 0).dtype
         (True, torch.int32)
     """
-    if mask.device.type not in BYTE_SUM_DEVICES:  # one reduction kernel that widens as it reads: fewer launches
+    if not by_lookup(mask):  # off the CPU one reduction kernel that widens as it reads: fewer launches
         return mask.sum(dim, dtype=torch.int32)
     n = mask.shape[dim]
     u8 = mask.view(torch.uint8)
@@ -232,7 +233,6 @@ def row_index(pos: Tensor, seen: int, per_sample: int, rank: int, world: int) ->
 
 __all__ = [
     "ARGMAX_CHUNK",
-    "BYTE_SUM_DEVICES",
     "chunk_maxima",
     "count_true",
     "descending_weights",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_lossdiag.stats import curves, row_ops
+from lightning_lossdiag.stats import curves
 from lightning_lossdiag.stats.calibration import calibration_bins, classwise_ece
 from lightning_lossdiag.stats.classification import ClassCounts
 from lightning_lossdiag.stats.curves import curve_thresholds, threshold_bins
@@ -23,9 +23,8 @@ SUMS = ("ranking", "calibration", "calibration_fine", "classwise", "brier", "mom
 
 @pytest.fixture
 def search(monkeypatch):
-    """Bins by binary search, the argmax by ``max`` and counts by one sum on the CPU too, as on a GPU."""
+    """Bins by binary search, the argmax by ``max`` and counts by one sum on the CPU too, as on a GPU (one switch)."""
     monkeypatch.setattr(curves, "LOOKUP_DEVICES", frozenset())
-    monkeypatch.setattr(row_ops, "BYTE_SUM_DEVICES", frozenset())
 
 
 def _edges_and_noise(th):
@@ -109,7 +108,6 @@ def test_the_gpu_path_gives_the_cpu_path_states(case, monkeypatch):
     kw, preds, target = _cases()[case]
     cpu = _fed(kw, preds, target)
     monkeypatch.setattr(curves, "LOOKUP_DEVICES", frozenset())
-    monkeypatch.setattr(row_ops, "BYTE_SUM_DEVICES", frozenset())
     _assert_same_states(cpu, _fed(kw, preds, target))
 
 
