@@ -47,9 +47,9 @@ def stat_scores(counts: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     Example:
         >>> from types import SimpleNamespace
-        >>> c = SimpleNamespace(task="multiclass",  # example inputs
-        ...                     per_class=torch.tensor([[2.0, 1.0], [1.0, 2.0], [1.0, 1.0]]),
-        ...                     rows=torch.tensor([3.0, 0.0]), label_rows=torch.zeros(2))
+        >>> per_class = torch.tensor([[2.0, 1.0], [1.0, 2.0], [1.0, 1.0]])  # example input, off the hot path
+        >>> rows = torch.tensor([3.0, 0.0])  # example input, off the hot path
+        >>> c = SimpleNamespace(task="multiclass", per_class=per_class, rows=rows, label_rows=torch.zeros(2))
         >>> [t.tolist() for t in stat_scores(c)]  # an example reads the host (epoch-end code)
         [[1.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
     """
@@ -72,7 +72,9 @@ def class_metrics(counts: Any, names: tuple[str, ...] | list[str] = NAMES) -> di
     Example:
         >>> from lightning_lossdiag.stats.classification import ClassCounts
         >>> c = ClassCounts("binary", "probabilities", 2, thresholds=11)
-        >>> c.update(torch.tensor([0.9, 0.2, 0.7, 0.4]), torch.tensor([1.0, 0.0, 0.0, 1.0]))  # example inputs
+        >>> probs = torch.tensor([0.9, 0.2, 0.7, 0.4])  # example input, off the hot path
+        >>> labels = torch.tensor([1.0, 0.0, 0.0, 1.0])  # example input, off the hot path
+        >>> c.update(probs, labels)
         >>> out = class_metrics(c, ["accuracy", "precision", "auroc"])  # device tensors
         >>> {k: round(v.item(), 3) for k, v in out.items()}  # an example reads the host (epoch-end code)
         {'accuracy': 0.5, 'precision': 0.5, 'auroc': 0.75}
@@ -141,8 +143,8 @@ def top_label_confidence(fine: Tensor) -> Tensor:
 
     Example:
         >>> fine = torch.zeros(3, 4, dtype=torch.float64)
-        >>> fine[:, 0] = torch.tensor([1.0, 0.1, 0.0])  # example input, p = 0.1: confidence 0.9
-        >>> fine[:, 3] = torch.tensor([1.0, 0.8, 1.0])  # example input, p = 0.8: confidence 0.8
+        >>> fine[:, 0] = torch.tensor([1.0, 0.1, 0.0])  # example input, off the hot path; p = 0.1: confidence 0.9
+        >>> fine[:, 3] = torch.tensor([1.0, 0.8, 1.0])  # example input, off the hot path; p = 0.8: confidence 0.8
         >>> round(top_label_confidence(fine).item(), 3)  # an example reads the host (epoch-end code)
         0.85
     """
@@ -159,8 +161,8 @@ def calibration_errors(bins: Tensor) -> dict[str, Tensor]:
     binned formulas (empty bins count 0).
 
     Example:
-        >>> bins = torch.tensor([[2.0, 0.0, 2.0], [0.4, 0.0, 1.8], [0.0, 0.0, 2.0]])  # two bins used
-        >>> {k: round(v.item(), 3) for k, v in calibration_errors(bins).items()}
+        >>> bins = torch.tensor([[2.0, 0.0, 2.0], [0.4, 0.0, 1.8], [0.0, 0.0, 2.0]])  # example input, off the hot path
+        >>> {k: round(v.item(), 3) for k, v in calibration_errors(bins).items()}  # example read (epoch-end code)
         {'ece': 0.15, 'mce': 0.2}
     """
     weight, confidence, hits = bins

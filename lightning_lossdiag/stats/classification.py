@@ -106,8 +106,10 @@ class ClassCounts:
 
     Example:
         >>> counts = ClassCounts("multiclass", "logits", 3, thresholds=11)
-        >>> counts.update(torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]), torch.tensor([0, 2, -100]))
-        >>> counts.per_class.tolist()  # support, predicted, correct per class (the -100 row is left out)
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]])  # example, off the hot path
+        >>> labels = torch.tensor([0, 2, -100])  # example input, off the hot path
+        >>> counts.update(logits, labels)
+        >>> counts.per_class.tolist()  # example read: support, predicted, correct per class (-100 row left out)
         [[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
     """
 

@@ -45,8 +45,9 @@ def row_scores(counts: ClassCounts, x: Tensor, safe: Tensor) -> tuple[Tensor, Te
         >>> from lightning_lossdiag.stats.classification import ClassCounts
         >>> counts = ClassCounts("multiclass", "logits", 12)  # top-5 membership from 10 classes on
         >>> x = torch.stack([torch.arange(12.0), torch.arange(12.0).flip(0)])
-        >>> top, pred, picked, in_top = row_scores(counts, x, torch.tensor([0, 3]))
-        >>> pred.tolist(), picked.tolist(), in_top.tolist()  # 11 classes above class 0, 3 above class 3
+        >>> true = torch.tensor([0, 3])  # example input, off the hot path
+        >>> top, pred, picked, in_top = row_scores(counts, x, true)
+        >>> pred.tolist(), picked.tolist(), in_top.tolist()  # example read; 11 classes above class 0, 3 above 3
         ([11, 0], [0.0, 8.0], [False, True])
     """
     k = counts.top_k

@@ -36,8 +36,9 @@ def select_k(keys: Tensor, rows: Tensor, k: int, *, largest: bool) -> tuple[Tens
     """The ``k`` entries of ``keys`` (``(M,)``, ``M >= k``) that are smallest (or largest), sorted, with their rows.
 
     Example:
-        >>> keys = torch.tensor([0.75, 0.25, 0.5])  # example inputs
-        >>> keys, rows = select_k(keys, torch.tensor([[3.0], [1.0], [2.0]]), 2, largest=False)  # example inputs
+        >>> keys = torch.tensor([0.75, 0.25, 0.5])  # example input, off the hot path
+        >>> rows = torch.tensor([[3.0], [1.0], [2.0]])  # example input, off the hot path
+        >>> keys, rows = select_k(keys, rows, 2, largest=False)
         >>> keys.tolist(), rows.tolist()  # an example reads the host; the training loop never does
         ([0.25, 0.5], [[1.0], [2.0]])
     """
@@ -88,7 +89,9 @@ class BoundedSample(StreamingStat):
 
     Example:
         >>> s = BoundedSample(k=2, num_columns=1)
-        >>> s.update(torch.tensor([[10.0], [20.0], [30.0]]), keys=torch.tensor([0.5, 0.125, 0.25]))  # example
+        >>> rows = torch.tensor([[10.0], [20.0], [30.0]])  # example input, off the hot path
+        >>> keys = torch.tensor([0.5, 0.125, 0.25])  # example input, off the hot path
+        >>> s.update(rows, keys=keys)
         >>> s.rows.tolist(), s.keys.tolist(), s.filled  # an example reads the host; the training loop never does
         ([[20.0], [30.0]], [0.125, 0.25], 2)
     """

@@ -65,7 +65,9 @@ class TopKWorst(StreamingStat):
 
     Example:
         >>> t = TopKWorst(k=2, num_columns=1)
-        >>> t.update(torch.tensor([0.5, 3.0, 1.0]), torch.tensor([[0.0], [1.0], [2.0]]))  # example inputs
+        >>> scores = torch.tensor([0.5, 3.0, 1.0])  # example input, off the hot path
+        >>> rows = torch.tensor([[0.0], [1.0], [2.0]])  # example input, off the hot path
+        >>> t.update(scores, rows)
         >>> t.scores.tolist(), t.rows.tolist()  # an example reads the host; the training loop never does
         ([3.0, 1.0], [[1.0], [2.0]])
     """
