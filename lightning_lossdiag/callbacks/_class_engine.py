@@ -4,8 +4,11 @@ Both callbacks see the same step. The first that hands it over feeds the slot's
 :class:`~lightning_lossdiag.stats.classification.ClassCounts`; the second finds the same tensors already taken and
 does nothing, so a batch is counted once whichever parts are on. Steps are held as references (no kernel) and fed in
 one concatenated update every ``buffer_steps`` steps or once the held tensors pass ``buffer_bytes`` (large outputs:
-every step), and at epoch end. At the end of an epoch each reader takes the merged counts (one collective per slot
-and epoch, cached for the other reader) and marks the slot finished; its next batch starts fresh counts.
+every step), and at epoch end. The counts add the second half of their updates (per-row sums, budget samples)
+``HOLD_UPDATES`` updates at a time (:mod:`~lightning_lossdiag.stats.pending`); every read goes through
+``ClassCounts.merged`` or ``settle``, which add what is held first. At the end of an epoch each reader takes the
+merged counts (one collective per slot and epoch, cached for the other reader) and marks the slot finished; its next
+batch starts fresh counts.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ DEFAULT_BUDGET = 2**14
 DEFAULT_MAX_CONFUSION = 32
 _LARGE_BYTES = 2**19  # on the CPU a step this large is counted alone (no concatenation)
 DEFAULT_BUFFER_BYTES = 8 * 2**20  # held step outputs per slot: a few steps of 1,000-class logits, one 32k-token step
+HOLD_UPDATES = 16  # updates whose per-row sums and budget samples are added to the counts at once (stats.pending)
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ _SAVED_COUNTS = (
 def saved_counts(engine: Engine) -> dict[str, Any]:
     """The metric counts of a slot as CPU tensors for a checkpoint (checkpoint save: host copies)."""
     engine.drain()
+    engine.counts.settle()
     return {name: getattr(engine.counts, name).detach().cpu().clone() for name in _SAVED_COUNTS}
 
 
@@ -166,6 +171,7 @@ def _new_counts(info: TaskInfo, config: EngineConfig, device: torch.device, rank
         device=device,
         seed=rank,  # each DDP rank samples its own rows
         views=bool(config.views),
+        hold=HOLD_UPDATES,
     )
 
 

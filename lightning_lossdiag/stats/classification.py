@@ -47,9 +47,10 @@ from lightning_lossdiag.stats.calibration import FINE_BINS
 from lightning_lossdiag.stats.curves import by_lookup, curve_thresholds, threshold_bins, threshold_window
 from lightning_lossdiag.stats.distributed import GatherFn
 from lightning_lossdiag.stats.histogram import FixedHistogram, stage_values, staged_histogram, staged_slots
-from lightning_lossdiag.stats.label_counts import update_multilabel
-from lightning_lossdiag.stats.multiclass_counts import update_multiclass
+from lightning_lossdiag.stats.label_counts import settle_multilabel, update_multilabel
+from lightning_lossdiag.stats.multiclass_counts import settle_multiclass, update_multiclass
 from lightning_lossdiag.stats.pairs import ConfusedPairs
+from lightning_lossdiag.stats.pending import Pending
 from lightning_lossdiag.stats.row_ops import (
     ARGMAX_CHUNK,
     Workspace,
@@ -103,6 +104,10 @@ class ClassCounts:
         views: also count what only the error views read: the confusion (or the confused pairs), the worst rows
             (multilabel: the loss of every row) and the true-class probability histogram. ``False`` for counts that
             only feed metrics: about a third fewer ops per update, the same metric values.
+        hold: multiclass and multilabel updates held before their per-row sums and budget samples are added to
+            the state at once (:class:`~lightning_lossdiag.stats.pending.Pending`: fixed buffers, the same counts,
+            a fraction of the ops per update). ``1``: every update is added at once. Held updates are added by
+            :meth:`settle`, which :meth:`merged` calls; read the state after it.
 
     Example:
         >>> counts = ClassCounts("multiclass", "logits", 3, thresholds=11)
@@ -142,6 +147,7 @@ class ClassCounts:
         device: torch.device | str | None = None,
         seed: int = 0,
         views: bool = True,
+        hold: int = 1,
     ) -> None:
         if task not in _TASKS:
             raise ValueError(f"`task` must be one of {_TASKS}, got {task!r}")
@@ -214,6 +220,7 @@ class ClassCounts:
         self._index = self._index_tables(c, k, b, thresholds)
         self._zero = torch.zeros(1, 1, dtype=torch.float64, device=self.device)  # promotes row values to float64
         self._work = Workspace(self.device)  # an update's full-size temporaries, kept (see row_ops.Workspace)
+        self._pending = Pending(hold, self.device) if hold > 1 and task != "binary" else None
 
     def _index_tables(self, c: int, k: int, b: int, t: int) -> dict[str, Tensor]:
         """Constant device index tables of the updates (built once, on the device: no host-to-device copy)."""
@@ -237,7 +244,7 @@ class ClassCounts:
             "classes": torch.arange(c, device=dev),
             "curve_base": torch.arange(k, device=dev)[None, :] * (2 * t),
             "classwise": torch.arange(c, device=dev) * (3 * b) + at["classwise"],  # each class's first bin, weight
-            "descending": descending_weights(c, 3, 1, dev),
+            "descending": descending_weights(c, 3, 1, dev, exact=by_lookup(self._store)),  # float: CPU compare
             "chunk": torch.arange(ARGMAX_CHUNK, device=dev),
         }
 
@@ -257,12 +264,27 @@ class ClassCounts:
             update_multilabel(self, preds.detach(), target.detach(), n, rank, world)
         self.seen += n
 
+    def settle(self) -> None:
+        """Add the held updates to the state (see ``hold``); a no-op when nothing is held. No host read."""
+        if self._pending is None or not self._pending.updates:
+            return
+        if self.task == "multiclass":
+            settle_multiclass(self)
+        else:
+            settle_multilabel(self)
+
     def _sample(self, m: int, width: int) -> tuple[Tensor | None, int]:
         """Row positions of the budget sample (``None``: every row) and how many."""
-        k = max(1, self.budget * self._steps // max(1, width))
-        if k >= m:
-            return None, m
-        return torch.randint(0, m, (k,), device=self.device, generator=self._generator), k
+        k = self._sample_size(m, width)
+        return self._sample_rows(m, k), k
+
+    def _sample_size(self, m: int, width: int) -> int:
+        """Rows in the budget sample of ``m`` rows of ``width`` values (``m``: every row)."""
+        return min(m, max(1, self.budget * self._steps // max(1, width)))
+
+    def _sample_rows(self, m: int, k: int) -> Tensor | None:
+        """``k`` uniform row positions drawn with replacement (``None`` when ``k == m``: every row, no draw)."""
+        return None if k >= m else torch.randint(0, m, (k,), device=self.device, generator=self._generator)
 
     def _offer_worst(
         self, loss: Tensor, columns: Sequence[_Column], n: int, rank: int, world: int, start: int = 0, total: int = 0
@@ -349,6 +371,7 @@ class ClassCounts:
     # ---- epoch end (host reads allowed) ----------------------------------------------------------------------
     def merged(self, gather: GatherFn | None = None, world: int = 1) -> ClassCounts:
         """A copy holding the merge of every rank's counts (a collective when ``world > 1``); ``self`` is untouched."""
+        self.settle()
         out = copy.copy(self)
         if world <= 1 or gather is None:
             return out
@@ -368,8 +391,8 @@ class ClassCounts:
 
     @property
     def scratch_bytes(self) -> int:
-        """Bytes of the scratch buffers kept between updates (at most one piece of an update's temporaries)."""
-        return self._work.nbytes
+        """Bytes of the scratch buffers kept between updates (one piece of an update's temporaries, held updates)."""
+        return self._work.nbytes + (self._pending.nbytes if self._pending is not None else 0)
 
     def nbytes(self) -> int:
         """Bytes of device state (fixed at construction)."""

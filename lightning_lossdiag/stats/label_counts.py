@@ -16,11 +16,12 @@ from torch import Tensor
 from lightning_lossdiag.stats.calibration import FINE_BINS, calibration_bins
 from lightning_lossdiag.stats.curves import by_lookup
 from lightning_lossdiag.stats.label_values import label_masks, label_values
+from lightning_lossdiag.stats.pending import pieces
 
 if TYPE_CHECKING:
     from lightning_lossdiag.stats.classification import ClassCounts
 
-_LABEL_VALUES = 2**20  # values per piece of the every-value statistics (kept scratch buffers)
+_LABEL_VALUES = 2**18  # values per piece of the every-value statistics on the CPU (kept 1 MiB float buffers)
 _HISTOGRAM_VALUES = 4096  # probabilities per update in the true-label probability histogram
 
 
@@ -33,13 +34,46 @@ def update_multilabel(counts: ClassCounts, x: Tensor, target: Tensor, n: int, ra
     if m == 0:
         return
     # every value, in pieces of at most _LABEL_VALUES whose full-size temporaries are kept buffers
-    step = max(1, _LABEL_VALUES * (1 if by_lookup(xs) else 4) // c)  # 16 MiB float32 pieces off the CPU
+    step = max(1, _LABEL_VALUES * (1 if by_lookup(xs) else 16) // c)  # 16 MiB float32 pieces off the CPU
     pieces = [label_piece(counts, xs[a : a + step], ts[a : a + step], n, rank, world, a, m) for a in range(0, m, step)]
     label_counts = pieces[0][0] if len(pieces) == 1 else torch.stack([p[0] for p in pieces]).sum(0)
     # support, predicted and correct per label, then the valid values per label (label_rows follows per_class)
     counts._store[counts._at["per_class"] : counts._at["per_class"] + 4 * c].add_(label_counts.view(-1))
     counted = pieces[0][1] if len(pieces) == 1 else torch.stack([p[1] for p in pieces]).sum()
-    add_labels_sampled(counts, xs, ts, m, torch.stack([counted, m - counted]))
+    rows = torch.stack([counted, m - counted])
+    k = counts._sample_size(m, c)
+    held = counts._pending
+    if held is not None and not (held.fits("sample", (c,), xs.dtype) and held.fits("targets", (c,), ts.dtype)):
+        counts.settle()
+    if held is None or not held.admit(1, k, counts.settle, c):  # added now
+        r = counts._sample_rows(m, k)
+        sample, s_t = (xs, ts) if r is None else (xs[r], ts[r])
+        add_labels_sampled(counts, sample, s_t, m / k, rows)
+        return
+    # held: the sampled rows and targets, their weights and the row counts, added at the next settle()
+    r = counts._sample_rows(m, k)
+    held.claim("rows", "rows", (2,), rows.dtype)[:1].copy_(rows[None])
+    for name, values in (("sample", xs), ("targets", ts)):
+        out = held.claim("sample", name, (c,), values.dtype)[:k]
+        out.copy_(values) if r is None else torch.index_select(values, 0, r, out=out)
+    held.claim("sample", "scale", (), torch.float64)[:k].fill_(m / k)
+    held.advance(1, k, m)
+    if held.full():
+        counts.settle()
+
+
+def settle_multilabel(counts: ClassCounts) -> None:
+    """Add the held sampled rows (:class:`~lightning_lossdiag.stats.pending.Pending`) to the state, then clear."""
+    held = counts._pending
+    if held is None or not held.updates:
+        return
+    sample, s_t, scale = (held.view("sample", name) for name in ("sample", "targets", "scale"))
+    rows: Tensor | None = held.view("rows", "rows").sum(0)
+    parts = pieces(sample.shape[0], counts.num_classes)  # pieces whose temporaries stay in cache
+    for at in parts:
+        add_labels_sampled(counts, sample[at], s_t[at], scale[at, None], rows, -(-held.updates // len(parts)))
+        rows = None
+    held.clear()
 
 
 def label_piece(
@@ -61,19 +95,21 @@ def label_piece(
     return v.counts, v.kept.sum()
 
 
-def add_labels_sampled(counts: ClassCounts, xs: Tensor, ts: Tensor, m: int, rows: Tensor) -> None:
+def add_labels_sampled(
+    counts: ClassCounts, sample: Tensor, s_t: Tensor, scale: float | Tensor, rows: Tensor | None, updates: int = 1
+) -> None:
     """Multilabel statistics on the budget sample of rows, each label as a binary task.
 
-    Curves, classwise and fine calibration bins, moments, Brier score and the probability histogram; ``rows``
-    (counted, left out) joins their update of the store. The top-label bins are the classwise bins summed over
-    labels (the same values in the same bins), so they are taken from them instead of being counted twice.
+    ``sample``/``s_t``: the ``(k, C)`` sampled predictions and targets; ``scale``: the weight of a sampled row
+    (``M / k``, or ``(k, 1)`` of them for ``updates`` held updates). Curves, classwise and fine calibration bins,
+    moments, Brier score and the probability histogram; ``rows`` (counted, left out; ``None``: added with another
+    piece) joins their update of the store. The top-label bins are the classwise bins summed over labels (the same
+    values in the same bins), so they are taken from them instead of being counted twice.
     """
     c = counts.num_classes
-    r, k = counts._sample(m, c)
-    sample, s_t = (xs, ts) if r is None else (xs[r], ts[r])
     _, s_valid, s_pos = label_masks(s_t if s_t.dtype == torch.float64 else s_t.float(), counts.ignore_index)
     probs = counts._probabilities(sample, multiclass=False)
-    w = s_valid.to(torch.float64).mul_(m / max(k, 1))
+    w = s_valid.to(torch.float64).mul_(scale)
     counts._add_curves(probs, s_pos, w)
     j, fine = calibration_bins(probs, counts._calibration_edges, FINE_BINS, counts._windows[1])
     sums = (w, w * probs, torch.where(s_pos, w, 0.0))  # (k, C) weight, probability and hit sums of each value
@@ -86,12 +122,17 @@ def add_labels_sampled(counts: ClassCounts, xs: Tensor, ts: Tensor, m: int, rows
     # Brier: sum of w (p - y)^2 = w p^2 - 2 w p y + w y for 0/1 labels, from the sums at hand
     brier = squares.sum() - 2 * (sums[1] * s_pos).sum() + hits.sum()
     moment = torch.cat([weight, p_sum, squares, brier[None], weight.sum()[None]])
-    index, parts = [counts._index["moments"], counts._index["rows"]], [moment, rows]
+    index, parts = [counts._index["moments"]], [moment]
+    if rows is not None:
+        index, parts = [*index, counts._index["rows"]], [*parts, rows]
     if counts.views:
-        shown = max(1, _HISTOGRAM_VALUES // c)  # the probability histogram takes a few of the sampled rows
-        p_true = torch.where(s_pos[:shown], probs[:shown], 1 - probs[:shown])
-        counts._add_probs(torch.where(s_valid[:shown], p_true, float("nan")).view(-1), index, parts)
+        # the probability histogram takes a few of the sampled rows of each update; of held updates, rows spread
+        # evenly over their samples (each row is a uniform draw, so any rows will do)
+        shown = max(1, _HISTOGRAM_VALUES // c) * updates
+        at = slice(None, shown) if updates == 1 else slice(None, None, max(1, probs.shape[0] // shown))
+        p_true = torch.where(s_pos[at][:shown], probs[at][:shown], 1 - probs[at][:shown])
+        counts._add_probs(torch.where(s_valid[at][:shown], p_true, float("nan")).view(-1), index, parts)
     counts._store.index_add_(0, torch.cat(index), torch.cat(parts))
 
 
-__all__ = ["add_labels_sampled", "label_piece", "update_multilabel"]
+__all__ = ["add_labels_sampled", "label_piece", "settle_multilabel", "update_multilabel"]

@@ -16,10 +16,12 @@ from torch import Tensor
 
 from lightning_lossdiag.stats.calibration import FINE_BINS, calibration_bin, calibration_bins
 from lightning_lossdiag.stats.curves import by_lookup
+from lightning_lossdiag.stats.pending import pieces
 from lightning_lossdiag.stats.row_ops import (
     chunk_maxima,
-    count_true,
+    count_above,
     first_hit,
+    fits_scratch,
     in_top_k_chunks,
     max_in_chunks,
     row_nll,
@@ -50,22 +52,26 @@ def row_scores(counts: ClassCounts, x: Tensor, safe: Tensor) -> tuple[Tensor, Te
         >>> pred.tolist(), picked.tolist(), in_top.tolist()  # example read; 11 classes above class 0, 3 above 3
         ([11, 0], [0.0, 8.0], [False, True])
     """
-    k = counts.top_k
+    k, work = counts.top_k, counts._work
     if x.ndim == 2:
         picked = x.gather(1, safe[:, None]).squeeze(1)
         if x.shape[1] >= 512 and (by_lookup(x) or x.numel() > _DIRECT_SCORES):
             chunks = chunk_maxima(x)
             top, pred = max_in_chunks(x, chunks, counts._index["chunk"])
-            return top, pred, picked, (in_top_k_chunks(x, chunks, picked, k) if k else None)
+            if not k:
+                return top, pred, picked, None
+            if fits_scratch(x, work):  # one float comparison of every score (CPU, up to 1M scores): cheaper
+                return top, pred, picked, count_above(x, picked[:, None], 1, work) < k
+            return top, pred, picked, in_top_k_chunks(x, chunks, picked, k)
         top, pred = x.max(1)
-        return top, pred, picked, (count_true(x > picked[:, None], 1) < k if k else None)
+        return top, pred, picked, (count_above(x, picked[:, None], 1, work) < k if k else None)
     picked = x.gather(1, safe.unsqueeze(1)).squeeze(1)
     if by_lookup(x):  # the CPU
         top = x.amax(1)
-        pred = first_hit(x, 1, top, counts._index["descending"])
+        pred = first_hit(x, 1, top, counts._index["descending"], work)
     else:
         top, pred = x.max(1)
-    in_top = (count_true(x > picked.unsqueeze(1), 1) < k).view(-1) if k else None
+    in_top = (count_above(x, picked.unsqueeze(1), 1, work) < k).view(-1) if k else None
     return top.view(-1), pred.view(-1), picked.view(-1), in_top
 
 
@@ -81,6 +87,8 @@ def update_multiclass(counts: ClassCounts, x: Tensor, target: Tensor, n: int, ra
     lab = target.reshape(-1).long()
     safe, valid = counts._labels(lab)
     m = lab.shape[0]
+    if m == 0:  # an empty batch counts nothing
+        return
     if d == x.ndim - 1:  # (N, C), (B, T, V): rows
         scores = x.reshape(-1, c)
         target_of = safe
@@ -101,53 +109,109 @@ def update_multiclass(counts: ClassCounts, x: Tensor, target: Tensor, n: int, ra
     # every row: support[true], predicted[pred], correct[true] (exact counts in float64); the top-label calibration
     # bins (weight, confidence, hit); rows counted and left out, the top-k hits and the sum of -log p(true class)
     columns = [valid, confidence, pred == safe, nll, *([] if in_top is None else [in_top])]
-    # float64, 0 on the rows left out. The CPU copies each column into a row of a kept buffer and fills once: a
-    # where() over stacked columns of mixed dtypes takes its slow casting path there (~1 ms at 32k pixels)
-    if by_lookup(x):
-        shape = (len(columns), m)
-        kept = math.prod(shape) <= _KEPT_ROW_VALUES  # a kept buffer of at most 4 MiB
-        per_row = (
-            counts._work.take("per_row", shape, torch.float64) if kept else torch.empty(shape, dtype=torch.float64)
-        )
-        for row, column in zip(per_row, columns, strict=True):
+    if counts.views:  # the worst rows: every update, while its rows are at hand
+        loss = torch.where(valid, nll, float("-inf"))
+        prob = confidence if counts.inputs != "probabilities" else (lambda at: log_pred[at].exp())
+        counts._offer_worst(loss, [lab, pred, prob], n, rank, world)
+    k = counts._sample_size(m, c)
+    held = counts._pending
+    if held is not None and not held.fits("sample", (c,), scores.dtype):
+        counts.settle()
+    if held is None or not held.admit(m, k, counts.settle, c):  # added now
+        shape = (len(columns), m)  # a kept buffer of at most 4 MiB, else a fresh one
+        kept = math.prod(shape) <= _KEPT_ROW_VALUES
+        buffer = counts._work.take("per_row", shape, torch.float64) if kept else x.new_empty(shape, dtype=torch.float64)
+        per_row = _staged(columns, valid, by_lookup(x), buffer, counts._zero)
+        index, parts = add_rows(counts, per_row, pred, safe, m)
+        add_sampled(counts, *_draw(counts, scores, safe, valid, m, k), index, parts)
+        counts._store.index_add_(0, torch.cat(index), torch.cat(parts))
+        return
+    # held: the per-row values, classes and sampled rows go into the held buffers, added at the next settle()
+    _staged(
+        columns, valid, by_lookup(x), held.claim("rows", "per_row", (len(columns),), torch.float64)[:m].T, counts._zero
+    )
+    held.claim("rows", "pred", (), torch.long)[:m].copy_(pred)
+    held.claim("rows", "safe", (), torch.long)[:m].copy_(safe)
+    out = (
+        held.claim("sample", "sample", (c,), scores.dtype)[:k],
+        held.claim("sample", "s_safe", (), torch.long)[:k],
+        held.claim("sample", "w", (), torch.float64)[:k],
+    )
+    _draw(counts, scores, safe, valid, m, k, out)
+    held.advance(m, k, m)
+    if held.full():
+        counts.settle()
+
+
+def settle_multiclass(counts: ClassCounts) -> None:
+    """Add the held updates (:class:`~lightning_lossdiag.stats.pending.Pending`) to the state, then clear them."""
+    held = counts._pending
+    if held is None or not held.updates:
+        return
+    per_row = held.view("rows", "per_row").T
+    index, parts = add_rows(counts, per_row, held.view("rows", "pred"), held.view("rows", "safe"), held.total)
+    sample, s_safe, w = (held.view("sample", name) for name in ("sample", "s_safe", "w"))
+    for at in pieces(sample.shape[0], counts.num_classes):  # pieces whose temporaries stay in cache
+        add_sampled(counts, sample[at], s_safe[at], w[at], index, parts)
+    counts._store.index_add_(0, torch.cat(index), torch.cat(parts))
+    held.clear()
+
+
+def _staged(columns: list[Tensor], valid: Tensor, cpu: bool, out: Tensor, zero: Tensor) -> Tensor:
+    """The per-row columns as float64 rows of ``out`` ``(len(columns), M)``, 0 on the rows left out.
+
+    ``zero``: a ``(1, 1)`` float64 zero, which sets the result's dtype off the CPU.
+
+    The CPU copies each column into its row and fills once: a ``where()`` over stacked columns of mixed dtypes takes
+    its slow casting path there (~1 ms at 32k pixels); elsewhere two kernels.
+    """
+    if cpu:
+        for row, column in zip(out, columns, strict=True):
             row.copy_(column)
-        per_row.masked_fill_(valid.logical_not(), 0.0)
-    else:  # two kernels
-        per_row = torch.where(valid, torch.stack(columns), counts._zero)
+        return out.masked_fill_(valid.logical_not(), 0.0)
+    return torch.where(valid, torch.stack(columns), zero, out=out)
+
+
+def add_rows(
+    counts: ClassCounts, per_row: Tensor, pred: Tensor, safe: Tensor, total: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Add staged rows (:func:`_staged`) to the per-class counts, top-label bins, confusion or pairs.
+
+    Returns the store positions and values of the row sums (``total``: every row, counted or not), for the caller's
+    one ``index_add_`` into the store.
+    """
     v, hit = per_row[0], per_row[2]
     counts.per_class[::2].index_add_(1, safe, per_row[::2][:2])  # support and correct: weight and hit
     counts.per_class[1].index_add_(0, pred, v)
-    j, fine = calibration_bins(confidence, counts._calibration_edges, FINE_BINS, counts._windows[1])
+    j, fine = calibration_bins(per_row[1], counts._calibration_edges, FINE_BINS, counts._windows[1])
     counts.calibration.index_add_(1, j, per_row[:3])
     counts.calibration_fine.index_add_(1, fine, per_row[:3])
     sums = per_row.sum(1)
     if counts.confusion.numel():
-        counts.confusion.view(-1).index_add_(0, torch.add(pred, safe, alpha=c), v)
+        counts.confusion.view(-1).index_add_(0, torch.add(pred, safe, alpha=counts.num_classes), v)
     if counts.pairs is not None:
         counts.pairs.update(safe, pred, v - hit, checked=True)  # the confused rows weigh 1
-    if counts.views:
-        loss = torch.where(valid, nll, float("-inf"))
-        prob = confidence if counts.inputs != "probabilities" else (lambda at: log_pred[at].exp())
-        counts._offer_worst(loss, [lab, pred, prob], n, rank, world)
-    # the sampled statistics and the row sums go to the store in one index_add_
-    index = [counts._index["row_sums"][: len(columns)], counts._index["left_out"]]
-    parts = [sums, m - sums[:1]]
-    add_sampled(counts, scores, safe, valid, m, index, parts)
-    counts._store.index_add_(0, torch.cat(index), torch.cat(parts))
+    index = [counts._index["row_sums"][: per_row.shape[0]], counts._index["left_out"]]
+    return index, [sums, total - sums[:1]]
 
 
-def add_sampled(
-    counts: ClassCounts, scores: Tensor, safe: Tensor, valid: Tensor, m: int, index: list[Tensor], parts: list[Tensor]
-) -> None:
-    """Multiclass statistics of ``rows x classes`` on the budget sample of rows.
+def _draw(
+    counts: ClassCounts,
+    scores: Tensor,
+    safe: Tensor,
+    valid: Tensor,
+    m: int,
+    k: int,
+    out: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The budget sample of ``k`` rows: ``(k, C)`` scores, their true classes and float64 weights ``M / k``.
 
-    Curves and classwise bins are added here; the moments, the Brier score and the true-class histogram (a few
-    values) are appended to ``index``/``parts``, the caller's update of the store.
+    A row left out weighs 0. Written into ``out`` when given (held buffers).
     """
     c = counts.num_classes
-    r, k = counts._sample(m, c)
+    r = counts._sample_rows(m, k)
     if scores.ndim == 2:
-        sample = scores if r is None else scores[r]
+        sample = scores if r is None else scores[r] if out is None else torch.index_select(scores, 0, r, out=out[0])
     elif r is None:
         sample = scores.movedim(1, -1).reshape(-1, c)
     else:
@@ -155,7 +219,24 @@ def add_sampled(
         lead = torch.div(r, length, rounding_mode="floor")
         sample = scores[lead, :, torch.sub(r, lead, alpha=length)]  # (k, C)
     s_safe, s_valid = (safe, valid) if r is None else (safe[r], valid[r])
-    w = s_valid.to(torch.float64).mul_(m / max(k, 1))
+    if out is None:
+        return sample, s_safe, s_valid.to(torch.float64).mul_(m / max(k, 1))
+    if sample.data_ptr() != out[0].data_ptr():
+        out[0].copy_(sample)
+    out[1].copy_(s_safe)
+    out[2].copy_(s_valid).mul_(m / max(k, 1))
+    return out
+
+
+def add_sampled(
+    counts: ClassCounts, sample: Tensor, s_safe: Tensor, w: Tensor, index: list[Tensor], parts: list[Tensor]
+) -> None:
+    """Multiclass statistics of ``rows x classes`` on the budget sample: ``(k, C)`` scores, true classes, weights.
+
+    Curves and classwise bins are added here; the moments, the Brier score and the true-class histogram (a few
+    values) are appended to ``index``/``parts``, the caller's update of the store.
+    """
+    c = counts.num_classes
     probs = counts._probabilities(sample, multiclass=True)
     positive = s_safe[:, None] == counts._index["classes"]  # one_hot reads min() on the CPU
     counts._add_curves(probs, positive, w)
@@ -173,7 +254,7 @@ def add_sampled(
     index.append(counts._index["moments"])
     parts.append(torch.cat([total.expand(c), p_sum, squares, brier[None], total[None]]))
     if counts.views:
-        counts._add_probs(torch.where(s_valid, p_true, float("nan")), index, parts)  # the sampled rows
+        counts._add_probs(torch.where(w > 0, p_true, float("nan")), index, parts)  # the sampled rows
 
 
-__all__ = ["add_sampled", "row_scores", "update_multiclass"]
+__all__ = ["add_rows", "add_sampled", "row_scores", "settle_multiclass", "update_multiclass"]

@@ -226,10 +226,11 @@ def test_an_update_dispatches_a_bounded_number_of_operators(kw, shape, bound, se
     ("task", "preds", "target"),
     [
         ("multiclass", torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)),
+        ("multiclass", torch.zeros(0, 5, 4, 4), torch.zeros(0, 4, 4, dtype=torch.long)),
         ("multilabel", torch.zeros(0, 5), torch.zeros(0, 5)),
         ("binary", torch.zeros(0), torch.zeros(0)),
     ],
-    ids=["multiclass", "multilabel", "binary"],
+    ids=["multiclass", "dense", "multilabel", "binary"],
 )
 def test_an_empty_batch_counts_nothing(task, preds, target):
     counts = ClassCounts(task, "logits", 2 if task == "binary" else 5)

@@ -58,3 +58,39 @@ def test_a_workspace_grows_once_and_reuses_its_buffer():
     assert large.data_ptr() == again.data_ptr()
     assert work.nbytes == 64 * 4
     assert work.take("a", (3,), torch.float64).dtype == torch.float64  # another dtype: a buffer of its own kind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float_comparisons_count_and_find_what_bool_ones_do_on_ties_nan_and_inf(dtype):
+    # the CPU compares into a kept float buffer (0/1 values, summed as floats): the counts and the first maxima must be
+    # those of the bool comparisons they replace, on ties, NaN and infinities, rows and dense scores alike
+    g = torch.Generator().manual_seed(3)
+    ws = Workspace(torch.device("cpu"))
+    rows = torch.randn(40, 700, generator=g).round().to(dtype)  # ties everywhere
+    rows[0, :3] = float("nan")
+    rows[1, 5], rows[2, 9] = float("inf"), -float("inf")
+    ref = rows.gather(1, torch.randint(0, 700, (40, 1), generator=g))
+    counted = row_ops.count_above(rows, ref, 1, ws)
+    assert counted.is_floating_point()  # the float path was taken
+    assert torch.equal(counted.long(), (rows > ref).sum(1))
+    dense = torch.randn(3, 21, 50, generator=g).round().to(dtype)
+    dense[0, :, 4] = float("nan")  # a NaN pixel: the last class, as the bool path says
+    dense[1, 3, 7] = float("nan")
+    top = dense.amax(1)
+    exact = row_ops.descending_weights(21, 3, 1, dense.device, exact=True)
+    found = row_ops.first_hit(dense, 1, top, exact, ws)
+    assert torch.equal(found, row_ops.first_hit(dense, 1, top))
+    finite = ~dense.isnan().any(1)
+    assert torch.equal(found[finite], dense.argmax(1)[finite])
+    assert torch.equal(row_ops.count_above(dense, top.unsqueeze(1), 1, ws).long(), (dense > top.unsqueeze(1)).sum(1))
+    assert set(ws._buffers) == {row_ops.SCRATCH}  # one kept buffer for every comparison
+
+
+def test_a_comparison_too_large_for_the_kept_buffer_counts_bools(monkeypatch):
+    monkeypatch.setattr(row_ops, "_KEPT_VALUES", 100)
+    ws = Workspace(torch.device("cpu"))
+    x = torch.randn(20, 30)
+    counted = row_ops.count_above(x, x[:, :1], 1, ws)
+    assert counted.dtype == torch.int32
+    assert not ws._buffers
+    assert torch.equal(counted.long(), (x > x[:, :1]).sum(1))

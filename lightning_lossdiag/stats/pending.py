@@ -1,0 +1,124 @@
+"""Held values of several class-engine updates, added to the counts at once: fewer ops per training step.
+
+An update of :class:`~lightning_lossdiag.stats.classification.ClassCounts` has two halves. The first reads the whole
+batch (maxima, top-k, row losses, per-label masks) and must run while the batch is alive. The second adds what the
+first found to the state: per-row sums and bins, and the statistics of the budget sample of rows (curves,
+classwise bins, moments). On the CPU each op of that second half costs a few microseconds whatever its size, so a
+batch of 256 rows pays about a hundred of them. :class:`Pending` keeps the second half's inputs of up to ``steps``
+updates in fixed buffers (the staged per-row values, the predicted and true classes, the sampled rows and their
+weights) and the counts add them in one go: the same values, in the same bins, a fraction of the ops per step.
+The rows drawn for the sample are the same as without holding (the sampler's draws do not move), so the counts are
+equal to those of updates added one by one, up to the order of float64 sums.
+
+Bounded memory: at most ``MAX_ROWS`` held rows and ``MAX_SAMPLE_VALUES`` held sampled values; an update larger
+than that is added alone. No host read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+MAX_ROWS = 2**16  # held rows (staged per-row values: about 60 bytes a row)
+MAX_SAMPLE_VALUES = 2**18  # held sampled values (1 MiB of float32 scores)
+SETTLE_VALUES = 2**15  # sampled values added per piece at a settle: its temporaries stay in cache
+
+
+def pieces(rows: int, width: int) -> list[slice]:
+    """Slices of ``rows`` held sampled rows of ``width`` values, each of at most ``SETTLE_VALUES`` values."""
+    step = max(1, SETTLE_VALUES // max(1, width))
+    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+class Pending:
+    """Fixed buffers holding the inputs of the second half of up to ``steps`` updates (see the module docstring).
+
+    Buffers come in two kinds: ``"rows"`` (one entry per row of a batch) and ``"sample"`` (one per sampled row).
+    Their capacity is set by the first update admitted: ``steps`` of its size, within the module's bounds.
+
+    Example:
+        >>> held = Pending(steps=4, device=torch.device("cpu"))
+        >>> held.admit(rows=3, sample=2, settle=lambda: None)
+        True
+        >>> held.claim("rows", "pred", (), torch.long)[:3].copy_(torch.tensor([2, 0, 1]))  # example input
+        tensor([2, 0, 1])
+        >>> held.advance(rows=3, sample=2, total=3)
+        >>> held.view("rows", "pred").tolist(), held.capacity
+        ([2, 0, 1], {'rows': 12, 'sample': 8})
+    """
+
+    def __init__(self, steps: int, device: torch.device) -> None:
+        self.steps = max(1, steps)
+        self.device = device
+        self.updates = 0  # updates held
+        self.total = 0  # rows of the held updates, counted and left out
+        self.used = {"rows": 0, "sample": 0}
+        self.capacity = {"rows": 0, "sample": 0}
+        self._sized = False
+        self._buffers: dict[str, tuple[str, Tensor]] = {}
+
+    def admit(self, rows: int, sample: int, settle: Callable[[], None], width: int = 1) -> bool:
+        """Whether an update of ``rows`` rows and ``sample`` sampled rows (``width`` values each) is held.
+
+        ``settle`` (the counts adding what is held, then :meth:`clear`) is called first when the update would not
+        fit beside what is held. An update larger than the whole capacity is not held (``False``).
+        """
+        if not self._sized:
+            self._sized = True
+            cap = max(1, MAX_SAMPLE_VALUES // max(1, width))
+            self.capacity = {"rows": min(MAX_ROWS, rows * self.steps), "sample": min(cap, sample * self.steps)}
+        if rows > self.capacity["rows"] or sample > self.capacity["sample"]:
+            if self.updates:
+                settle()
+            return False
+        if self.used["rows"] + rows > self.capacity["rows"] or self.used["sample"] + sample > self.capacity["sample"]:
+            settle()
+        return True
+
+    def claim(self, kind: str, name: str, tail: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """The entries of buffer ``name`` (shape ``(capacity, *tail)``) that the admitted update writes.
+
+        Only valid between :meth:`admit` and :meth:`advance`. A buffer whose shape or dtype changes is rebuilt
+        (the counts settle before that happens: see :meth:`fits`).
+        """
+        kept = self._buffers.get(name)
+        cap = self.capacity[kind]
+        if kept is None or kept[1].dtype != dtype or tuple(kept[1].shape[1:]) != tail or kept[1].shape[0] != cap:
+            kept = self._buffers[name] = (kind, torch.empty((cap, *tail), dtype=dtype, device=self.device))
+        start = self.used[kind]
+        return kept[1][start:]
+
+    def fits(self, name: str, tail: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Whether held entries of ``name`` (if any) have this shape and dtype (else the counts settle first)."""
+        kept = self._buffers.get(name)
+        return not self.updates or kept is None or (kept[1].dtype == dtype and tuple(kept[1].shape[1:]) == tail)
+
+    def advance(self, rows: int, sample: int, total: int) -> None:
+        """The admitted update is written: its entries join the held ones (``total``: its rows, all of them)."""
+        self.used["rows"] += rows
+        self.used["sample"] += sample
+        self.total += total
+        self.updates += 1
+
+    def view(self, kind: str, name: str) -> Tensor:
+        """The held entries of buffer ``name``."""
+        return self._buffers[name][1][: self.used[kind]]
+
+    def full(self) -> bool:
+        """``steps`` updates are held: time to add them."""
+        return self.updates >= self.steps
+
+    def clear(self) -> None:
+        """Forget the held entries (after the counts added them); the buffers stay for the next updates."""
+        self.updates = self.total = 0
+        self.used = {"rows": 0, "sample": 0}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the buffers."""
+        return sum(t.numel() * t.element_size() for _, t in self._buffers.values())
+
+
+__all__ = ["MAX_ROWS", "MAX_SAMPLE_VALUES", "SETTLE_VALUES", "Pending", "pieces"]
