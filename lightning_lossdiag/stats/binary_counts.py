@@ -44,7 +44,7 @@ def update_binary(counts: ClassCounts, x: Tensor, target: Tensor, n: int, rank: 
     add_classwise(counts.classwise, both, labels, v, counts._calibration_edges, counts._windows[1])
     counts.calibration.copy_(counts.classwise[1])
     _, fine = calibration_bins(p, counts._calibration_edges, FINE_BINS, counts._windows[1])
-    counts.calibration_fine.index_add_(1, fine, bin_sums(p, safe, v).T)
+    counts.calibration_fine.index_add_(1, fine.long(), bin_sums(p, safe, v).T)  # int64: int32 is slow along dim 1
     r, k = counts._sample(m, 1)
     s_p, s_pos, w = (p, safe, v) if r is None else (p[r], safe[r], v[r] * (m / k))
     counts._add_curves(s_p[:, None], s_pos[:, None], w)

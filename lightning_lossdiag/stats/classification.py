@@ -233,6 +233,7 @@ class ClassCounts:
             return out
 
         rows, ranking = at["rows"], at["ranking"]
+        bins = torch.int32 if by_lookup(self._store) else torch.long  # the dtype of the bins (int32 on the CPU)
         return {
             # the row sums (multiclass): rows counted, (confidences and hits: trash), -log p(true class), top-k hits
             "row_sums": positions(rows, self._trash, self._trash, ranking + 1, ranking),
@@ -242,8 +243,8 @@ class ClassCounts:
             "hist_bounds": staged_slots(self._bins, dev),
             "hist_sums": positions(hist + 4, hist + 5),
             "classes": torch.arange(c, device=dev),
-            "curve_base": torch.arange(k, device=dev)[None, :] * (2 * t),
-            "classwise": torch.arange(c, device=dev) * (3 * b) + at["classwise"],  # each class's first bin, weight
+            "curve_base": (torch.arange(k, device=dev)[None, :] * (2 * t)).to(bins),
+            "classwise": (torch.arange(c, device=dev) * (3 * b) + at["classwise"]).to(bins),  # each class's first bin
             "descending": descending_weights(c, 3, 1, dev, exact=by_lookup(self._store)),  # float: CPU compare
             "chunk": torch.arange(ARGMAX_CHUNK, device=dev),
         }
@@ -349,17 +350,25 @@ class ClassCounts:
     def _add_curves(self, probs: Tensor, positive: Tensor, w: Tensor) -> None:
         """Binned curve weights of ``(k, K)`` sampled probabilities (``w``: ``(k,)`` or ``(k, K)``).
 
-        As in :func:`~lightning_lossdiag.stats.curves.add_curve_counts`, values below the first threshold weigh 0.
+        ``positive``: a ``(k, K)`` 0/1 mask, or the ``(k,)`` true class of each row (one positive a row: ``k``
+        values moved to the positive curve instead of a ``k x K`` pass). As in
+        :func:`~lightning_lossdiag.stats.curves.add_curve_counts`, values below the first threshold weigh 0.
         """
         t = self.thresholds.shape[0]
         w = (w[:, None] if w.ndim == 1 else w).float()
-        if by_lookup(probs):
+        if by_lookup(probs):  # int32 bins; the weight by a comparison written as floats (a bool one costs 4x here)
             j = threshold_bins(probs, self.thresholds, self._windows[0])
-            weight, at = torch.where(j >= 0, w, 0.0), j.clamp_min_(0)
+            weight = torch.ge(j, 0, out=torch.empty(j.shape, device=j.device)).mul_(w)
+            at = j.clamp_min_(0)
         else:  # one search over t_1..t_{T-1}: the bin, 0 below t_1 (below t_0 the weight is 0)
             q = torch.nan_to_num(probs, nan=-1.0)
             weight, at = torch.where(q >= 0, w, 0.0), torch.bucketize(q, self.thresholds[1:], right=True)
-        at = at.add_(positive, alpha=t).add_(self._index["curve_base"])
+        if positive.ndim == 1:  # the true class of each row
+            moved = torch.full((at.shape[0], 1), t, dtype=at.dtype, device=at.device)
+            at.scatter_add_(1, positive[:, None], moved)
+        else:
+            at.add_(positive.to(at.dtype), alpha=t)
+        at = at.add_(self._index["curve_base"])
         self.curves.view(-1).index_add_(0, at.view(-1), weight.view(-1))
 
     def _probabilities(self, x: Tensor, *, multiclass: bool) -> Tensor:

@@ -11,7 +11,9 @@ The rows drawn for the sample are the same as without holding (the sampler's dra
 equal to those of updates added one by one, up to the order of float64 sums.
 
 Bounded memory: at most ``MAX_ROWS`` held rows and ``MAX_SAMPLE_VALUES`` held sampled values; an update larger
-than that is added alone. No host read.
+than that is added alone, and when fewer than ``MIN_HELD`` updates of the first one's size would fit (a batch of
+segmentation maps is 32k rows and more) nothing is held: each update's own ops are then few next to its values. No
+host read.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 MAX_ROWS = 2**16  # held rows (staged per-row values: about 60 bytes a row)
 MAX_SAMPLE_VALUES = 2**18  # held sampled values (1 MiB of float32 scores)
 SETTLE_VALUES = 2**15  # sampled values added per piece at a settle: its temporaries stay in cache
+MIN_HELD = 4  # holding pays only when this many updates fit in the buffers; larger updates are added at once
 
 
 def pieces(rows: int, width: int) -> list[slice]:
@@ -69,6 +72,9 @@ class Pending:
             self._sized = True
             cap = max(1, MAX_SAMPLE_VALUES // max(1, width))
             self.capacity = {"rows": min(MAX_ROWS, rows * self.steps), "sample": min(cap, sample * self.steps)}
+            need = min(MIN_HELD, self.steps)
+            if rows * need > self.capacity["rows"] or sample * need > self.capacity["sample"]:
+                self.capacity = {"rows": 0, "sample": 0}  # too few would fit (e.g. segmentation maps): never hold
         if rows > self.capacity["rows"] or sample > self.capacity["sample"]:
             if self.updates:
                 settle()

@@ -91,3 +91,15 @@ def test_holding_dispatches_fewer_operators_per_update():
                 counts.update(preds, target)
         ops[hold] = counted.count / 16
     assert ops[16] < 0.6 * ops[1], ops
+
+
+def test_updates_too_large_to_hold_a_few_of_are_added_at_once(monkeypatch):
+    monkeypatch.setattr(pending, "MAX_ROWS", 100)  # 40-row updates: fewer than MIN_HELD would fit
+    kw, preds, target = _cases()["flat600_tail"]
+    batches = _batches(preds, target, [10, 10, 10])
+    kw = {**kw, "num_classes": 600}
+    held = _fed(kw, [(torch.cat([p, p, p, p])[:40], torch.cat([t, t, t, t])[:40]) for p, t in batches], hold=16)
+    alone = _fed(kw, [(torch.cat([p, p, p, p])[:40], torch.cat([t, t, t, t])[:40]) for p, t in batches], hold=1)
+    assert held._pending.capacity == {"rows": 0, "sample": 0}
+    assert held._pending.updates == 0
+    _assert_same_states(alone, held)
