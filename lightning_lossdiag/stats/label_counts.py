@@ -112,15 +112,18 @@ def add_labels_sampled(
     w = s_valid.to(torch.float64).mul_(scale)
     counts._add_curves(probs, s_pos, w)
     j, fine = calibration_bins(probs, counts._calibration_edges, FINE_BINS, counts._windows[1])
-    sums = (w, w * probs, torch.where(s_pos, w, 0.0))  # (k, C) weight, probability and hit sums of each value
+    # (k, C) weight, probability and hit sums of each value, all float64 (a float64 x float32 or bool product takes
+    # the CPU's slow casting path)
+    p64, pos64 = probs.double(), s_pos.double()
+    sums = (w, w * p64, w * pos64)
     counts._add_classwise(j, sums)
     counts.calibration.copy_(counts.classwise.sum(0))
     for row, values in zip(counts.calibration_fine, sums, strict=True):
         row.index_add_(0, fine.view(-1), values.view(-1))
     weight, p_sum, hits = (v.sum(0) for v in sums)  # (C,) each
-    squares = (sums[1] * probs).sum(0)  # sum of w p^2 per label
+    squares = (sums[1] * p64).sum(0)  # sum of w p^2 per label
     # Brier: sum of w (p - y)^2 = w p^2 - 2 w p y + w y for 0/1 labels, from the sums at hand
-    brier = squares.sum() - 2 * (sums[1] * s_pos).sum() + hits.sum()
+    brier = squares.sum() - 2 * (sums[1] * pos64).sum() + hits.sum()
     moment = torch.cat([weight, p_sum, squares, brier[None], weight.sum()[None]])
     index, parts = [counts._index["moments"]], [moment]
     if rows is not None:

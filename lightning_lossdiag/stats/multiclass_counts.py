@@ -242,15 +242,16 @@ def add_sampled(
     counts._add_curves(probs, s_safe, w)  # one positive a row: its true class
     # classwise bins of every class (the sampled values: O(budget)): weight and probability sums of every value;
     # the hit sums have one value a row (its true class), added alone
-    wp = probs.double().mul_(w[:, None])  # w p, (k, C)
+    p64 = probs.double()  # float64 once: a product of float64 and float32 takes the CPU's slow casting path
+    wp = torch.mul(p64, w[:, None])  # w p, (k, C)
     j = calibration_bin(probs, counts._calibration_edges, counts._windows[1])
     counts._add_classwise(j, (w[:, None].expand_as(wp), wp), hits=(s_safe, w))
     # moments (weight, sum p, sum p^2 per class) and the Brier score, the sum over classes of (p - onehot)^2:
     # sum p^2 - 2 p_true + 1 a row, from the sums at hand
-    p_true = probs.gather(1, s_safe[:, None]).squeeze(1)
-    p_sum, squares = wp.sum(0), wp.mul_(probs).sum(0)
+    p_true = p64.gather(1, s_safe[:, None]).squeeze(1)
+    p_sum, squares = wp.sum(0), wp.mul_(p64).sum(0)
     total = w.sum()
-    brier = squares.sum() - 2 * (w @ p_true.double()) + total
+    brier = squares.sum() - 2 * (w @ p_true) + total
     index.append(counts._index["moments"])
     parts.append(torch.cat([total.expand(c), p_sum, squares, brier[None], total[None]]))
     if counts.views:
