@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lightning_lossdiag.callbacks._grad_window as grad_window
 from lightning_lossdiag.callbacks._grad_window import cpu_l2_norms, norm_path, param_norms
 
 SPECIAL = [math.nan, math.inf, -math.inf, 1e20, 0.0]  # 1e20: its square overflows float32
@@ -51,8 +52,11 @@ def test_one_element_beyond_the_square_range_is_the_documented_difference():
     assert torch.stack(torch._foreach_norm(huge, 2.0)).tolist() == [pytest.approx(1e20, rel=1e-6), math.inf]
 
 
-def test_the_path_is_chosen_from_the_parameters_and_every_path_agrees():
+def test_the_path_is_chosen_from_the_parameters_and_every_path_agrees(monkeypatch):
     cpu32 = [torch.randn(4, 3), torch.randn(3)]
+    assert norm_path(cpu32, 2.0) == "fused"  # a few small tensors: one fused call costs less than their dots
+    assert norm_path([torch.randn(400, 400), torch.randn(400)], 2.0) == "cpu_l2"  # 160k values: the dots
+    monkeypatch.setattr(grad_window, "DOT_VALUES", 0)
     assert norm_path(cpu32, 2.0) == "cpu_l2"
     assert norm_path(cpu32, 1.0) == "fused"
     assert norm_path([torch.randn(3, dtype=torch.bfloat16)], 2.0) == "fused"  # reduced in float32 by _foreach_norm
