@@ -13,12 +13,17 @@ What each update costs (``M`` rows: samples, pixels or tokens; ``C`` classes or 
   probability moments, the Brier score, the classwise calibration bins and the true-class probability histogram
   (multilabel: also the calibration bins). When ``M * C <= budget`` every row is used and the curves are exact.
 
-Few kernels per update, whatever the task: the float64 states are views into one flat tensor, so the small sums of a
-batch (rows, NLL, top-k hits, moments, Brier score, histogram) land in one ``index_add_``; the counts of a row go in
+Few kernels per update, whatever the task. With ``hold=N`` (the class engine holds 16) the second half of an update,
+what adds the per-row values and the budget sample to the state, runs once for N updates
+(:mod:`~lightning_lossdiag.stats.pending`): the same counts, a fraction of the ops per update. The float64 states
+are views into one flat tensor, so the small sums of a batch (rows, NLL, top-k hits, moments, Brier score,
+histogram) land in one ``index_add_``; the counts of a row go in
 with one ``index_add_`` per state (several statistics in one where they share an index); a state that is a sum of
 another (the multilabel and binary top-label bins are classwise bins summed) is taken from it. Bins are found by
-arithmetic and a lookup on the CPU and by one ``bucketize`` elsewhere (:data:`~lightning_lossdiag.stats.curves.
-LOOKUP_DEVICES`), the same bins either way; bf16/fp16 logits are read once by a float32 log-softmax off the CPU.
+arithmetic and a lookup on the CPU (int32 positions) and by one ``bucketize`` elsewhere
+(:data:`~lightning_lossdiag.stats.curves.LOOKUP_DEVICES`), the same bins either way; the CPU writes its full-size
+comparisons as 0/1 floats (a quarter of the cost of a bool mask there); bf16/fp16 logits are read once by a float32
+log-softmax off the CPU.
 
 State: ``3 x C`` counts, ``K x 2 x T`` curve weights (``K = 1`` for binary), ``C x 3 x 16`` classwise calibration
 bins, fixed top-label calibration bins (15 and 1,024, see :mod:`~lightning_lossdiag.stats.calibration`), a
