@@ -109,21 +109,22 @@ def add_labels_sampled(
     c = counts.num_classes
     _, s_valid, s_pos = label_masks(s_t if s_t.dtype == torch.float64 else s_t.float(), counts.ignore_index)
     probs = counts._probabilities(sample, multiclass=False)
-    w = s_valid.to(torch.float64).mul_(scale)
+    # (3, k, C) weight, probability and hit sums of each value, float64 in one block (a product of float64 and float32
+    # or bool factors takes the CPU's slow casting path, so each factor is float64 first)
+    sums = probs.new_empty((3, *probs.shape), dtype=torch.float64)
+    w = sums[0].copy_(s_valid).mul_(scale)
+    p64 = probs.double()
+    torch.mul(w, p64, out=sums[1])
+    sums[2].copy_(s_pos).mul_(w)
     counts._add_curves(probs, s_pos, w)
     j, fine = calibration_bins(probs, counts._calibration_edges, FINE_BINS, counts._windows[1])
-    # (k, C) weight, probability and hit sums of each value, all float64 (a float64 x float32 or bool product takes
-    # the CPU's slow casting path)
-    p64, pos64 = probs.double(), s_pos.double()
-    sums = (w, w * p64, w * pos64)
     counts._add_classwise(j, sums)
     counts.calibration.copy_(counts.classwise.sum(0))
-    for row, values in zip(counts.calibration_fine, sums, strict=True):
-        row.index_add_(0, fine.view(-1), values.view(-1))
-    weight, p_sum, hits = (v.sum(0) for v in sums)  # (C,) each
+    counts.calibration_fine.index_add_(1, fine.view(-1).long(), sums.view(3, -1))  # int64: int32 is slow on dim 1
+    weight, p_sum, hits = sums.sum(1)  # (C,) each
     squares = (sums[1] * p64).sum(0)  # sum of w p^2 per label
-    # Brier: sum of w (p - y)^2 = w p^2 - 2 w p y + w y for 0/1 labels, from the sums at hand
-    brier = squares.sum() - 2 * (sums[1] * pos64).sum() + hits.sum()
+    # Brier: sum of w (p - y)^2 = w p^2 - 2 w p y + w y for 0/1 labels, from the sums at hand (w p y: hits times p)
+    brier = squares.sum() - 2 * (sums[2] * p64).sum() + hits.sum()
     moment = torch.cat([weight, p_sum, squares, brier[None], weight.sum()[None]])
     index, parts = [counts._index["moments"]], [moment]
     if rows is not None:
