@@ -118,7 +118,7 @@ def add_labels_sampled(
     sums[2].copy_(s_pos).mul_(w)
     counts._add_curves(probs, s_pos, w)
     j, fine = calibration_bins(probs, counts._calibration_edges, FINE_BINS, counts._windows[1])
-    counts._add_classwise(j, sums)
+    counts._add_classwise(j, sums.unbind(0))
     counts.calibration.copy_(counts.classwise.sum(0))
     counts.calibration_fine.index_add_(1, fine.view(-1).long(), sums.view(3, -1))  # int64: int32 is slow on dim 1
     weight, p_sum, hits = sums.sum(1)  # (C,) each
