@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_lossdiag.stats.calibration import FINE_BINS, calibration_bin, calibration_bins
 from lightning_lossdiag.stats.curves import by_lookup
-from lightning_lossdiag.stats.pending import pieces
+from lightning_lossdiag.stats.pending import Pending, pieces
 from lightning_lossdiag.stats.row_ops import (
     chunk_maxima,
     count_above,
@@ -117,19 +117,36 @@ def update_multiclass(counts: ClassCounts, x: Tensor, target: Tensor, n: int, ra
     held = counts._pending
     if held is not None and not held.fits("sample", (c,), scores.dtype):
         counts.settle()
-    if held is None or not held.admit(m, k, counts.settle, c):  # added now
-        shape = (len(columns), m)  # a kept buffer of at most 4 MiB, else a fresh one
-        kept = math.prod(shape) <= _KEPT_ROW_VALUES
-        buffer = counts._work.take("per_row", shape, torch.float64) if kept else x.new_empty(shape, dtype=torch.float64)
-        per_row = _staged(columns, valid, by_lookup(x), buffer, counts._zero)
-        index, parts = add_rows(counts, per_row, pred, safe, m)
-        add_sampled(counts, *_draw(counts, scores, safe, valid, m, k), index, parts)
-        counts._store.index_add_(0, torch.cat(index), torch.cat(parts))
+    if held is not None and held.admit(m, k, counts.settle, c):
+        _hold(counts, held, scores, columns, valid, pred, safe, k)
         return
-    # held: the per-row values, classes and sampled rows go into the held buffers, added at the next settle()
-    _staged(
-        columns, valid, by_lookup(x), held.claim("rows", "per_row", (len(columns),), torch.float64)[:m].T, counts._zero
-    )
+    shape = (len(columns), m)  # added now: a kept buffer of at most 4 MiB, else a fresh one
+    kept = math.prod(shape) <= _KEPT_ROW_VALUES
+    buffer = counts._work.take("per_row", shape, torch.float64) if kept else x.new_empty(shape, dtype=torch.float64)
+    per_row = _staged(columns, valid, by_lookup(x), buffer, counts._zero)
+    index, parts = add_rows(counts, per_row, pred, safe, m)
+    add_sampled(counts, *_draw(counts, scores, safe, valid, m, k), index, parts)
+    counts._store.index_add_(0, torch.cat(index), torch.cat(parts))
+
+
+def _hold(
+    counts: ClassCounts,
+    held: Pending,
+    scores: Tensor,
+    columns: list[Tensor],
+    valid: Tensor,
+    pred: Tensor,
+    safe: Tensor,
+    k: int,
+) -> None:
+    """Write an admitted update's per-row values, classes and ``k`` sampled rows into the held buffers.
+
+    They are added at the next :meth:`~lightning_lossdiag.stats.classification.ClassCounts.settle` (when ``hold``
+    updates are held, or at the first read).
+    """
+    m, c = safe.shape[0], counts.num_classes
+    rows = held.claim("rows", "per_row", (len(columns),), torch.float64)[:m].T
+    _staged(columns, valid, by_lookup(scores), rows, counts._zero)
     held.claim("rows", "pred", (), torch.long)[:m].copy_(pred)
     held.claim("rows", "safe", (), torch.long)[:m].copy_(safe)
     out = (
