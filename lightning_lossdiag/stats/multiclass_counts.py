@@ -147,6 +147,8 @@ def _hold(
     m, c = safe.shape[0], counts.num_classes
     rows = held.claim("rows", "per_row", (len(columns),), torch.float64)[:m].T
     _staged(columns, valid, by_lookup(scores), rows, counts._zero)
+    if counts.pairs is not None:  # the pair sketch takes each update as it comes: its keys depend on the batches
+        counts.pairs.update(safe, pred, rows[0] - rows[2], checked=True)  # the confused rows weigh 1
     held.claim("rows", "pred", (), torch.long)[:m].copy_(pred)
     held.claim("rows", "safe", (), torch.long)[:m].copy_(safe)
     out = (
@@ -166,7 +168,8 @@ def settle_multiclass(counts: ClassCounts) -> None:
     if held is None or not held.updates:
         return
     per_row = held.view("rows", "per_row").T
-    index, parts = add_rows(counts, per_row, held.view("rows", "pred"), held.view("rows", "safe"), held.total)
+    pred, safe = held.view("rows", "pred"), held.view("rows", "safe")
+    index, parts = add_rows(counts, per_row, pred, safe, held.total, pairs=False)
     sample, s_safe, w = (held.view("sample", name) for name in ("sample", "s_safe", "w"))
     for at in pieces(sample.shape[0], counts.num_classes):  # pieces whose temporaries stay in cache
         add_sampled(counts, sample[at], s_safe[at], w[at], index, parts)
@@ -190,12 +193,12 @@ def _staged(columns: list[Tensor], valid: Tensor, cpu: bool, out: Tensor, zero: 
 
 
 def add_rows(
-    counts: ClassCounts, per_row: Tensor, pred: Tensor, safe: Tensor, total: int
+    counts: ClassCounts, per_row: Tensor, pred: Tensor, safe: Tensor, total: int, pairs: bool = True
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Add staged rows (:func:`_staged`) to the per-class counts, top-label bins, confusion or pairs.
 
     Returns the store positions and values of the row sums (``total``: every row, counted or not), for the caller's
-    one ``index_add_`` into the store.
+    one ``index_add_`` into the store. ``pairs=False``: the pair sketch has seen these rows already (held updates).
     """
     v, hit = per_row[0], per_row[2]
     counts.per_class[::2].index_add_(1, safe, per_row[::2][:2])  # support and correct: weight and hit
@@ -207,7 +210,7 @@ def add_rows(
     sums = per_row.sum(1)
     if counts.confusion.numel():
         counts.confusion.view(-1).index_add_(0, torch.add(pred, safe, alpha=counts.num_classes), v)
-    if counts.pairs is not None:
+    if counts.pairs is not None and pairs:
         counts.pairs.update(safe, pred, v - hit, checked=True)  # the confused rows weigh 1
     index = [counts._index["row_sums"][: per_row.shape[0]], counts._index["left_out"]]
     return index, [sums, total - sums[:1]]

@@ -8,7 +8,8 @@ batch of 256 rows pays about a hundred of them. :class:`Pending` keeps the secon
 updates in fixed buffers (the staged per-row values, the predicted and true classes, the sampled rows and their
 weights) and the counts add them in one go: the same values, in the same bins, a fraction of the ops per step.
 The rows drawn for the sample are the same as without holding (the sampler's draws do not move), so the counts are
-equal to those of updates added one by one, up to the order of float64 sums.
+equal to those of updates added one by one, up to the order of float64 sums. The confused-pair sketch of the error
+views is not held: which pairs it keeps depends on how rows are batched, so it still takes each update as it comes.
 
 Bounded memory: at most ``MAX_ROWS`` held rows and ``MAX_SAMPLE_VALUES`` held sampled values; an update larger
 than that is added alone, and when fewer than ``MIN_HELD`` updates of the first one's size would fit (a batch of
@@ -39,7 +40,8 @@ class Pending:
     """Fixed buffers holding the inputs of the second half of up to ``steps`` updates (see the module docstring).
 
     Buffers come in two kinds: ``"rows"`` (one entry per row of a batch) and ``"sample"`` (one per sampled row).
-    Their capacity is set by the first update admitted: ``steps`` of its size, within the module's bounds.
+    Their capacity is ``steps`` updates of the size of the first update (or of a larger one that comes while
+    nothing is held), within the module's bounds.
 
     Example:
         >>> held = Pending(steps=4, device=torch.device("cpu"))
@@ -59,29 +61,35 @@ class Pending:
         self.total = 0  # rows of the held updates, counted and left out
         self.used = {"rows": 0, "sample": 0}
         self.capacity = {"rows": 0, "sample": 0}
-        self._sized = False
         self._buffers: dict[str, tuple[str, Tensor]] = {}
 
     def admit(self, rows: int, sample: int, settle: Callable[[], None], width: int = 1) -> bool:
         """Whether an update of ``rows`` rows and ``sample`` sampled rows (``width`` values each) is held.
 
         ``settle`` (the counts adding what is held, then :meth:`clear`) is called first when the update would not
-        fit beside what is held. An update larger than the whole capacity is not held (``False``).
+        fit beside what is held. An update larger than the capacity settles what is held and sizes the buffers
+        again for itself (the first update may be a small one); one of which fewer than ``MIN_HELD`` would fit is
+        not held (``False``).
         """
-        if not self._sized:
-            self._sized = True
-            cap = max(1, MAX_SAMPLE_VALUES // max(1, width))
-            self.capacity = {"rows": min(MAX_ROWS, rows * self.steps), "sample": min(cap, sample * self.steps)}
-            need = min(MIN_HELD, self.steps)
-            if rows * need > self.capacity["rows"] or sample * need > self.capacity["sample"]:
-                self.capacity = {"rows": 0, "sample": 0}  # too few would fit (e.g. segmentation maps): never hold
-        if rows > self.capacity["rows"] or sample > self.capacity["sample"]:
+        if not self._fits(rows, sample):  # larger than the buffers: add what is held, size them for this one
             if self.updates:
                 settle()
-            return False
+            self._size(rows, sample, width)  # buffers of the old size are rebuilt by claim()
+            return self._fits(rows, sample)
         if self.used["rows"] + rows > self.capacity["rows"] or self.used["sample"] + sample > self.capacity["sample"]:
             settle()
         return True
+
+    def _fits(self, rows: int, sample: int) -> bool:
+        return rows <= self.capacity["rows"] and sample <= self.capacity["sample"]
+
+    def _size(self, rows: int, sample: int, width: int) -> None:
+        """Capacity for ``steps`` updates of this size, within the bounds; none when fewer than ``MIN_HELD`` fit."""
+        cap = max(1, MAX_SAMPLE_VALUES // max(1, width))
+        self.capacity = {"rows": min(MAX_ROWS, rows * self.steps), "sample": min(cap, sample * self.steps)}
+        need = min(MIN_HELD, self.steps)
+        if rows * need > self.capacity["rows"] or sample * need > self.capacity["sample"]:
+            self.capacity = {"rows": 0, "sample": 0}  # too few would fit (e.g. segmentation maps): not held
 
     def claim(self, kind: str, name: str, tail: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """The entries of buffer ``name`` (shape ``(capacity, *tail)``) that the admitted update writes.

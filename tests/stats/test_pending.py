@@ -51,14 +51,14 @@ def test_held_updates_give_the_states_of_updates_added_one_by_one(case, gpu_path
     assert held._pending.updates == 0
 
 
-def test_an_update_larger_than_the_held_buffers_settles_them_and_is_added_alone():
+def test_an_update_larger_than_the_held_buffers_settles_them_and_sizes_them_again():
     kw, preds, target = _cases()["flat600_tail"]
     sizes = [4, 4, 22]  # capacity is set by the first update (4 rows x hold): 22 rows do not fit
     alone = _fed(kw, _batches(preds, target, sizes), hold=1)
     held = _fed(kw, _batches(preds, target, sizes), hold=4)
-    assert held._pending.updates == 0
-    assert held._pending.capacity["rows"] == 16
-    _assert_same_states(alone, held)  # nothing left held: the state is complete without a settle
+    assert held._pending.capacity["rows"] == 88  # sized again for the 22-row update, which is held
+    assert held._pending.updates == 1  # the two 4-row updates were added before it
+    _assert_same_states(alone, held.merged())
 
 
 def test_logits_that_change_dtype_settle_what_is_held_first():
@@ -103,3 +103,12 @@ def test_updates_too_large_to_hold_a_few_of_are_added_at_once(monkeypatch):
     assert held._pending.capacity == {"rows": 0, "sample": 0}
     assert held._pending.updates == 0
     _assert_same_states(alone, held)
+
+
+def test_a_small_first_update_does_not_keep_larger_ones_from_being_held():
+    kw, preds, target = _cases()["flat600_tail"]
+    batches = [(preds[:2], target[:2]), (preds[2:12], target[2:12]), (preds[12:22], target[12:22])]
+    held = _fed(kw, batches, hold=4)
+    assert held._pending.capacity["rows"] == 40  # sized again by the 10-row update: 4 of them
+    assert held._pending.updates == 2  # both 10-row updates held (the first settled the 2-row one before it)
+    _assert_same_states(_fed(kw, batches, hold=1), held.merged())
