@@ -272,12 +272,10 @@ class ClassCounts:
 
     def settle(self) -> None:
         """Add the held updates to the state (see ``hold``); a no-op when nothing is held. No host read."""
-        if self._pending is None or not self._pending.updates:
+        held = self._pending
+        if held is None or not held.updates:
             return
-        if self.task == "multiclass":
-            settle_multiclass(self)
-        else:
-            settle_multilabel(self)
+        (settle_multiclass if self.task == "multiclass" else settle_multilabel)(self, held)
 
     def _sample(self, m: int, width: int) -> tuple[Tensor | None, int]:
         """Row positions of the budget sample (``None``: every row) and how many."""

@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_lossdiag.stats.calibration import FINE_BINS, calibration_bins
 from lightning_lossdiag.stats.curves import by_lookup
 from lightning_lossdiag.stats.label_values import label_masks, label_values
-from lightning_lossdiag.stats.pending import pieces
+from lightning_lossdiag.stats.pending import Pending, pieces
 
 if TYPE_CHECKING:
     from lightning_lossdiag.stats.classification import ClassCounts
@@ -42,16 +42,15 @@ def update_multilabel(counts: ClassCounts, x: Tensor, target: Tensor, n: int, ra
     counted = pieces[0][1] if len(pieces) == 1 else torch.stack([p[1] for p in pieces]).sum()
     rows = torch.stack([counted, m - counted])
     k = counts._sample_size(m, c)
+    r = counts._sample_rows(m, k)  # drawn before any settle: held or not, the same rows
     held = counts._pending
-    if held is not None and not (held.fits("sample", (c,), xs.dtype) and held.fits("targets", (c,), ts.dtype)):
-        counts.settle()
-    if held is None or not held.admit(1, k, counts.settle, c):  # added now
-        r = counts._sample_rows(m, k)
+    kinds = {"sample": ((c,), xs.dtype), "targets": ((c,), ts.dtype)}
+    if held is None or not held.admit(1, k, counts.settle, c, kinds):  # added now
         sample, s_t = (xs, ts) if r is None else (xs[r], ts[r])
         add_labels_sampled(counts, sample, s_t, m / k, rows)
+        _top_label_bins(counts)
         return
     # held: the sampled rows and targets, their weights and the row counts, added at the next settle()
-    r = counts._sample_rows(m, k)
     held.claim("rows", "rows", (2,), rows.dtype)[:1].copy_(rows[None])
     for name, values in (("sample", xs), ("targets", ts)):
         out = held.claim("sample", name, (c,), values.dtype)[:k]
@@ -62,18 +61,21 @@ def update_multilabel(counts: ClassCounts, x: Tensor, target: Tensor, n: int, ra
         counts.settle()
 
 
-def settle_multilabel(counts: ClassCounts) -> None:
-    """Add the held sampled rows (:class:`~lightning_lossdiag.stats.pending.Pending`) to the state, then clear."""
-    held = counts._pending
-    if held is None or not held.updates:
-        return
+def settle_multilabel(counts: ClassCounts, held: Pending) -> None:
+    """Add the sampled rows ``held`` (:class:`~lightning_lossdiag.stats.pending.Pending`) to the state, then clear."""
     sample, s_t, scale = (held.view("sample", name) for name in ("sample", "targets", "scale"))
     rows: Tensor | None = held.view("rows", "rows").sum(0)
     parts = pieces(sample.shape[0], counts.num_classes)  # pieces whose temporaries stay in cache
     for at in parts:
         add_labels_sampled(counts, sample[at], s_t[at], scale[at, None], rows, -(-held.updates // len(parts)))
         rows = None
+    _top_label_bins(counts)
     held.clear()
+
+
+def _top_label_bins(counts: ClassCounts) -> None:
+    """The top-label bins of multilabel counts: the classwise bins summed over labels (the same values, same bins)."""
+    counts.calibration.copy_(counts.classwise.sum(0))
 
 
 def label_piece(
@@ -103,8 +105,8 @@ def add_labels_sampled(
     ``sample``/``s_t``: the ``(k, C)`` sampled predictions and targets; ``scale``: the weight of a sampled row
     (``M / k``, or ``(k, 1)`` of them for ``updates`` held updates). Curves, classwise and fine calibration bins,
     moments, Brier score and the probability histogram; ``rows`` (counted, left out; ``None``: added with another
-    piece) joins their update of the store. The top-label bins are the classwise bins summed over labels (the same
-    values in the same bins), so they are taken from them instead of being counted twice.
+    piece) joins their update of the store. The top-label bins are the classwise bins summed over labels: the caller
+    takes them from those once (:func:`_top_label_bins`) instead of counting them twice.
     """
     c = counts.num_classes
     _, s_valid, s_pos = label_masks(s_t if s_t.dtype == torch.float64 else s_t.float(), counts.ignore_index)
@@ -118,8 +120,7 @@ def add_labels_sampled(
     sums[2].copy_(s_pos).mul_(w)
     counts._add_curves(probs, s_pos, w)
     j, fine = calibration_bins(probs, counts._calibration_edges, FINE_BINS, counts._windows[1])
-    counts._add_classwise(j, sums.unbind(0))
-    counts.calibration.copy_(counts.classwise.sum(0))
+    counts._add_classwise(j, sums.unbind(0))  # the top-label bins follow from them (_top_label_bins, once)
     counts.calibration_fine.index_add_(1, fine.view(-1).long(), sums.view(3, -1))  # int64: int32 is slow on dim 1
     weight, p_sum, hits = sums.sum(1)  # (C,) each
     squares = (sums[1] * p64).sum(0)  # sum of w p^2 per label

@@ -49,7 +49,7 @@ def row_scores(counts: ClassCounts, x: Tensor, safe: Tensor) -> tuple[Tensor, Te
         >>> x = torch.stack([torch.arange(12.0), torch.arange(12.0).flip(0)])
         >>> true = torch.tensor([0, 3])  # example input, off the hot path
         >>> top, pred, picked, in_top = row_scores(counts, x, true)
-        >>> pred.tolist(), picked.tolist(), in_top.tolist()  # example read; 11 classes above class 0, 3 above 3
+        >>> pred.tolist(), picked.tolist(), in_top.tolist()  # example read, off the hot path; 11 above 0, 3 above 3
         ([11, 0], [0.0, 8.0], [False, True])
     """
     k, work = counts.top_k, counts._work
@@ -115,9 +115,7 @@ def update_multiclass(counts: ClassCounts, x: Tensor, target: Tensor, n: int, ra
         counts._offer_worst(loss, [lab, pred, prob], n, rank, world)
     k = counts._sample_size(m, c)
     held = counts._pending
-    if held is not None and not held.fits("sample", (c,), scores.dtype):
-        counts.settle()
-    if held is not None and held.admit(m, k, counts.settle, c):
+    if held is not None and held.admit(m, k, counts.settle, c, {"sample": ((c,), scores.dtype)}):
         _hold(counts, held, scores, columns, valid, pred, safe, k)
         return
     shape = (len(columns), m)  # added now: a kept buffer of at most 4 MiB, else a fresh one
@@ -162,11 +160,8 @@ def _hold(
         counts.settle()
 
 
-def settle_multiclass(counts: ClassCounts) -> None:
-    """Add the held updates (:class:`~lightning_lossdiag.stats.pending.Pending`) to the state, then clear them."""
-    held = counts._pending
-    if held is None or not held.updates:
-        return
+def settle_multiclass(counts: ClassCounts, held: Pending) -> None:
+    """Add the updates ``held`` (:class:`~lightning_lossdiag.stats.pending.Pending`) to the state, then clear them."""
     per_row = held.view("rows", "per_row").T
     pred, safe = held.view("rows", "pred"), held.view("rows", "safe")
     index, parts = add_rows(counts, per_row, pred, safe, held.total, pairs=False)

@@ -19,7 +19,7 @@ host read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -63,14 +63,24 @@ class Pending:
         self.capacity = {"rows": 0, "sample": 0}
         self._buffers: dict[str, tuple[str, Tensor]] = {}
 
-    def admit(self, rows: int, sample: int, settle: Callable[[], None], width: int = 1) -> bool:
+    def admit(
+        self,
+        rows: int,
+        sample: int,
+        settle: Callable[[], None],
+        width: int = 1,
+        kinds: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+    ) -> bool:
         """Whether an update of ``rows`` rows and ``sample`` sampled rows (``width`` values each) is held.
 
         ``settle`` (the counts adding what is held, then :meth:`clear`) is called first when the update would not
-        fit beside what is held. An update larger than the capacity settles what is held and sizes the buffers
-        again for itself (the first update may be a small one); one of which fewer than ``MIN_HELD`` would fit is
-        not held (``False``).
+        fit beside what is held, or when a buffer of ``kinds`` (name: trailing shape and dtype the update writes)
+        holds entries of another shape or dtype. An update larger than the capacity settles what is held and sizes
+        the buffers again for itself (the first update may be a small one); one of which fewer than ``MIN_HELD``
+        would fit is not held (``False``).
         """
+        if self.updates and not all(self._same(name, *kind) for name, kind in (kinds or {}).items()):
+            settle()
         if not self._fits(rows, sample):  # larger than the buffers: add what is held, size them for this one
             if self.updates:
                 settle()
@@ -95,7 +105,7 @@ class Pending:
         """The entries of buffer ``name`` (shape ``(capacity, *tail)``) that the admitted update writes.
 
         Only valid between :meth:`admit` and :meth:`advance`. A buffer whose shape or dtype changes is rebuilt
-        (the counts settle before that happens: see :meth:`fits`).
+        (:meth:`admit` settles what it held first, given the update's ``kinds``).
         """
         kept = self._buffers.get(name)
         cap = self.capacity[kind]
@@ -104,10 +114,10 @@ class Pending:
         start = self.used[kind]
         return kept[1][start:]
 
-    def fits(self, name: str, tail: tuple[int, ...], dtype: torch.dtype) -> bool:
-        """Whether held entries of ``name`` (if any) have this shape and dtype (else the counts settle first)."""
+    def _same(self, name: str, tail: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Whether buffer ``name`` (if built) has this trailing shape and dtype."""
         kept = self._buffers.get(name)
-        return not self.updates or kept is None or (kept[1].dtype == dtype and tuple(kept[1].shape[1:]) == tail)
+        return kept is None or (kept[1].dtype == dtype and tuple(kept[1].shape[1:]) == tail)
 
     def advance(self, rows: int, sample: int, total: int) -> None:
         """The admitted update is written: its entries join the held ones (``total``: its rows, all of them)."""
