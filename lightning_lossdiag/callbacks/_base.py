@@ -100,32 +100,40 @@ def host_to_device(values: list[int] | list[bool], device: torch.device, dtype: 
 
 
 _SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+#: the sharding strategies whose gradient shards the gradient monitor and the NaN guard sum (``_shards.py``)
+SUMMED_SHARDS = ("ModelParallelStrategy", "FSDPStrategy")
 
 
-def refuse_sharded(trainer: Any, who: str, what: str, way_out: str = "`LossDiagnostics(gradients=False)`") -> None:
+def refuse_sharded(
+    trainer: Any,
+    who: str,
+    what: str,
+    way_out: str = "`LossDiagnostics(gradients=False)`",
+    allowed: tuple[str, ...] = (),
+) -> None:
     """Fail at fit start under a sharding strategy, where ``who`` would see one rank's shard of each gradient.
 
     FSDP (``FSDPStrategy``), FSDP2/tensor parallel (``ModelParallelStrategy``) and DeepSpeed hand each rank a slice of
     every gradient: norms and non-finite checks of those slices are not the full gradient's, and numbers that look
-    right but are not are worse than none. (``GradientMonitor`` sums FSDP2's DTensor shards itself and calls this for
-    the others only.)
+    right but are not are worse than none. ``allowed``: the strategies (class names, subclasses included) whose
+    shards the caller sums itself (:data:`SUMMED_SHARDS` for the gradient monitor and the NaN guard).
 
     Example:
         >>> from types import SimpleNamespace
-        >>> class FSDPStrategy: ...
+        >>> class DeepSpeedStrategy: ...
         >>> try:
-        ...     refuse_sharded(SimpleNamespace(strategy=FSDPStrategy()), "GradientMonitor", "gradient norms")
+        ...     refuse_sharded(SimpleNamespace(strategy=DeepSpeedStrategy()), "GradientMonitor", "gradient norms")
         ... except RuntimeError as err:
-        ...     print(str(err)[:45])
-        GradientMonitor does not support FSDPStrategy
+        ...     print(str(err)[:50])
+        GradientMonitor does not support DeepSpeedStrategy
     """
-    names = {cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__}
-    found = next((n for n in _SHARDED if n in names), None)
-    if found is not None:
+    names = [cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__]
+    found = next((n for n in names if n in _SHARDED), None)
+    if found is not None and found not in allowed:
         raise RuntimeError(
             f"{who} does not support {found} yet: each rank holds a shard of every gradient, so its {what} would "
-            f"be one shard's, not the model's. Turn it off to train with the other parts: {way_out}. DDP is "
-            "supported, and gradient norms under ModelParallelStrategy (FSDP2)."
+            f"be one shard's, not the model's. Turn it off to train with the other parts: {way_out}. DDP, FSDP "
+            "(FSDPStrategy with use_orig_params=True) and FSDP2 (ModelParallelStrategy) are supported."
         )
 
 

@@ -32,6 +32,22 @@ def safe_tag(name: str) -> str:
     return _UNSAFE.sub("_", name) or "_"
 
 
+#: module-path components that wrappers insert between a module and its parameters (FSDP1, activation checkpointing)
+WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the components wrappers insert, so a wrapped model keeps its layers' names.
+
+    Example:
+        >>> clean_name("net._fsdp_wrapped_module.0.weight"), clean_name("head.bias")
+        ('net.0.weight', 'head.bias')
+    """
+    if "_wrapped_module" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
+
+
 AUTO_DEPTH = "auto"
 _MAX_AUTO_DEPTH = 8
 
@@ -61,7 +77,7 @@ def resolve_depth(module: nn.Module, depth: int | str, max_groups: int) -> int:
     check_depth(depth)
     if depth != AUTO_DEPTH:
         return int(depth)
-    paths = [name.rpartition(".")[0] for name, _ in module.named_parameters()]
+    paths = [clean_name(name).rpartition(".")[0] for name, _ in module.named_parameters()]
     best, count = 1, 0
     for d in range(1, _MAX_AUTO_DEPTH + 1):
         n = len({group_of(p, d) for p in paths})
@@ -110,7 +126,8 @@ def cap_groups(groups: list[str], max_groups: int) -> dict[str, str]:
 def group_parameters(module: nn.Module, depth: int = 1, max_groups: int = 32) -> dict[str, list[str]]:
     """Group the parameters of ``module`` by module path cut to ``depth``: ``group -> [parameter names]``.
 
-    Shared parameters are listed once (under their first name); frozen parameters are included.
+    Shared parameters are listed once (under their first name); frozen parameters are included. Names are those of
+    :func:`clean_name` (an FSDP1-wrapped ``net.0`` is still ``net.0``).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)))
@@ -120,7 +137,7 @@ def group_parameters(module: nn.Module, depth: int = 1, max_groups: int = 32) ->
         ['0', 'other']
     """
     _check(depth, max_groups)
-    names = [name for name, _ in module.named_parameters()]
+    names = [clean_name(name) for name, _ in module.named_parameters()]
     raw = [group_of(name.rpartition(".")[0], depth) for name in names]
     final = cap_groups(raw, max_groups)
     out: dict[str, list[str]] = {}
@@ -150,12 +167,15 @@ def group_modules(module: nn.Module, depth: int = 1, max_groups: int = 32) -> di
         {'0': 2, 'other': 4}
     """
     _check(depth, max_groups)
-    final = cap_groups([group_of(name.rpartition(".")[0], depth) for name, _ in module.named_parameters()], max_groups)
+    names = [clean_name(name) for name, _ in module.named_parameters()]
+    final = cap_groups([group_of(name.rpartition(".")[0], depth) for name in names], max_groups)
     out: dict[str, list[nn.Module]] = {}
     current: str | None = None
-    for path, sub in module.named_modules():
-        if not path:
+    for raw_path, sub in module.named_modules():
+        # a wrapper (FSDP1, activation checkpointing) stands for the module it wraps: that one is not hooked again
+        if not raw_path or raw_path.rpartition(".")[2] in WRAPPER_PARTS:
             continue
+        path = clean_name(raw_path)
         n = len(path.split("."))
         if not (n == depth or (n < depth and not any(True for _ in sub.children()))):
             continue
@@ -197,7 +217,9 @@ def host_floats(parts: Sequence[Tensor]) -> list[float]:
 __all__ = [
     "OTHER_GROUP",
     "ROOT_GROUP",
+    "WRAPPER_PARTS",
     "cap_groups",
+    "clean_name",
     "group_modules",
     "group_of",
     "group_parameters",

@@ -18,10 +18,17 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lossdiag.callbacks._amp import grad_scaler, scaler_skip_mask
-from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, refuse_sharded, warn_no_logger_once
+from lightning_lossdiag.callbacks._base import (
+    SUMMED_SHARDS,
+    FlushSchedule,
+    log_scalars,
+    refuse_sharded,
+    warn_no_logger_once,
+)
 from lightning_lossdiag.callbacks._grad_groups import (
     OTHER_GROUP,
     check_depth,
+    clean_name,
     group_parameters,
     host_floats,
     resolve_depth,
@@ -34,7 +41,7 @@ from lightning_lossdiag.callbacks._grad_window import (
     param_norms,
     stacked_norms,
 )
-from lightning_lossdiag.callbacks._shards import local_parts, shard_reducer
+from lightning_lossdiag.callbacks._shards import local_grads, local_parts, shard_reducer
 from lightning_lossdiag.diagnosis.record import record_for
 
 _MAX_NAMES = 64  # names kept in the notes (bounded)
@@ -58,8 +65,15 @@ class GradientMonitor(Callback):
     A ``configure_gradient_clipping`` override in the module is not seen. Manual optimization: Lightning forbids
     ``gradient_clip_val`` there; the module calls ``self.clip_gradients(...)`` and ``opt.step()`` itself, and
     ``opt.step()`` still fires ``on_before_optimizer_step`` (through the precision plugin's closure), so norms are
-    measured at each ``opt.step()``, after any clipping the module already did; the clip rate stays 0. Sharded
-    strategies (FSDP, DeepSpeed) see local shards only and are not supported.
+    measured at each ``opt.step()``, after any clipping the module already did; the clip rate stays 0.
+
+    Sharded gradients: under FSDP2 (``ModelParallelStrategy``) and FSDP1 (``FSDPStrategy`` with
+    ``use_orig_params=True``, Lightning's default) each rank measures its own pieces of every gradient, and their
+    ``p``-th powers are summed over the ranks that shard them when the rows are folded (one ``all_reduce`` per block
+    of steps), so every value is that of the full gradients, the same on every rank. Layer names are those of the
+    unwrapped model (``net.0``, not ``net._fsdp_wrapped_module.0``). DeepSpeed, and FSDP1 set-ups whose shards cannot
+    be summed (``use_orig_params=False``, mixed process groups, parameters left out of FSDP), are refused at fit
+    start with a message that says why.
 
     Values at a flush are those of the flush step, except ``clip_rate`` and ``norm_total_max`` (since the last
     flush). With several optimizers every key gets the suffix ``_opt<i>`` (index in ``trainer.optimizers``); with
@@ -141,12 +155,22 @@ class GradientMonitor(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and type(trainer.strategy).__name__ != "ModelParallelStrategy":  # FSDP2: shards summed
-            refuse_sharded(trainer, "GradientMonitor", "gradient norms")
+        if stage == "fit":  # FSDP2 and FSDP1: the shards are summed; DeepSpeed is refused
+            refuse_sharded(trainer, "GradientMonitor", "gradient norms", allowed=SUMMED_SHARDS)
 
-    def _setup(self, pl_module: LightningModule, optimizer: Any, idx: int) -> OptWindow:
-        """One-time: the optimizer's parameters, their names and groups, the group index tensor."""
-        names_by_id = {id(p): n for n, p in pl_module.named_parameters()}
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fail now, not at the first step, on a sharded set-up whose shards cannot be summed (FSDP1 options)."""
+        model = getattr(trainer.strategy, "model", None)
+        for opt in trainer.optimizers:
+            shard_reducer([p for group in opt.param_groups for p in group["params"]], model)
+
+    def _setup(self, pl_module: LightningModule, optimizer: Any, idx: int, model: Any = None) -> OptWindow:
+        """One-time: the optimizer's parameters, their names and groups, the group index tensor.
+
+        ``model``: the strategy's model (it holds the FSDP1 units, which say over which processes the shards lie).
+        """
+        names_by_id = {id(p): clean_name(n) for n, p in pl_module.named_parameters()}
         depth = resolve_depth(pl_module, self.depth, self.max_groups)
         group_by_name = {n: g for g, ns in group_parameters(pl_module, depth, self.max_groups).items() for n in ns}
         params: list[Tensor] = []
@@ -156,7 +180,7 @@ class GradientMonitor(Callback):
         groups = [group_by_name.get(n, OTHER_GROUP) for n in names]
         device = params[0].device if params else torch.device("cpu")
         state = OptWindow(params, names, groups, device, self.norm_type)
-        state.reduce = shard_reducer(params)  # FSDP2 (DTensor shards): norms of the full gradients at each fold
+        state.reduce = shard_reducer(params, model)  # FSDP2/FSDP1 shards: norms of the full gradients at each fold
         state.nonfinite_count.fill_(self.nonfinite_counts.get(idx, 0))  # resumed counters continue
         window = self._windows.pop(idx, None)
         if window:  # resumed from a checkpoint written between flushes: the window goes on where it was
@@ -205,7 +229,9 @@ class GradientMonitor(Callback):
         idx = next((i for i, o in enumerate(trainer.optimizers) if o is opt), 0)
         st = self._states.get(idx)
         if st is None:
-            st = self._states[idx] = self._setup(pl_module, opt, idx)
+            st = self._states[idx] = self._setup(
+                pl_module, opt, idx, getattr(getattr(trainer, "strategy", None), "model", None)
+            )
         self._last_window = (opt, st)
         return st
 
@@ -216,10 +242,9 @@ class GradientMonitor(Callback):
         self._latest = None
         st = self._window(trainer, pl_module, opt)
         params = st.params
-        grads: list[Tensor] = [g for q in params if (g := q.grad) is not None]
         sharded = st.reduce is not None
-        if sharded:
-            grads = local_parts(grads)  # each rank's shard; summed over the shards at the fold
+        # sharded: each rank's pieces, one per parameter (empty where it holds none), summed over ranks at the fold
+        grads = local_grads(params) if sharded else [g for q in params if (g := q.grad) is not None]
         if not grads:
             return
         positions: Tensor | None = None  # None: every parameter has a gradient (the usual case)

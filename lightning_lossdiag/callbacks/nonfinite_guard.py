@@ -25,8 +25,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_lossdiag.callbacks._amp import grad_scaler, scaler_skip_mask
-from lightning_lossdiag.callbacks._base import FlushSchedule, log_scalars, refuse_sharded
-from lightning_lossdiag.callbacks._grad_groups import host_floats
+from lightning_lossdiag.callbacks._base import SUMMED_SHARDS, FlushSchedule, log_scalars, refuse_sharded
+from lightning_lossdiag.callbacks._grad_groups import clean_name, host_floats
 from lightning_lossdiag.callbacks._grad_window import NormPath, norm_path, param_norms
 from lightning_lossdiag.callbacks._guard_ops import (
     IS_SPARSE,
@@ -37,7 +37,7 @@ from lightning_lossdiag.callbacks._guard_ops import (
     step_grads,
 )
 from lightning_lossdiag.callbacks._guard_rows import FOLD_ROWS, NO_STEP, GuardRows, loss_probe, step_ok
-from lightning_lossdiag.callbacks._shards import local_parts, shard_reducer
+from lightning_lossdiag.callbacks._shards import local_grads, local_parts, shard_reducer
 from lightning_lossdiag.dashboards.writers import log_dirs
 from lightning_lossdiag.diagnosis.record import record_for
 
@@ -92,6 +92,11 @@ class NonFiniteGuard(Callback):
     note ``loss/first_nonfinite_step`` of rank 0 (the only rank that writes) knows about a NaN loss on any rank.
     The guard's own counters and :meth:`state_dict` stay per rank (``first_loss_step`` is this rank's).
 
+    Under FSDP2 (``ModelParallelStrategy``) and FSDP1 (``FSDPStrategy``, ``use_orig_params=True``) each rank holds
+    pieces of every gradient: the per-parameter norms of the pieces are summed over the shards at every step (one
+    ``all_reduce`` a step, on the device), so every rank skips, stops or raises at the same step, even when the bad
+    element lies in one rank's piece. DeepSpeed is refused at fit start (``"warn"`` only records and is allowed).
+
     Args:
         policy: ``"skip"`` (default), ``"warn"``, ``"stop"`` or ``"raise"`` (see above).
         every_n_steps: flush interval in optimizer steps; ``None`` takes the Trainer's ``log_every_n_steps``.
@@ -115,7 +120,7 @@ class NonFiniteGuard(Callback):
         self._found_inf_set: list[Optimizer] = []  # fused optimizers told to skip or not this batch (cleared after)
         #: per optimizer (by id, within one fit): its :func:`fused_skip_target`, decided at its first step
         self._fused_targets: dict[int, Optimizer | None] = {}
-        self._reducers: dict[int, Any] = {}  # FSDP2: shard reducers per parameter list
+        self._reducers: dict[int, Any] = {}  # FSDP2/FSDP1: shard reducers per parameter list
         #: per optimizer (by id, within one fit): its parameters and their norm path (:meth:`_optimizer_params`)
         self._plans: dict[int, tuple[list[Tensor], NormPath | None]] = {}
         self._ok: Tensor | None = None  # where the step's skip flag is written (reused: no allocation per step)
@@ -138,12 +143,14 @@ class NonFiniteGuard(Callback):
     # ---- hooks -----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self.policy != "warn" and type(trainer.strategy).__name__ != "ModelParallelStrategy":
-            refuse_sharded(trainer, "NonFiniteGuard", "decision to skip a step", "`on_nonfinite='warn'`")
+        if stage == "fit" and self.policy != "warn":  # FSDP2 and FSDP1: decided on all shards; DeepSpeed: refused
+            refuse_sharded(
+                trainer, "NonFiniteGuard", "decision to skip a step", "`on_nonfinite='warn'`", allowed=SUMMED_SHARDS
+            )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._param_names = {id(p): clean_name(name) for name, p in pl_module.named_parameters()}
         self._rows = {}
         self._last_rows = None
         self._losses = []
@@ -152,6 +159,9 @@ class NonFiniteGuard(Callback):
         self._reducers = {}
         self._plans = {}
         record_for(trainer).notes["nonfinite/policy"] = self.policy
+        if self.policy != "warn":  # a sharded set-up whose shards cannot be summed fails now, not at the first step
+            for opt in trainer.optimizers:
+                self._shard_reduce(self._optimizer_params(opt)[0], trainer)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -169,7 +179,7 @@ class NonFiniteGuard(Callback):
         if not grads and probe is None:
             return
         if self.policy == "raise":
-            self._raise_if_bad(trainer, probe, norms, list(zip(params, grads, strict=True)), step)
+            self._raise_if_bad(trainer, probe, norms, params, step)
             return
         rows = self._rows_for(params, norms, probe)
         rows.push(step, probe if probe is not None else self._no_mark(rows.device), norms)
@@ -200,11 +210,11 @@ class NonFiniteGuard(Callback):
                 # there (~0.1 ms a step on the CPU of benchmarks/overhead.py, A/B in the loop).
                 drop_update(grads[::-1], ok, rows.int_view)
 
-    def _shard_reduce(self, params: list[Tensor]) -> Any:
-        """FSDP2: the reducer of the parameters' shards (decided once per parameter list), else ``None``."""
+    def _shard_reduce(self, params: list[Tensor], trainer: Trainer) -> Any:
+        """FSDP2/FSDP1: the reducer of the parameters' shards (decided once per parameter list), else ``None``."""
         key = id(params[0]) if params else 0
         if key not in self._reducers:
-            self._reducers[key] = shard_reducer(params)
+            self._reducers[key] = shard_reducer(params, getattr(getattr(trainer, "strategy", None), "model", None))
         return self._reducers[key]
 
     def _step_grads(
@@ -222,22 +232,26 @@ class NonFiniteGuard(Callback):
         seen = source.take_latest(optimizer) if source is not None else None
         if seen is not None:
             step, params, grads, norms = seen
-            reduce = self._shard_reduce(params)
+            reduce = self._shard_reduce(params, trainer)
             if reduce is None:
                 return seen  # type: ignore[no-any-return]
-            # FSDP2: the monitor measured this rank's shards; the decision must be the same on every rank
+            # sharded: the monitor measured this rank's pieces (a row over every parameter, the same layout on every
+            # rank); the decision must be the same on every rank
             return step, params, local_parts(grads), reduce(norms[None], source.norm_type)[0]
         params, path = self._optimizer_params(optimizer)
+        reduce = self._shard_reduce(params, trainer)
         grads = [g for q in params if (g := q.grad) is not None]
-        if len(grads) != len(params) or any(map(IS_SPARSE, grads)):  # some without (dense) gradient: this step's
+        measured = grads
+        if reduce is not None:  # sharded: a row over every parameter on every rank (a rank without a piece: empty)
+            measured = grads = local_grads(params)
+            path = None
+        elif len(grads) != len(params) or any(map(IS_SPARSE, grads)):  # some without (dense) gradient: this step's
             pairs = step_grads(optimizer)
             params, grads, path = [p for p, _ in pairs], [g for _, g in pairs], None
+            measured = grads
         step = trainer.global_step + 1
-        reduce = self._shard_reduce(params)
-        if reduce is not None:
-            grads, path = local_parts(grads), None
-        norms = param_norms(grads, 2.0, path=path) if grads else None  # float32 L2: NaN/inf propagate
-        if reduce is not None and norms is not None:  # FSDP2: one all_reduce a step, the same verdict on every rank
+        norms = param_norms(measured, 2.0, path=path) if grads else None  # float32 L2: NaN/inf propagate
+        if reduce is not None and norms is not None:  # sharded: one all_reduce a step, the same verdict on every rank
             norms = reduce(norms[None], 2.0)[0]
         skip = scaler_skip_mask(grad_scaler(trainer), optimizer)
         if skip is not None and norms is not None:  # fp16: the GradScaler skips this step itself, not the guard
@@ -399,7 +413,7 @@ class NonFiniteGuard(Callback):
         trainer: Trainer,
         probe: Tensor | None,
         norms: Tensor | None,
-        pairs: list[tuple[Tensor, Tensor]],
+        params: list[Tensor],
         step: int,
     ) -> None:
         ok = step_ok(norms, None if self._grads_only else probe)
@@ -409,7 +423,7 @@ class NonFiniteGuard(Callback):
         names: list[str] = []
         if norms is not None:
             finite = host_floats([torch.isfinite(norms)])  # failure path only
-            names = [self._param_names.get(id(p), "?") for (p, _), f in zip(pairs, finite, strict=True) if f == 0]
+            names = [self._param_names.get(id(p), "?") for p, f in zip(params, finite, strict=True) if f == 0]
         self.nonfinite_steps += 1
         notes = record_for(trainer).notes
         notes["nonfinite/policy"] = self.policy

@@ -1,0 +1,87 @@
+"""FSDP1 scenarios for ``test_fsdp1.py``: ``python fsdp1_script.py <out_dir> <devices> [norms|nonfinite]``.
+
+Lightning's ``FSDPStrategy`` wants a GPU; its check looks at the exact class, so a subclass (``CpuFSDP``) runs the
+same strategy on CPU processes over gloo. The module wraps its layers in ``FullyShardedDataParallel`` itself in
+``configure_model`` (Lightning then leaves the wrapping as it is), on the CPU device, with ``use_orig_params=True``
+(Lightning's default): each rank holds, for every parameter, the 1-D piece of it that lies in its slice of the flat
+parameter, or nothing. A probe measures, at every optimizer step, the norms of the FULL gradients
+(``summon_full_params(with_grads=True)``, a collective the probe may use; the package may not) and each rank dumps
+them with what ``GradientMonitor`` logged at the flush steps. ``nonfinite``: at step 3 one element of rank 0's first
+gradient piece is made infinite after backward (rank 1's pieces stay finite); the NaN guard ("skip") must skip that
+step on both ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import _sharded as sharded  # this folder: on sys.path when the script runs
+import lightning as L
+import torch
+from _sharded import EVERY, FullNormProbe
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+from lightning_lossdiag import LossDiagnostics
+
+
+class CpuFSDP(FSDPStrategy):
+    """Lightning's FSDP1 strategy, allowed on CPU processes (the accelerator check compares the exact class)."""
+
+
+class SummonProbe(FullNormProbe):
+    """The full gradients FSDP1 gathers for ``summon_full_params(with_grads=True)`` (a collective)."""
+
+    def full_grads(self, pl_module):
+        with FSDP.summon_full_params(pl_module.net, with_grads=True):
+            return {f"net.{n}": p.grad.clone() for n, p in pl_module.net.named_parameters() if p.grad is not None}
+
+
+class Sharded(sharded.Classifier):
+    def configure_model(self) -> None:
+        if isinstance(self.net, FSDP):
+            return
+        cpu = torch.device("cpu")
+        for i in (0, 2):
+            self.net[i] = FSDP(self.net[i], device_id=cpu, use_orig_params=True)
+        self.net = FSDP(self.net, device_id=cpu, use_orig_params=True)
+
+
+class Poisoned(Sharded):
+    """After backward at step 3, one element of rank 0's first gradient piece is infinite; rank 1's stay finite."""
+
+    def on_after_backward(self) -> None:
+        if self.global_step == 2 and self.global_rank == 0:
+            piece = next(p.grad for p in self.parameters() if p.grad is not None and p.grad.numel())
+            piece.view(-1)[0] = float("inf")
+
+
+def _trainer(devices: int, **kwargs) -> L.Trainer:
+    return sharded.trainer(devices, CpuFSDP(process_group_backend="gloo"), **kwargs)
+
+
+def _full_params(model: Sharded) -> list[torch.Tensor]:
+    with FSDP.summon_full_params(model.net):
+        return [p.detach().clone() for p in model.net.parameters()]
+
+
+def run_nonfinite(out: Path, devices: int) -> None:
+    diag = LossDiagnostics(on_nonfinite="skip", activations=False, errors=False, metrics=False, every_n_steps=EVERY)
+    trainer = _trainer(devices, logger=False, callbacks=[diag])
+    model = Poisoned()
+    trainer.fit(model, sharded.data(devices, nonfinite=True))
+    sharded.write_nonfinite(out, trainer, _full_params(model))
+
+
+def run_norms(out: Path, devices: int) -> None:
+    probe = SummonProbe()
+    diag = LossDiagnostics(on_nonfinite="skip", activations=False, errors=False, metrics=False)
+    logger = TensorBoardLogger(str(out), name="", version="")
+    trainer = _trainer(devices, log_every_n_steps=EVERY, logger=logger, callbacks=[probe, diag])
+    trainer.fit(Sharded(), sharded.data(devices, nonfinite=False))
+    sharded.write_norms(out, trainer, probe, local_sizes=[p.numel() for p in trainer.lightning_module.parameters()])
+
+
+if __name__ == "__main__":
+    sharded.main(run_norms, run_nonfinite)
