@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run (the figures in the README's GPU sections come from it):
-#   1. the CUDA tests (sync-debug over every task, fp16 with a GradScaler under precision="16-mixed");
+#   1. the CUDA tests (sync-debug over every task, fp16 with a GradScaler under precision="16-mixed", FSDP1);
 #   2. benchmarks/gpu.py: MLP and GPT-like LM, bare / LossDiagnostics() / recipe / hand-over / compiled,
 #      kernels per non-flush step at two depths, host time in each part's hooks;
 #   3. the whole test suite with the machine's own versions, in parallel (pytest-xdist);
@@ -39,6 +39,7 @@ if part tests; then
     stamp "CUDA tests"
     timeout 150 $PY -m pytest -q -p no:cacheprovider -rs -k cuda \
         tests/callbacks/test_host_reads.py tests/callbacks/test_host_reads_tasks.py tests/callbacks/test_amp_monitor.py \
+        tests/callbacks/test_sharded.py \
         >"$OUT/cuda_tests.txt" 2>&1
     echo "rc=$?" >>"$OUT/cuda_tests.txt"
     tail -5 "$OUT/cuda_tests.txt"

@@ -135,3 +135,35 @@ def test_fsdp1_set_ups_whose_shards_cannot_be_summed_are_named():
     with pytest.raises(RuntimeError, match="no FullyShardedDataParallel module was found"):
         fsdp1_group([marked], nn.Linear(2, 1))
     assert fsdp1_group([nn.Parameter(torch.ones(2))], None) is None  # nothing sharded: nothing to sum
+
+
+class Whole(Tiny):
+    """Left to the strategy to wrap."""
+
+    def configure_model(self):
+        pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Lightning's FSDPStrategy refuses the CPU")
+def test_fsdp1_on_one_cuda_device_with_lightnings_own_strategy(tmp_path):
+    # Lightning wraps the whole module in one FSDP unit (one process: FSDP shards nothing, NO_SHARD); the norms are
+    # those of the whole gradients, with the layers' own names
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cuda",
+        devices=1,
+        strategy=FSDPStrategy(),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        default_root_dir=tmp_path,
+        callbacks=[LossDiagnostics(activations=False)],
+    )
+    model = Whole()
+    x = torch.randn(16, 4)
+    trainer.fit(model, DataLoader(TensorDataset(x, x.sum(1)), batch_size=8))
+    assert trainer.global_step == 2
+    assert "grad/norm/net" in trainer.lossdiag_record.keys("grad/")
+    full = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).norm().item()
+    assert trainer.lossdiag_record.values("grad/norm_total")[-1] == pytest.approx(full, rel=1e-5)
