@@ -1,4 +1,4 @@
-"""What the FSDP1 and FSDP2 scenarios share: starting the two ranks, the probe's reference norms, the checks.
+"""What the FSDP1 and FSDP2 scenarios share: starting the ranks, the probe's reference norms, the checks.
 
 The scripts (``fsdp1_script.py``, ``fsdp2_script.py``) import it as a sibling (their folder is on ``sys.path`` when
 they run); the tests get it from the ``sharded`` fixture of ``conftest.py``, which loads it by path.
@@ -20,12 +20,12 @@ EVERY = 3  # flush interval of the norms scenario
 STEPS = 7
 
 
-def run_two_ranks(script: Path, out: Path, scenario: str) -> Path:
-    """Run ``script`` on two gloo ranks (Lightning starts the second); fail with its output when it fails."""
-    # a Trainer of this process may have set MASTER_PORT (still bound): the two ranks pick a free port of their own
+def run_ranks(script: Path, out: Path, scenario: str, devices: int = 2) -> Path:
+    """Run ``script`` on ``devices`` gloo ranks (Lightning starts the others); fail with its output when it fails."""
+    # a Trainer of this process may have set MASTER_PORT (still bound): the ranks pick a free port of their own
     drop = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "RANK")
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    cmd = [sys.executable, str(script), str(out), "2", scenario]
+    cmd = [sys.executable, str(script), str(out), str(devices), scenario]
     done = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return out
@@ -95,10 +95,10 @@ def full_norms(full: dict[str, Any]) -> tuple[float, dict[str, float]]:
     return math.sqrt(total), {k: math.sqrt(v) for k, v in groups.items()}
 
 
-def check_full_norms(out: Path) -> list[dict[str, Any]]:
-    """Every rank logged the norms of the full gradients at the flushes, the same on both; rank 0 alone wrote."""
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == [2, 2]
+def check_full_norms(out: Path, devices: int = 2) -> list[dict[str, Any]]:
+    """Every rank logged the norms of the full gradients at the flushes, the same on all; rank 0 alone wrote."""
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
+    assert [r["world"] for r in ranks] == [devices] * devices
     for rank in ranks:
         logged = dict((int(s), v) for s, v in rank["logged"]["grad/norm_total"])
         assert sorted(logged) == [3, 6, 7]  # flushes every 3 steps, and the end of training
@@ -110,7 +110,7 @@ def check_full_norms(out: Path) -> list[dict[str, Any]]:
                 assert math.isclose(value, rank["full_groups"][str(step)][group], rel_tol=1e-5), (group, step)
         maximum = dict((int(s), v) for s, v in rank["logged"]["grad/norm_total_max"])
         assert math.isclose(maximum[3], max(rank["full_totals"][str(s)] for s in (1, 2, 3)), rel_tol=1e-5)
-    assert ranks[0]["logged"]["grad/norm_total"] == ranks[1]["logged"]["grad/norm_total"]
+    assert all(r["logged"]["grad/norm_total"] == ranks[0]["logged"]["grad/norm_total"] for r in ranks)
     assert len(list(out.glob("events.out.tfevents.*"))) == 1  # rank 0 writes
     return ranks
 
@@ -160,12 +160,12 @@ def write_nonfinite(out: Path, trainer: Any, full: list[Any]) -> None:
     (out / f"nonfinite_rank{trainer.global_rank}.json").write_text(json.dumps(payload))
 
 
-def main(norms: Any, nonfinite: Any) -> None:
-    """``script.py <out_dir> <devices> [norms|nonfinite]``: run the scenario, wait for both ranks, exit at once."""
+def main(**scenarios: Any) -> None:
+    """``script.py <out_dir> <devices> [scenario]``: run it (default ``norms``), wait for both ranks, exit at once."""
     import torch
 
     scenario = sys.argv[3] if len(sys.argv) > 3 else "norms"
-    (nonfinite if scenario == "nonfinite" else norms)(Path(sys.argv[1]), int(sys.argv[2]))
+    scenarios[scenario](Path(sys.argv[1]), int(sys.argv[2]))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # past it, both ranks have written their results
     # Skip the interpreter's teardown: under load a gloo thread still alive at exit aborted it ("terminate called

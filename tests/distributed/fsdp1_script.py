@@ -1,4 +1,4 @@
-"""FSDP1 scenarios for ``test_fsdp1.py``: ``python fsdp1_script.py <out_dir> <devices> [norms|nonfinite]``.
+"""FSDP1 scenarios for ``test_fsdp1.py``: ``python fsdp1_script.py <out_dir> <devices> [norms|nonfinite|hybrid]``.
 
 Lightning's ``FSDPStrategy`` wants a GPU; its check looks at the exact class, so a subclass (``CpuFSDP``) runs the
 same strategy on CPU processes over gloo. The module wraps its layers in ``FullyShardedDataParallel`` itself in
@@ -8,7 +8,8 @@ parameter, or nothing. A probe measures, at every optimizer step, the norms of t
 (``summon_full_params(with_grads=True)``, a collective the probe may use; the package may not) and each rank dumps
 them with what ``GradientMonitor`` logged at the flush steps. ``nonfinite``: at step 3 one element of rank 0's first
 gradient piece is made infinite after backward (rank 1's pieces stay finite); the NaN guard ("skip") must skip that
-step on both ranks.
+step on both ranks. ``hybrid`` (four ranks): ``HYBRID_SHARD`` with ranks {0, 1} and {2, 3} each sharding one copy of
+the model; the norms must be summed within a shard group, not over the replicas.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from _sharded import EVERY, FullNormProbe
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import ShardingStrategy
 
 from lightning_lossdiag import LossDiagnostics
 
@@ -39,13 +41,27 @@ class SummonProbe(FullNormProbe):
 
 
 class Sharded(sharded.Classifier):
+    hybrid = False  # HybridSharded: shard within a group of one rank, replicate across the ranks
+
     def configure_model(self) -> None:
         if isinstance(self.net, FSDP):
             return
-        cpu = torch.device("cpu")
+        options: dict = {"device_id": torch.device("cpu"), "use_orig_params": True}
+        if self.hybrid:
+            # ranks {0, 1} and {2, 3} each shard one copy; {0, 2} and {1, 3} hold the same pieces (replicas)
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            half = world // 2
+            shard = [torch.distributed.new_group(list(range(s, s + half))) for s in (0, half)]  # made on every rank
+            replica = [torch.distributed.new_group(list(range(r, world, half))) for r in range(half)]
+            options["process_group"] = (shard[rank // half], replica[rank % half])
+            options["sharding_strategy"] = ShardingStrategy.HYBRID_SHARD
         for i in (0, 2):
-            self.net[i] = FSDP(self.net[i], device_id=cpu, use_orig_params=True)
-        self.net = FSDP(self.net, device_id=cpu, use_orig_params=True)
+            self.net[i] = FSDP(self.net[i], **options)
+        self.net = FSDP(self.net, **options)
+
+
+class HybridSharded(Sharded):
+    hybrid = True
 
 
 class Poisoned(Sharded):
@@ -74,14 +90,19 @@ def run_nonfinite(out: Path, devices: int) -> None:
     sharded.write_nonfinite(out, trainer, _full_params(model))
 
 
-def run_norms(out: Path, devices: int) -> None:
+def run_norms(out: Path, devices: int, model: Sharded | None = None) -> None:
     probe = SummonProbe()
     diag = LossDiagnostics(on_nonfinite="skip", activations=False, errors=False, metrics=False)
     logger = TensorBoardLogger(str(out), name="", version="")
     trainer = _trainer(devices, log_every_n_steps=EVERY, logger=logger, callbacks=[probe, diag])
-    trainer.fit(Sharded(), sharded.data(devices, nonfinite=False))
+    trainer.fit(Sharded() if model is None else model, sharded.data(devices, nonfinite=False))
     sharded.write_norms(out, trainer, probe, local_sizes=[p.numel() for p in trainer.lightning_module.parameters()])
 
 
+def run_hybrid(out: Path, devices: int) -> None:
+    """Hybrid sharding: each rank holds whole gradients (a shard group of one), replicated across the ranks."""
+    run_norms(out, devices, HybridSharded())
+
+
 if __name__ == "__main__":
-    sharded.main(run_norms, run_nonfinite)
+    sharded.main(norms=run_norms, nonfinite=run_nonfinite, hybrid=run_hybrid)

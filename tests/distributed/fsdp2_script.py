@@ -72,4 +72,4 @@ def run_norms(out: Path, devices: int) -> None:
 
 
 if __name__ == "__main__":
-    sharded.main(run_norms, run_nonfinite)
+    sharded.main(norms=run_norms, nonfinite=run_nonfinite)
