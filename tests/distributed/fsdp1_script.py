@@ -1,4 +1,4 @@
-"""FSDP1 scenarios for ``test_fsdp1.py``: ``python fsdp1_script.py <out_dir> <devices> [norms|nonfinite|hybrid]``.
+"""FSDP1 scenarios for ``test_fsdp1.py``: ``python fsdp1_script.py <out_dir> <devices> [scenario]``.
 
 Lightning's ``FSDPStrategy`` wants a GPU; its check looks at the exact class, so a subclass (``CpuFSDP``) runs the
 same strategy on CPU processes over gloo. The module wraps its layers in ``FullyShardedDataParallel`` itself in
@@ -8,12 +8,14 @@ parameter, or nothing. A probe measures, at every optimizer step, the norms of t
 (``summon_full_params(with_grads=True)``, a collective the probe may use; the package may not) and each rank dumps
 them with what ``GradientMonitor`` logged at the flush steps. ``nonfinite``: at step 3 one element of rank 0's first
 gradient piece is made infinite after backward (rank 1's pieces stay finite); the NaN guard ("skip") must skip that
-step on both ranks. ``hybrid`` (four ranks): ``HYBRID_SHARD`` with ranks {0, 1} and {2, 3} each sharding one copy of
+step on both ranks (``guard_alone``: the same without the gradient monitor, the guard measuring the pieces
+itself). ``hybrid`` (four ranks): ``HYBRID_SHARD`` with ranks {0, 1} and {2, 3} each sharding one copy of
 the model; the norms must be summed within a shard group, not over the replicas.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import _sharded as sharded  # this folder: on sys.path when the script runs
@@ -82,8 +84,10 @@ def _full_params(model: Sharded) -> list[torch.Tensor]:
         return [p.detach().clone() for p in model.net.parameters()]
 
 
-def run_nonfinite(out: Path, devices: int) -> None:
-    diag = LossDiagnostics(on_nonfinite="skip", activations=False, errors=False, metrics=False, every_n_steps=EVERY)
+def run_nonfinite(out: Path, devices: int, gradients: bool = True) -> None:
+    # gradients=False: the guard measures the pieces itself instead of taking the gradient monitor's row
+    parts = {"activations": False, "errors": False, "metrics": False, "gradients": gradients}
+    diag = LossDiagnostics(on_nonfinite="skip", every_n_steps=EVERY, **parts)
     trainer = _trainer(devices, logger=False, callbacks=[diag])
     model = Poisoned()
     trainer.fit(model, sharded.data(devices, nonfinite=True))
@@ -105,4 +109,5 @@ def run_hybrid(out: Path, devices: int) -> None:
 
 
 if __name__ == "__main__":
-    sharded.main(norms=run_norms, nonfinite=run_nonfinite, hybrid=run_hybrid)
+    guard_alone = functools.partial(run_nonfinite, gradients=False)
+    sharded.main(norms=run_norms, nonfinite=run_nonfinite, guard_alone=guard_alone, hybrid=run_hybrid)

@@ -22,10 +22,11 @@ def test_fsdp1_gradient_norms_are_the_full_gradients(sharded, tmp_path):
 
 
 @pytest.mark.ddp
-def test_fsdp1_nan_guard_decides_on_all_shards(sharded, tmp_path):
+@pytest.mark.parametrize("scenario", ["nonfinite", "guard_alone"])
+def test_fsdp1_nan_guard_decides_on_all_shards(sharded, tmp_path, scenario):
     # the infinite gradient element lies in rank 0's pieces only: both ranks must skip that step, or one rank's
-    # shards of the model would be updated and the other's not
-    sharded.check_both_skipped(sharded.run_ranks(SCRIPT, tmp_path, "nonfinite"))
+    # shards of the model would be updated and the other's not (with the gradient monitor's row, and without it)
+    sharded.check_both_skipped(sharded.run_ranks(SCRIPT, tmp_path, scenario))
 
 
 @pytest.mark.ddp
