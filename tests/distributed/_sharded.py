@@ -111,6 +111,10 @@ def check_full_norms(out: Path, devices: int = 2) -> list[dict[str, Any]]:
         maximum = dict((int(s), v) for s, v in rank["logged"]["grad/norm_total_max"])
         assert math.isclose(maximum[3], max(rank["full_totals"][str(s)] for s in (1, 2, 3)), rel_tol=1e-5)
     assert all(r["logged"]["grad/norm_total"] == ranks[0]["logged"]["grad/norm_total"] for r in ranks)
+    for rank in ranks:  # the hot-path rule holds there too: no host read between flushes (batch 0: one-time checks)
+        between = [n for n, step in rank["reads"][1:] if step % EVERY and step < STEPS]
+        assert between == [0] * len(between), rank["reads"]
+        assert len(between) >= 3
     assert len(list(out.glob("events.out.tfevents.*"))) == 1  # rank 0 writes
     return ranks
 
@@ -134,10 +138,19 @@ def data(devices: int, nonfinite: bool) -> Any:
     return DataLoader(TensorDataset(x, y), batch_size=8)
 
 
-def write_norms(out: Path, trainer: Any, probe: FullNormProbe, **extra: Any) -> None:
-    """The norms scenario's results of this rank: what was logged beside the probe's reference."""
+def read_probe() -> tuple[Any, Any]:
+    """A host-read counter (the package's reads only) and the callback that splits its reads by batch (put FIRST)."""
+    from lightning_lossdiag.testing import HostReadCounter, StepReadProbe
+
+    counter = HostReadCounter()
+    return counter, StepReadProbe(counter)
+
+
+def write_norms(out: Path, trainer: Any, probe: FullNormProbe, reads: Any, **extra: Any) -> None:
+    """The norms scenario's results of this rank: what was logged beside the probe's reference, reads per batch."""
     record = trainer.lossdiag_record
     payload = {
+        "reads": list(zip(reads.reads, reads.steps_after, strict=True)),
         "rank": trainer.global_rank,
         "world": trainer.world_size,
         "logged": {k: record.series(k) for k in record.keys("grad/")},

@@ -98,13 +98,16 @@ def run_norms(out: Path, devices: int, model: Sharded | None = None) -> None:
     probe = SummonProbe()
     diag = LossDiagnostics(on_nonfinite="skip", activations=False, errors=False, metrics=False)
     logger = TensorBoardLogger(str(out), name="", version="")
-    trainer = _trainer(devices, log_every_n_steps=EVERY, logger=logger, callbacks=[probe, diag])
-    trainer.fit(Sharded() if model is None else model, sharded.data(devices, nonfinite=False))
-    sharded.write_norms(out, trainer, probe, local_sizes=[p.numel() for p in trainer.lightning_module.parameters()])
+    counter, reads = sharded.read_probe()
+    trainer = _trainer(devices, log_every_n_steps=EVERY, logger=logger, callbacks=[reads, probe, diag])
+    with counter:
+        trainer.fit(Sharded() if model is None else model, sharded.data(devices, nonfinite=False))
+    local = [p.numel() for p in trainer.lightning_module.parameters()]
+    sharded.write_norms(out, trainer, probe, reads, local_sizes=local)
 
 
 def run_hybrid(out: Path, devices: int) -> None:
-    """Hybrid sharding: each rank holds whole gradients (a shard group of one), replicated across the ranks."""
+    """Hybrid sharding (four ranks): two shard groups of two ranks, each holding one copy of the model."""
     run_norms(out, devices, HybridSharded())
 
 

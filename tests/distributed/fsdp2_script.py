@@ -65,10 +65,12 @@ def run_norms(out: Path, devices: int) -> None:
     probe = FullTensorProbe()
     diag = LossDiagnostics(on_nonfinite="warn", activations=False, errors=False, metrics=False)
     logger = TensorBoardLogger(str(out), name="", version="")
-    trainer = _trainer(devices, log_every_n_steps=EVERY, logger=logger, callbacks=[probe, diag])
-    trainer.fit(Sharded(), sharded.data(devices, nonfinite=False))
+    counter, reads = sharded.read_probe()
+    trainer = _trainer(devices, log_every_n_steps=EVERY, logger=logger, callbacks=[reads, probe, diag])
+    with counter:
+        trainer.fit(Sharded(), sharded.data(devices, nonfinite=False))
     local = [tuple(p.to_local().shape) for p in trainer.lightning_module.parameters()]
-    sharded.write_norms(out, trainer, probe, local_shapes=local)
+    sharded.write_norms(out, trainer, probe, reads, local_shapes=local)
 
 
 if __name__ == "__main__":
