@@ -96,6 +96,7 @@ def shard_reducer(params: list[Tensor], model: Any = None) -> Reduce | None:
 #: the attribute FSDP1 sets on the parameters it has flattened into a ``FlatParameter`` (and on those)
 _FSDP1_FLAG = "_fsdp_flattened"
 _WAY_OUT = "or train with `LossDiagnostics(gradients=False, on_nonfinite='warn')`"
+_WHO = "lightning-lossdiag (gradient norms, NaN guard)"
 
 
 def fsdp1_units(model: Any) -> list[Any]:
@@ -124,32 +125,32 @@ def fsdp1_group(params: list[Tensor], model: Any) -> Any:
         >>> fsdp1_group([torch.nn.Parameter(torch.ones(2))], torch.nn.Linear(2, 1)) is None
         True
     """
-    units = fsdp1_units(model)
     if not any(getattr(p, _FSDP1_FLAG, False) for p in params):
         return None
+    units = fsdp1_units(model)
     if not units:
         raise RuntimeError(
-            "GradientMonitor: the parameters are FSDP1 shards, but no FullyShardedDataParallel module was found to "
-            f"say over which processes they are sharded; {_WAY_OUT}."
+            f"{_WHO}: the parameters are FSDP1 shards, but no FullyShardedDataParallel module was found to say over "
+            f"which processes they are sharded; {_WAY_OUT}."
         )
     if any(getattr(u, "_use_orig_params", True) is False for u in units):
         raise RuntimeError(
-            "GradientMonitor: FSDP1 with use_orig_params=False hands the optimizer flat parameters that mix layers, "
-            f"so there are no per-layer gradients to measure; use FSDPStrategy(use_orig_params=True) (Lightning's "
+            f"{_WHO}: FSDP1 with use_orig_params=False hands the optimizer flat parameters that mix layers, so "
+            "there are no per-layer gradients to measure; use FSDPStrategy(use_orig_params=True) (Lightning's "
             f"default), {_WAY_OUT}."
         )
     strategies = {str(getattr(getattr(u, "sharding_strategy", None), "name", "FULL_SHARD")) for u in units}
     groups = {id(getattr(u, "process_group", None)) for u in units}
     if len(strategies) > 1 or len(groups) > 1:
         raise RuntimeError(
-            f"GradientMonitor: the FSDP1 units use different sharding strategies ({sorted(strategies)}) or process "
-            f"groups; the norms of the full gradients cannot be summed from their shards. Use one of each, {_WAY_OUT}."
+            f"{_WHO}: the FSDP1 units use different sharding strategies ({sorted(strategies)}) or process groups; "
+            f"the norms of the full gradients cannot be summed from their shards. Use one of each, {_WAY_OUT}."
         )
     loose = sum(1 for p in params if not getattr(p, _FSDP1_FLAG, False))
     if loose:
         raise RuntimeError(
-            f"GradientMonitor: {loose} trained parameter(s) are outside FSDP (ignored_modules): each rank holds them "
-            f"whole, so they cannot be summed with the shards of the others; wrap them too, {_WAY_OUT}."
+            f"{_WHO}: {loose} trained parameter(s) are outside FSDP (ignored_modules): each rank holds them whole, "
+            f"so they cannot be summed with the shards of the others; wrap them too, {_WAY_OUT}."
         )
     if strategies == {"NO_SHARD"}:
         return None
