@@ -146,6 +146,14 @@ def group_parameters(module: nn.Module, depth: int = 1, max_groups: int = 32) ->
     return out
 
 
+def _is_leaf(module: nn.Module) -> bool:
+    """No children, or only a wrapper's one wrapped module that has none (a wrapped layer is still a leaf)."""
+    children = list(module.named_children())
+    if not children:
+        return True
+    return len(children) == 1 and children[0][0] in WRAPPER_PARTS and _is_leaf(children[0][1])
+
+
 def group_modules(module: nn.Module, depth: int = 1, max_groups: int = 32) -> dict[str, list[nn.Module]]:
     """Group the submodules of ``module`` at path length ``depth`` into the groups of :func:`group_parameters`.
 
@@ -177,7 +185,7 @@ def group_modules(module: nn.Module, depth: int = 1, max_groups: int = 32) -> di
             continue
         path = clean_name(raw_path)
         n = len(path.split("."))
-        if not (n == depth or (n < depth and not any(True for _ in sub.children()))):
+        if not (n == depth or (n < depth and _is_leaf(sub))):
             continue
         raw = group_of(path, depth)
         if raw in final:

@@ -53,3 +53,12 @@ def test_a_wrapper_is_hooked_in_place_of_what_it_wraps():
     top = group_modules(wrapped, depth=1)
     assert list(top) == ["net"]
     assert [type(m).__name__ for m in top["net"]] == ["Wrapper"]
+
+
+def test_a_wrapped_leaf_above_the_depth_is_still_hooked():
+    plain, wrapped = Model(False), Model(True)
+    for depth in (3, 4):  # deeper than the layers: every leaf layer is hooked, wrapped or not
+        names = {k: [type(m).__name__ for m in v] for k, v in group_modules(plain, depth).items()}
+        wrapped_names = {k: [type(m).__name__ for m in v] for k, v in group_modules(wrapped, depth).items()}
+        assert list(wrapped_names) == list(names) == ["net.0", "net.2"]
+        assert wrapped_names == {"net.0": ["Wrapper", "ReLU"], "net.2": ["Wrapper"]}
