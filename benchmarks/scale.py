@@ -18,6 +18,7 @@ files the diag run wrote per stage (train, val) and epoch.
 
     python benchmarks/scale.py                                  # all workloads, CPU, 1 thread
     python benchmarks/scale.py --quick --repeats 1              # smoke run with tiny sizes
+    python benchmarks/scale.py --workloads small,cls3_seq       # the small-class cases: a tiny MLP, a text classifier
     python benchmarks/scale.py --device cuda --precision bf16-mixed --json scale.json
     python benchmarks/scale.py --workloads cls1000,lm32k_btv --steps 100
     python benchmarks/scale.py --workloads lm32k_flat,lm32k_btv --configs bare,diag --live-rss   # memory, steadier
@@ -55,7 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-WORKLOADS = ("small", "cls1000", "tag1000", "seg21", "lm32k_flat", "lm32k_btv")
+WORKLOADS = ("small", "cls3_seq", "cls1000", "tag1000", "seg21", "lm32k_flat", "lm32k_btv")
 WARMUP = 3  # training steps at the start of each epoch left out of the per-step timing
 MARK = " ✗"
 TARGETS = {"ratio": 1.10, "epoch_s": 2.0, "mem_mib": 256.0, "events_mib": 5.0}
@@ -67,6 +68,7 @@ def sizes(quick: bool) -> dict[str, dict[str, int]]:
     if quick:
         return {
             "small": {"classes": 5, "batch": 16, "features": 32, "hidden": 64},
+            "cls3_seq": {"classes": 3, "batch": 4, "seq": 8, "hidden": 32, "vocab": 100},
             "cls1000": {"classes": 50, "batch": 32, "features": 32, "hidden": 64},
             "tag1000": {"classes": 50, "batch": 32, "features": 32, "hidden": 64},
             "seg21": {"classes": 21, "batch": 2, "side": 16, "hidden": 8},
@@ -74,6 +76,7 @@ def sizes(quick: bool) -> dict[str, dict[str, int]]:
         }
     return {
         "small": {"classes": 5, "batch": 16, "features": 32, "hidden": 64},
+        "cls3_seq": {"classes": 3, "batch": 16, "seq": 32, "hidden": 128, "vocab": 1000},
         "cls1000": {"classes": 1000, "batch": 256, "features": 256, "hidden": 512},
         "tag1000": {"classes": 1000, "batch": 256, "features": 256, "hidden": 512},
         "seg21": {"classes": 21, "batch": 8, "side": 64, "hidden": 32},
@@ -96,12 +99,19 @@ def make_module(name: str, size: dict[str, int], handover: bool = True) -> Any:
                     *(m for i in range(3) for m in (nn.Conv2d(3 if i == 0 else h, h, 3, padding=1), nn.ReLU()))
                 )
                 self.head = nn.Conv2d(h, c, 1)
+            elif name == "cls3_seq":  # a small text classifier: two transformer layers, mean pooling, 3 classes
+                self.embed = nn.Embedding(size["vocab"], h)
+                layer = nn.TransformerEncoderLayer(h, 4, 4 * h, dropout=0.0, batch_first=True)
+                self.net = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+                self.head = nn.Linear(h, c)
             else:
                 self.embed = nn.Embedding(c, h)
                 self.net = nn.TransformerEncoderLayer(h, 4, 2 * h, dropout=0.0, batch_first=True)
                 self.head = nn.Linear(h, c)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if name == "cls3_seq":
+                return self.head(self.net(self.embed(x)).mean(1))
             if name.startswith("lm"):
                 mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
                 return self.head(self.net(self.embed(x), src_mask=mask, is_causal=True))
@@ -150,6 +160,9 @@ def make_data(name: str, size: dict[str, int], batches: int, seed: int) -> DataL
         x = torch.randn(n, 3, size["side"], size["side"], generator=g)
         y = F.conv2d(x, torch.randn(c, 3, 3, 3, generator=g), padding=1).argmax(1)
         y[torch.rand(y.shape, generator=g) < 0.05] = 255  # void pixels
+    elif name == "cls3_seq":  # the class follows from which third of the vocabulary the tokens mostly come from
+        x = torch.randint(0, size["vocab"], (n, size["seq"]), generator=g)
+        y = (x * c // size["vocab"]).mode(1).values
     else:
         tokens = torch.randint(0, c, (n, size["seq"] + 1), generator=g)
         x, y = tokens[:, :-1], tokens[:, 1:].clone()
