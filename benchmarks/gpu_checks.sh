@@ -65,7 +65,7 @@ if part scale; then
     grep -v USDT "$OUT/update_ops.txt" | tail -16
     stamp "scale.py cuda"
     timeout 150 $PY benchmarks/scale.py --device cuda --precision bf16-mixed --repeats 1 --configs bare,diag \
-        --workloads cls1000,tag1000,seg21,lm32k_btv \
+        --workloads cls3_seq,cls1000,tag1000,seg21,lm32k_btv \
         --json "$OUT/scale.json" >"$OUT/scale.txt" 2>&1
     echo "rc=$?" >>"$OUT/scale.txt"
     tail -14 "$OUT/scale.txt"
