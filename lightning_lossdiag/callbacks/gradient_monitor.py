@@ -161,8 +161,8 @@ class GradientMonitor(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fail now, not at the first step, on a sharded set-up whose shards cannot be summed (FSDP1 options)."""
-        model = getattr(trainer.strategy, "model", None)
-        for opt in trainer.optimizers:
+        model = getattr(getattr(trainer, "strategy", None), "model", None)
+        for opt in getattr(trainer, "optimizers", None) or []:
             shard_reducer([p for group in opt.param_groups for p in group["params"]], model)
 
     def _setup(self, pl_module: LightningModule, optimizer: Any, idx: int, model: Any = None) -> OptWindow:

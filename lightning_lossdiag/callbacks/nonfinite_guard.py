@@ -160,7 +160,7 @@ class NonFiniteGuard(Callback):
         self._plans = {}
         record_for(trainer).notes["nonfinite/policy"] = self.policy
         if self.policy != "warn":  # a sharded set-up whose shards cannot be summed fails now, not at the first step
-            for opt in trainer.optimizers:
+            for opt in getattr(trainer, "optimizers", None) or []:
                 self._shard_reduce(self._optimizer_params(opt)[0], trainer)
 
     @override
