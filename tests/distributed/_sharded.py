@@ -67,21 +67,25 @@ def trainer(devices: int, strategy: Any, **kwargs: Any) -> L.Trainer:
 
 
 class FullNormProbe(L.Callback):
-    """The tests' reference: norms of the full gradients at every optimizer step (collectives allowed here).
+    """The tests' reference: norms of the full gradients and weights at every optimizer step (collectives allowed).
 
-    A subclass says how the full gradients are gathered (``full_grads``: parameter name -> gradient).
+    A subclass says how the full tensors are gathered (``full_tensors``: two maps parameter name -> tensor, the
+    gradients and the weights).
     """
 
     def __init__(self) -> None:
         self.totals: dict[int, float] = {}
         self.groups: dict[int, dict[str, float]] = {}
+        self.weights: dict[int, dict[str, float]] = {}
 
-    def full_grads(self, pl_module: Any) -> dict[str, Any]:
+    def full_tensors(self, pl_module: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise NotImplementedError
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         step = trainer.global_step + 1
-        self.totals[step], self.groups[step] = full_norms(self.full_grads(pl_module))
+        grads, weights = self.full_tensors(pl_module)
+        self.totals[step], self.groups[step] = full_norms(grads)
+        self.weights[step] = full_norms(weights)[1]
 
 
 def full_norms(full: dict[str, Any]) -> tuple[float, dict[str, float]]:
@@ -108,6 +112,10 @@ def check_full_norms(out: Path, devices: int = 2) -> list[dict[str, Any]]:
             series = dict((int(s), v) for s, v in rank["logged"][f"grad/norm/{group}"])
             for step, value in series.items():
                 assert math.isclose(value, rank["full_groups"][str(step)][group], rel_tol=1e-5), (group, step)
+            weights = dict((int(s), v) for s, v in rank["logged"][f"param/norm/{group}"])  # measured at flushes
+            assert sorted(weights) == [3, 6, 7], group
+            for step, value in weights.items():
+                assert math.isclose(value, rank["full_weights"][str(step)][group], rel_tol=1e-5), (group, step)
         maximum = dict((int(s), v) for s, v in rank["logged"]["grad/norm_total_max"])
         assert math.isclose(maximum[3], max(rank["full_totals"][str(s)] for s in (1, 2, 3)), rel_tol=1e-5)
     assert all(r["logged"]["grad/norm_total"] == ranks[0]["logged"]["grad/norm_total"] for r in ranks)
@@ -153,10 +161,11 @@ def write_norms(out: Path, trainer: Any, probe: FullNormProbe, reads: Any, **ext
         "reads": list(zip(reads.reads, reads.steps_after, strict=True)),
         "rank": trainer.global_rank,
         "world": trainer.world_size,
-        "logged": {k: record.series(k) for k in record.keys("grad/")},
+        "logged": {k: record.series(k) for k in [*record.keys("grad/"), *record.keys("param/")]},
         "skipped": record.values("nonfinite/skipped_steps"),
         "full_totals": probe.totals,
         "full_groups": probe.groups,
+        "full_weights": probe.weights,
         **extra,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))

@@ -37,13 +37,15 @@ class CpuFSDP(FSDPStrategy):
 class SummonProbe(FullNormProbe):
     """The full gradients FSDP1 gathers for ``summon_full_params(with_grads=True)`` (a collective)."""
 
-    def full_grads(self, pl_module):
+    def full_tensors(self, pl_module):
         with FSDP.summon_full_params(pl_module.net, with_grads=True):
-            return {f"net.{n}": p.grad.clone() for n, p in pl_module.net.named_parameters() if p.grad is not None}
+            named = [(f"net.{n}", p) for n, p in pl_module.net.named_parameters()]
+            grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+            return grads, {n: p.detach().clone() for n, p in named}
 
 
 class Sharded(sharded.Classifier):
-    hybrid = False  # HybridSharded: shard within a group of one rank, replicate across the ranks
+    hybrid = False  # HybridSharded: two shard groups, each holding one copy of the model
 
     def configure_model(self) -> None:
         if isinstance(self.net, FSDP):
@@ -96,7 +98,8 @@ def run_nonfinite(out: Path, devices: int, gradients: bool = True) -> None:
 
 def run_norms(out: Path, devices: int, model: Sharded | None = None) -> None:
     probe = SummonProbe()
-    diag = LossDiagnostics(on_nonfinite="skip", activations=False, errors=False, metrics=False)
+    parts = {"activations": False, "errors": False, "metrics": False, "gradients": {"param_norms": True}}
+    diag = LossDiagnostics(on_nonfinite="skip", **parts)
     logger = TensorBoardLogger(str(out), name="", version="")
     counter, reads = sharded.read_probe()
     trainer = _trainer(devices, log_every_n_steps=EVERY, logger=logger, callbacks=[reads, probe, diag])

@@ -24,8 +24,10 @@ from lightning_lossdiag import LossDiagnostics
 class FullTensorProbe(FullNormProbe):
     """The full gradients of the DTensor shards (``full_tensor()``: a collective)."""
 
-    def full_grads(self, pl_module):
-        return {n: p.grad.full_tensor() for n, p in pl_module.named_parameters() if p.grad is not None}
+    def full_tensors(self, pl_module):
+        named = list(pl_module.named_parameters())
+        grads = {n: p.grad.full_tensor() for n, p in named if p.grad is not None}
+        return grads, {n: p.detach().full_tensor() for n, p in named}
 
 
 class Sharded(sharded.Classifier):
@@ -63,7 +65,8 @@ def run_nonfinite(out: Path, devices: int) -> None:
 
 def run_norms(out: Path, devices: int) -> None:
     probe = FullTensorProbe()
-    diag = LossDiagnostics(on_nonfinite="warn", activations=False, errors=False, metrics=False)
+    parts = {"activations": False, "errors": False, "metrics": False, "gradients": {"param_norms": True}}
+    diag = LossDiagnostics(on_nonfinite="warn", **parts)
     logger = TensorBoardLogger(str(out), name="", version="")
     counter, reads = sharded.read_probe()
     trainer = _trainer(devices, log_every_n_steps=EVERY, logger=logger, callbacks=[reads, probe, diag])
