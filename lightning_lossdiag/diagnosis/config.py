@@ -53,11 +53,16 @@ class DoctorConfig:
             of the loss is over-confidence, not memorisation: ``overfitting`` is ``info`` and says so, and it is
             left to ``overconfident`` when that finding stands.
         imbalance_share: ``class_imbalance`` when the smallest class holds less than this share of the samples
-            (two classes; with ``C`` classes, less than ``imbalance_share * 2 / C``: the even share is ``1 / C``).
+            (two classes; with ``C`` classes, less than ``imbalance_share * 2 / C``: the even share is ``1 / C``)...
+        imbalance_p: ...and counts at least as uneven (Pearson's chi-square test), or a class as rare as the
+            smallest, would come by chance less often than this if every class were equally likely. Few samples over
+            many classes leave most classes empty by chance (64 samples over 1,000 classes: ~938 empty), which says
+            nothing about imbalance.
         recall_zero: a minority-class recall at or below this counts as "never predicted".
         majority_share_one: a share of predictions in the majority class at or above this counts as "always".
         constant_pred_std: prediction std over target std (``errors/<stage>/target_std`` logged), or std of the
-            predicted probabilities (classification), at or below this counts as constant predictions.
+            predicted probabilities (classification; with ``C > 2`` classes, whose probabilities average ``1 / C``,
+            this times ``2 / C``), at or below this counts as constant predictions.
         constant_pred_std_abs: regression without a logged target std: prediction std at or below this counts.
         metric_ratio_tolerance: relative tolerance around 100 and 0.01 for ``metric_scale_mismatch``.
         metric_complement_tolerance: absolute tolerance of "user value == 1 - ours".
@@ -96,6 +101,7 @@ class DoctorConfig:
     overfit_train_drop: float = 0.0
     overfit_acc_tolerance: float = 0.01
     imbalance_share: float = 0.1
+    imbalance_p: float = 1e-5
     recall_zero: float = 0.05
     majority_share_one: float = 0.99
     constant_pred_std: float = 1e-3
@@ -125,6 +131,7 @@ class DoctorConfig:
             "clip_rate",
             "clip_share",
             "imbalance_share",
+            "imbalance_p",
             "dead_frac",
             "saturated_frac",
             "amp_skip_share",

@@ -8,6 +8,7 @@ from typing import Any
 from lightning_lossdiag.diagnosis.config import DoctorConfig
 from lightning_lossdiag.diagnosis.findings import Finding, Severity
 from lightning_lossdiag.diagnosis.record import RunRecord
+from lightning_lossdiag.diagnosis.rules._chance import imbalance_p
 from lightning_lossdiag.diagnosis.rules._common import fmt
 
 _STAGE_ORDER = ("val", "test", "train")
@@ -17,6 +18,7 @@ _EMPTY_SHOWN = 3  # the classes without samples a message names
 _FULL_COUNTS = 20  # the evidence keeps the full count list up to this many classes
 _RAREST_FRAC = 0.1  # ``rarest_share``: the share of the samples held by this fraction of the classes (at least 1)
 _NAME_CHARS = 24  # longer class names are cut in messages
+_FEW_PER_CLASS = 10  # below this many samples a class on average, the message says chance shapes the counts
 
 
 def _last(record: RunRecord, key: str) -> tuple[int, float] | None:
@@ -115,7 +117,10 @@ def _summary(counts: list[float], names: list[str] | None, where: str, minority:
     if k > 1:
         text += f" The rarest {k} classes ({fmt(k / n * 100)}%) hold {fmt(rarest_share * 100)}% of the samples."
     shown = ", ".join(f"{_name(names, i)} ({c})" for i, c in rarest)
-    return f"{text} Rarest{non_empty} classes (samples): {shown}.", evidence
+    text += f" Rarest{non_empty} classes (samples): {shown}."
+    if total / n < _FEW_PER_CLASS:
+        text += f" At ~{fmt(total / n)} samples a class, part of this spread is chance."
+    return text, evidence
 
 
 def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
@@ -123,7 +128,9 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
 
     With two classes that is ``imbalance_share``; with ``C`` classes the smallest class is held against the even
     share ``1 / C`` (``imbalance_share = 0.1``: below a fifth of the mean class count), so many balanced classes
-    never fire.
+    never fire. The counts must also be unlikely for equally likely classes (Pearson's chi-square test of all
+    counts, or the chance of a class as rare as the smallest; probability below ``imbalance_p``): 64 validation
+    samples over 1,000 classes leave ~938 classes empty by chance alone, and that is no finding.
 
     Reads the ``data/class_counts`` note: ``counts`` (one per class), optional ``names`` (one string per class) and
     ``recall`` (one per class; read when no per-class recall scalar is logged, as for many classes), and for a
@@ -138,7 +145,8 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     of the largest to the smallest non-empty class, how many classes have no sample, the share of the samples held by
     the rarest 10% of the classes and the 5 rarest classes with their counts. The evidence holds ``num_classes``,
     ``ratio``, ``rarest`` (``[class, count]`` pairs), ``rarest_k``, ``rarest_share``, ``empty_classes``,
-    ``minority_class``, ``share``, ``stage`` and ``counts`` up to 20 classes.
+    ``minority_class``, ``share``, ``p_balanced`` (the test's probability), ``stage`` and ``counts`` up to 20
+    classes. Below 10 samples a class on average the message says that chance shapes the counts too.
 
     Example:
         >>> r = RunRecord()
@@ -183,12 +191,15 @@ def _imbalance(record: RunRecord, cfg: DoctorConfig, raw: Any, stage: str, term:
     # imbalance_share * 2 / C (1,000 equal classes hold 0.1% each and are balanced)
     if share >= cfg.imbalance_share * 2.0 / len(counts):
         return None
+    chance = imbalance_p(counts)  # few samples over many classes leave classes empty by chance: no imbalance shown
+    if chance >= cfg.imbalance_p:
+        return None
     names_raw = info.get("names")
     names = [str(n) for n in names_raw] if isinstance(names_raw, list) and len(names_raw) == len(counts) else None
     prefix = f"{term}/" if term else ""
     where = f"the {stage} samples of head `{term}`" if term else f"the {stage} samples"
     summary, evidence = _summary(counts, names, where, minority)
-    evidence.update({"stage": stage, "minority_class": minority, "share": share})
+    evidence.update({"stage": stage, "minority_class": minority, "share": share, "p_balanced": chance})
     if term:
         evidence["term"] = term
     with_samples = [i for i in range(len(counts)) if counts[i] > 0]
@@ -231,6 +242,13 @@ def _imbalance(record: RunRecord, cfg: DoctorConfig, raw: Any, stage: str, term:
     return Finding("class_imbalance", severity, msg, None, evidence)
 
 
+def _num_classes(record: RunRecord) -> int:
+    """The number of classes, from the ``data/class_counts`` note (0 when there is none)."""
+    note = record.notes.get("data/class_counts")
+    counts = note.get("counts") if isinstance(note, dict) else None
+    return len(counts) if isinstance(counts, list) else 0
+
+
 def _relative_pred_std(record: RunRecord, cfg: DoctorConfig) -> tuple[str, int, float, str] | None:
     """``(stage, step, value, what)`` of the prediction spread when it is about zero, else ``None``."""
     std = _first_stage_value(record, "errors/{stage}/constant_pred_std")
@@ -242,8 +260,13 @@ def _relative_pred_std(record: RunRecord, cfg: DoctorConfig) -> tuple[str, int, 
         rel = value / target[1]
         what = f"their std is {fmt(rel)} of the targets' std"
         return (stage, step, rel, what) if rel <= cfg.constant_pred_std else None
-    if record.notes.get("task") in ("binary", "multiclass", "multilabel"):
+    task = record.notes.get("task")
+    if task in ("binary", "multiclass", "multilabel"):
         what = f"the std of the predicted probabilities is {fmt(value)}"
+        classes = _num_classes(record) if task == "multiclass" else 0
+        if classes > 2:  # C probabilities average 1/C: held to the same spread relative to their mean as two classes
+            what += f" ({fmt(value * classes * 100)}% of their mean 1/{classes})"
+            return (stage, step, value, what) if value <= cfg.constant_pred_std * 2.0 / classes else None
         return (stage, step, value, what) if value <= cfg.constant_pred_std else None
     what = f"their std is {fmt(value)}"
     return (stage, step, value, what) if value <= cfg.constant_pred_std_abs else None
@@ -255,7 +278,9 @@ def constant_predictions(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     Reads ``errors/<stage>/constant_pred_std``: the std of the predictions (regression; compared with
     ``errors/<stage>/target_std`` when logged, else with ``constant_pred_std_abs``) or the mean per-class std of the
     predicted probabilities (classification), and ``errors/<stage>/majority_pred_share`` (share of predictions in the
-    majority class, classification).
+    majority class, classification). With ``C > 2`` classes (the ``data/class_counts`` note of a multiclass task)
+    the probabilities average ``1 / C``, so their std is held to ``constant_pred_std * 2 / C``: a 1,000-class model
+    whose probabilities vary by a third of their mean (std ~3e-4) is not constant.
 
     Example:
         >>> r = RunRecord()
