@@ -10,6 +10,7 @@ from lightning_lossdiag.diagnosis.findings import Finding, Severity
 from lightning_lossdiag.diagnosis.record import RunRecord
 from lightning_lossdiag.diagnosis.rules._chance import imbalance_p
 from lightning_lossdiag.diagnosis.rules._common import fmt
+from lightning_lossdiag.diagnosis.rules._label_imbalance import label_imbalance
 
 _STAGE_ORDER = ("val", "test", "train")
 _FEW_CLASSES = 3  # up to this many classes the message still gives every count
@@ -141,6 +142,9 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     the majority class (``errors/<stage>/majority_pred_share``). A class without samples has no recall: the recall read
     is that of the rarest class with samples.
 
+    A multilabel task (note ``task``) is judged on the share of positive label values instead, a warning when the
+    recall is about 0 (:func:`~lightning_lossdiag.diagnosis.rules._label_imbalance.label_imbalance`).
+
     The message stays short whatever the number of classes: up to 3 classes it gives the counts; beyond, the ratio
     of the largest to the smallest non-empty class, how many classes have no sample, the share of the samples held by
     the rarest 10% of the classes and the 5 rarest classes with their counts. The evidence holds ``num_classes``,
@@ -162,10 +166,16 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
         (1000.0, [[500, 1], [501, 1]], 0, False)
     """
     note = record.notes.get("data/class_counts")
-    if not isinstance(note, dict) or record.notes.get("task") == "multilabel":
+    if not isinstance(note, dict):
         return []
     stage = str(note.get("stage", "train"))
     heads = note.get("heads")
+    if record.notes.get("task") == "multilabel":  # each label a binary task: the share of positive values
+        counts = note.get("counts")
+        if heads or not isinstance(counts, list):
+            return []
+        labels = label_imbalance(record, cfg, [float(c) for c in counts if isinstance(c, (int, float))], stage)
+        return [labels] if labels is not None else []
     if isinstance(heads, dict) and heads:  # multi-task: one verdict per classification head
         found = [_imbalance(record, cfg, value, stage, str(term)) for term, value in heads.items()]
         return [f for f in found if f is not None]
