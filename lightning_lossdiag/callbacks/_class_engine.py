@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossdiag.callbacks._metric_buffer import StepBuffer
-from lightning_lossdiag.callbacks._task import TaskInfo
+from lightning_lossdiag.callbacks._task import TaskInfo, hard_labels
 from lightning_lossdiag.stats.classification import ClassCounts
 
 _ENGINES_ATTR = "lossdiag_class_engines"
@@ -87,6 +87,7 @@ class Engine:
             self.counts = _new_counts(self.info, self.config, device, self.rank)
             self.finished = False
         self.last = (weakref.ref(preds), weakref.ref(target))
+        target = hard_labels(target, self.info)  # class probabilities as targets: each row's most likely class
         self.version += 1
         if self.buffer.add(preds, target) or _large(preds, self.buffer.max_bytes):
             self.drain()  # a large step goes alone: concatenating it would copy more than it saves

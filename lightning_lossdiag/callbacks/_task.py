@@ -39,6 +39,9 @@ class TaskInfo:
             last one, ``-1`` (``(B, T, V)`` sequences).
         ignore_index: a target value whose rows are left out of every statistic (besides the values outside
             ``[0, C)``, which are always left out of multiclass statistics).
+        soft_target: multiclass targets handed as class probabilities shaped like the predictions (label smoothing
+            in the targets, mixup or cutmix, distillation): each row's most likely class is its label
+            (:func:`hard_labels`).
     """
 
     task: Task
@@ -46,6 +49,7 @@ class TaskInfo:
     num_classes: int | None = None
     class_dim: int = 1
     ignore_index: int | None = None
+    soft_target: bool = False
 
 
 def info_state(info: TaskInfo) -> dict[str, Any]:
@@ -56,6 +60,7 @@ def info_state(info: TaskInfo) -> dict[str, Any]:
         "num_classes": info.num_classes,
         "class_dim": info.class_dim,
         "ignore_index": info.ignore_index,
+        "soft_target": info.soft_target,
     }
 
 
@@ -67,6 +72,7 @@ def info_from_state(state: Mapping[str, Any]) -> TaskInfo:
         state.get("num_classes"),
         int(state.get("class_dim", 1)),
         state.get("ignore_index"),
+        bool(state.get("soft_target", False)),
     )
 
 
@@ -94,10 +100,23 @@ def _refine_binary(task: str, preds: Tensor) -> str:
     return task
 
 
+_FACTS = (
+    *("min", "max", "binary_target", "row_sum_err", "exp_row_sum_err"),
+    *("target_min", "target_sum_1", "target_sum_last"),
+)
+_SUM_TOLERANCE = 1e-3  # rows of probabilities sum to 1 within this
+
+
 def _first_batch_facts(preds: Tensor, target: Tensor) -> dict[str, float]:
-    """A few numbers of the first batch in ONE host read (one-time; never on later batches)."""
+    """A few numbers of the first batch in ONE host read (one-time; never on later batches).
+
+    Besides the predictions' range and row sums: whether the targets are 0/1, and for float targets shaped like the
+    predictions their minimum and how far their sums over dim 1 and over the last dim are from 1 (class
+    probabilities as targets).
+    """
     p = preds.detach().float()
     t = target.detach().float()
+    inf = torch.full((), float("inf"), device=p.device)
     binary_target = ((t == 0) | (t == 1)).all().float()
     facts = [p.min(), p.max(), binary_target]
     if p.ndim >= 2 and p.shape[1] > 1:
@@ -105,14 +124,53 @@ def _first_batch_facts(preds: Tensor, target: Tensor) -> dict[str, float]:
         facts.append((p.sum(dim) - 1).abs().max())
         facts.append((p.exp().sum(dim) - 1).abs().max())
     else:
-        facts += [torch.full((), float("inf"), device=p.device)] * 2
+        facts += [inf] * 2
+    if target.is_floating_point() and t.shape == p.shape and t.ndim >= 2 and t.numel():
+        facts += [t.min(), (t.sum(1) - 1).abs().max(), (t.sum(-1) - 1).abs().max()]
+    else:
+        facts += [inf] * 3
     host = torch.stack([f.reshape(()) for f in facts]).tolist()  # one-time host read (first batch)
-    return dict(zip(["min", "max", "binary_target", "row_sum_err", "exp_row_sum_err"], host, strict=True))
+    return dict(zip(_FACTS, host, strict=True))
+
+
+def _soft_dim(facts: dict[str, float], ndim: int) -> int | None:
+    """The dim along which float targets shaped like the predictions are class probabilities, else ``None``.
+
+    Non-negative rows summing to 1 over dim 1 (torch's convention, and ``(N, C)``), else over the last dim
+    (``(B, T, V)`` distillation targets).
+    """
+    if not facts["target_min"] >= 0.0:
+        return None
+    if facts["target_sum_1"] < _SUM_TOLERANCE:
+        return 1
+    return ndim - 1 if facts["target_sum_last"] < _SUM_TOLERANCE else None
+
+
+def _is_soft(preds: Tensor, target: Tensor) -> bool:
+    """Float targets of the predictions' shape (2-D or more): class probabilities for a multiclass task."""
+    return target.is_floating_point() and preds.ndim >= 2 and tuple(target.shape) == tuple(preds.shape)
+
+
+def hard_labels(target: Tensor, info: TaskInfo) -> Tensor:
+    """The labels of a step's targets: the most likely class of soft targets (:attr:`TaskInfo.soft_target`).
+
+    Other targets are returned as they are. No host read.
+
+    Example:
+        >>> soft = torch.tensor([[0.1, 0.9, 0.0], [0.7, 0.2, 0.1]])  # label smoothing, mixup, a teacher's output
+        >>> hard_labels(soft, TaskInfo("multiclass", "logits", 3, soft_target=True)).tolist()  # off the hot path
+        [1, 0]
+    """
+    return target.argmax(info.class_dim) if info.soft_target else target
 
 
 def _infer_from_shapes(preds: Tensor, target: Tensor, facts: dict[str, float]) -> str:
     if not preds.is_floating_point():
         return "regression"
+    if _is_soft(preds, target):  # class probabilities as targets (one-hot rows too: one class a row)
+        dim = _soft_dim(facts, preds.ndim)
+        if dim is not None and preds.shape[dim] > 1:
+            return "multiclass"
     if not target.is_floating_point() and target.dtype != torch.bool and preds.ndim == target.ndim + 1:
         return "multiclass"  # (N, C, ...) with (N, ...) labels, or (B, T, V) with (B, T): class_dimension() tells
     if preds.shape == target.shape and facts["binary_target"] == 1.0:
@@ -154,7 +212,7 @@ def infer_task_info(
 
     Example:
         >>> infer_task_info(None, torch.randn(8, 5), torch.randint(0, 5, (8,)))
-        TaskInfo(task='multiclass', inputs='logits', num_classes=5, class_dim=1, ignore_index=None)
+        TaskInfo(task='multiclass', inputs='logits', num_classes=5, class_dim=1, ignore_index=None, soft_target=False)
         >>> infer_task_info(None, torch.randn(2, 7, 50), torch.randint(0, 50, (2, 7))).class_dim
         -1
     """
@@ -178,31 +236,45 @@ def infer_task_info(
         inputs = _infer_inputs(chosen, facts)
     num_classes: int | None = None
     dim = 1
+    soft = chosen == "multiclass" and _is_soft(preds, target)
     if chosen == "binary":
         num_classes = 2
     elif chosen in ("multiclass", "multilabel"):
         if preds.ndim < 2:
             raise ValueError(f"{chosen} predictions must have a class dimension (N, C, ...), got {tuple(preds.shape)}")
         known = criterion is not None and crit_task is not None  # a torch loss: classes on dim 1
-        dim = class_dimension(preds, target, chosen, class_dim if class_dim is not None else (1 if known else None))
+        if soft:  # class probabilities as targets: the dim given, torch's dim 1 for a loss, else where rows sum to 1
+            if class_dim is not None:
+                dim = class_dimension(preds, preds, "multilabel", class_dim)  # validates 1 / -1 for these shapes
+            elif known:
+                dim = 1
+            else:
+                facts = facts if facts is not None else _first_batch_facts(preds, target)
+                dim = _soft_dim(facts, preds.ndim) or 1
+        else:
+            dim = class_dimension(preds, target, chosen, class_dim if class_dim is not None else (1 if known else None))
         num_classes = int(preds.shape[dim])
     if ignore_index is None:
         crit_ignore = getattr(criterion, "ignore_index", None)
         ignore_index = crit_ignore if isinstance(crit_ignore, int) and not isinstance(crit_ignore, bool) else None
-    return TaskInfo(chosen, inputs, num_classes, dim if dim == 1 else -1, ignore_index)  # type: ignore[arg-type]
+    return TaskInfo(chosen, inputs, num_classes, dim if dim == 1 else -1, ignore_index, soft)  # type: ignore[arg-type]
 
 
 def infer_task(criterion: nn.Module | None, preds: Tensor, target: Tensor, task: str = "auto") -> Task:
     """The task of a batch: the criterion's when known, else from shapes and dtypes (``task`` forces one).
 
-    Float targets of 0/1 shaped like the predictions give ``"binary"`` (``"multilabel"`` for ``(N, L)``, ``L > 1``);
-    integer targets with ``(N, C, ...)`` predictions give ``"multiclass"``; anything else is ``"regression"``.
+    Float targets shaped like 2-D or larger predictions whose rows are class probabilities (non-negative, summing
+    to 1 over dim 1 or the last dim; one-hot rows too) give ``"multiclass"``; other float targets of 0/1 shaped like
+    the predictions give ``"binary"`` (``"multilabel"`` for ``(N, L)``, ``L > 1``); integer targets with
+    ``(N, C, ...)`` predictions give ``"multiclass"``; anything else is ``"regression"``.
 
     Example:
         >>> infer_task(None, torch.randn(4), torch.tensor([0.0, 1.0, 1.0, 0.0]))
         'binary'
         >>> infer_task(None, torch.randn(4, 3), torch.rand(4, 3))
         'regression'
+        >>> infer_task(None, torch.randn(4, 3), torch.tensor([[0.9, 0.05, 0.05]] * 4))  # smoothed one-hot rows
+        'multiclass'
     """
     return infer_task_info(criterion, preds, target, task).task
 
@@ -329,6 +401,7 @@ __all__ = [
     "check_class_dim",
     "check_ignore_index",
     "class_dimension",
+    "hard_labels",
     "info_from_state",
     "info_state",
     "infer_task",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -237,7 +238,7 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
             criterion, preds, target, self.task, self.class_dim, self.ignore_index
         )
         if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
-            info = TaskInfo(info.task, info.inputs, self.num_classes, info.class_dim, info.ignore_index)
+            info = replace(info, num_classes=self.num_classes)
         self._info[slot] = info
         _note_task(record_for(trainer).notes, self._info, slot)
         if info.task == "regression":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
@@ -254,7 +255,7 @@ class MetricCurves(StagedOutputsCallback):
             criterion, preds, target, self.task, self.class_dim, self.ignore_index
         )
         if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
-            info = TaskInfo(info.task, info.inputs, self.num_classes, info.class_dim, info.ignore_index)
+            info = replace(info, num_classes=self.num_classes)
         sequence = info.task == "regression" and preds.ndim >= 2 and preds.shape[-1] >= 2
         self._info[slot] = info
         if info.task == "regression":

@@ -1,5 +1,6 @@
 """The hot-path rule for every task with predictions handed over: no host read (CPU) and no CUDA sync (GPU) between
-flushes, for regression, binary, multiclass (10 and 1,000 classes), multilabel, segmentation and (B, T, V) sequences.
+flushes, for regression, binary, multiclass (10 and 1,000 classes), multilabel, segmentation, class-probability
+targets and (B, T, V) sequences.
 
 The guard of ``test_host_reads.py`` wraps every per-step hook of ``LossDiagnostics()`` (training steps that are not
 flush steps, validation batches after the first) and fails on any host read or synchronising CUDA call inside them.
@@ -45,6 +46,11 @@ TASKS = {
             torch.rand(n, 6, 6, generator=g) < 0.1, 255, torch.randint(0, 5, (n, 6, 6), generator=g)
         ),
         lambda p, t: nn.functional.cross_entropy(p, t, ignore_index=255),
+    ),
+    "soft_targets": (  # class probabilities as targets (mixup, label smoothing): multiclass on each row's argmax
+        (10,),
+        lambda n, g: torch.softmax(3 * torch.randn(n, 10, generator=g), 1),
+        nn.functional.cross_entropy,
     ),
     "sequence": (
         (7, 50),
