@@ -172,10 +172,17 @@ def _infer_from_shapes(preds: Tensor, target: Tensor, facts: dict[str, float]) -
         if dim is not None and preds.shape[dim] > 1:
             return "multiclass"
     if not target.is_floating_point() and target.dtype != torch.bool and preds.ndim == target.ndim + 1:
+        if facts["binary_target"] == 1.0 and _one_more_dim(preds, target):
+            return "binary"  # (N, 1) logits with (N,) integer 0/1 labels: one output, not one class
         return "multiclass"  # (N, C, ...) with (N, ...) labels, or (B, T, V) with (B, T): class_dimension() tells
-    if preds.shape == target.shape and facts["binary_target"] == 1.0:
+    if facts["binary_target"] == 1.0 and (preds.shape == target.shape or _one_more_dim(preds, target)):
         return _refine_binary("binary", preds)
     return "regression"
+
+
+def _one_more_dim(a: Tensor, b: Tensor) -> bool:
+    """One of the two is the other's shape with a trailing 1: ``(N, 1)`` logits of a one-output head and ``(N,)``."""
+    return tuple(a.shape) == (*b.shape, 1) or tuple(b.shape) == (*a.shape, 1)
 
 
 def _infer_inputs(task: str, facts: dict[str, float]) -> str:
@@ -264,12 +271,15 @@ def infer_task(criterion: nn.Module | None, preds: Tensor, target: Tensor, task:
     """The task of a batch: the criterion's when known, else from shapes and dtypes (``task`` forces one).
 
     Float targets shaped like 2-D or larger predictions whose rows are class probabilities (non-negative, summing
-    to 1 over dim 1 or the last dim; one-hot rows too) give ``"multiclass"``; other float targets of 0/1 shaped like
-    the predictions give ``"binary"`` (``"multilabel"`` for ``(N, L)``, ``L > 1``); integer targets with
+    to 1 over dim 1 or the last dim; one-hot rows too) give ``"multiclass"``; other targets of 0/1 shaped like the
+    predictions, or differing by a trailing 1 (``(N, 1)`` logits of a one-output head with ``(N,)`` labels), give
+    ``"binary"`` (``"multilabel"`` for ``(N, L)``, ``L > 1``); integer targets with
     ``(N, C, ...)`` predictions give ``"multiclass"``; anything else is ``"regression"``.
 
     Example:
         >>> infer_task(None, torch.randn(4), torch.tensor([0.0, 1.0, 1.0, 0.0]))
+        'binary'
+        >>> infer_task(None, torch.randn(4, 1), torch.tensor([0.0, 1.0, 1.0, 0.0]))  # a one-output head
         'binary'
         >>> infer_task(None, torch.randn(4, 3), torch.rand(4, 3))
         'regression'
