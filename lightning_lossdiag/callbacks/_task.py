@@ -379,6 +379,34 @@ def step_parts(preds: Any, target: Any, criterion: nn.Module | None) -> list[tup
     return parts
 
 
+def label_predictions(preds: Tensor, target: Tensor, task: str = "auto") -> bool:
+    """Integer or bool predictions shaped like the targets: class indices (``logits.argmax(1)``), not scores.
+
+    Metrics, curves and calibration need the scores, so such a step is refused with a message (regression of class
+    indices would be nonsense). ``task="regression"`` forces integer values to count as regression. Shapes and
+    dtypes only: no host read.
+
+    Example:
+        >>> label_predictions(torch.tensor([2, 0, 1]), torch.tensor([2, 1, 1]))
+        True
+        >>> label_predictions(torch.randn(3, 4), torch.tensor([2, 1, 1]))
+        False
+    """
+    if task == "regression" or preds.is_floating_point() or preds.is_complex():
+        return False
+    return tuple(preds.shape) == tuple(target.shape) or _one_more_dim(preds, target)
+
+
+def label_predictions_message(owner: str, slot: str, preds: Tensor, what: str) -> str:
+    """The one-time message of a step that handed class indices as predictions (:func:`label_predictions`)."""
+    return (
+        f"{owner}: the {slot} step handed {str(preds.dtype).replace('torch.', '')} predictions of shape "
+        f"{tuple(preds.shape)}, shaped like the targets: class indices (such as `logits.argmax(1)`), not scores. "
+        f"Accuracy, curves and calibration need the scores: hand over the logits (`preds=logits.detach()`) or the "
+        f"probabilities. No {what} for this stage (pass `task='regression'` if these are integer regression values)."
+    )
+
+
 def align_regression(preds: Tensor, target: Tensor) -> tuple[Tensor, bool]:
     """``preds`` reshaped to ``target``'s shape when only the shape differs (``(N, 1)`` vs ``(N,)``).
 
@@ -415,6 +443,8 @@ __all__ = [
     "info_from_state",
     "info_state",
     "infer_task",
+    "label_predictions",
+    "label_predictions_message",
     "infer_task_info",
     "step_parts",
     "to_probabilities",

@@ -33,6 +33,8 @@ from lightning_lossdiag.callbacks._task import (
     infer_task_info,
     info_from_state,
     info_state,
+    label_predictions,
+    label_predictions_message,
     step_parts,
 )
 from lightning_lossdiag.dashboards.writers import tensorboard_writers
@@ -225,6 +227,12 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
         for term, criterion, preds, target in parts:
             slot = stage if term is None else f"{stage}/{term}"  # keys: errors/<stage>[/<term>]/...
             if slot not in self._states:
+                if label_predictions(preds, target, self.task):  # class indices, not scores: refused once
+                    if slot not in self._warned:
+                        self._warned.add(slot)
+                        owner = "ErrorDistributionMonitor"
+                        rank_zero_warn(label_predictions_message(owner, slot, preds, "error distributions"))
+                    continue
                 self._start_slot(trainer, pl_module, slot, criterion, preds, target)
             if self._info[slot].task == "regression":
                 preds, _ = align_regression(preds, target)

@@ -44,6 +44,8 @@ from lightning_lossdiag.callbacks._task import (
     infer_task_info,
     info_from_state,
     info_state,
+    label_predictions,
+    label_predictions_message,
     step_parts,
 )
 from lightning_lossdiag.callbacks.error_distribution import make_gather
@@ -229,6 +231,11 @@ class MetricCurves(StagedOutputsCallback):
         for term, criterion, preds, target in parts:
             slot = stage if term is None else f"{stage}/{term}"  # keys: metrics/<stage>[/<term>]/<name>
             if slot not in self._modules:
+                if label_predictions(preds, target, self.task):  # class indices, not scores: refused once
+                    if slot not in self._warned:
+                        self._warned.add(slot)
+                        rank_zero_warn(label_predictions_message("MetricCurves", slot, preds, "metrics"))
+                    continue
                 self._start_slot(trainer, slot, criterion, preds, target)
                 self._resume_slot(slot)
             engine = self._engines.get(slot)
