@@ -147,18 +147,26 @@ def make_module(name: str, size: dict[str, int], handover: bool = True) -> Any:
     return Workload()
 
 
+_RULE_SEED = 20261205  # the labelling rule of the synthetic tasks (weights), shared by training and validation
+
+
 def make_data(name: str, size: dict[str, int], batches: int, seed: int) -> DataLoader:
-    """``batches`` batches of seeded synthetic data that the workload can learn from."""
+    """``batches`` batches of seeded synthetic data that the workload can learn from.
+
+    ``seed`` draws the samples; the rule that labels them (the weights below) is the same for every seed, so a
+    validation set drawn with another seed poses the same task as the training set.
+    """
     g = torch.Generator().manual_seed(seed)
+    rule = torch.Generator().manual_seed(_RULE_SEED)
     n, c = batches * size["batch"], size["classes"]
     if name in ("small", "cls1000", "tag1000"):
         x = torch.randn(n, size["features"], generator=g)
-        scores = x @ torch.randn(size["features"], c, generator=g) + 0.5 * torch.randn(n, c, generator=g)
+        scores = x @ torch.randn(size["features"], c, generator=rule) + 0.5 * torch.randn(n, c, generator=g)
         # tag1000: ~1 % positives (standardized scores above the 99th percentile of N(0, 1)); else the best class
         y = (scores / scores.std() > 2.326).float() if name == "tag1000" else scores.argmax(1)
     elif name == "seg21":
         x = torch.randn(n, 3, size["side"], size["side"], generator=g)
-        y = F.conv2d(x, torch.randn(c, 3, 3, 3, generator=g), padding=1).argmax(1)
+        y = F.conv2d(x, torch.randn(c, 3, 3, 3, generator=rule), padding=1).argmax(1)
         y[torch.rand(y.shape, generator=g) < 0.05] = 255  # void pixels
     elif name == "cls3_seq":  # the class follows from which third of the vocabulary the tokens mostly come from
         x = torch.randint(0, size["vocab"], (n, size["seq"]), generator=g)
