@@ -94,7 +94,8 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
     (``errors/val/ctr/pr_curve/1``); each term's task comes from its own loss. Single-tensor steps keep the keys above.
 
     Run-record notes: ``task`` (multi-task: the terms' common task, if they share one) and ``data/class_counts``
-    (``{"stage", "counts"}``, classification; multi-task adds ``"heads": {term: counts}``). A regression
+    (``{"stage", "counts"}``, classification; ``"sequence": True`` for ``(B, T, V)`` outputs; multi-task adds
+    ``"heads": {term: counts}``). A regression
     module whose ``(N, 1)`` predictions meet ``(N,)`` targets gets a ``shape_broadcast`` finding (and is squeezed).
 
     Args:
@@ -297,7 +298,10 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
             for slot in slots:
                 _note_task(record.notes, self._info, slot)
             if stage in counts:
-                record.notes["data/class_counts"] = {"stage": stage, "counts": counts[stage]}
+                note: dict[str, Any] = {"stage": stage, "counts": counts[stage]}
+                if self._info[stage].class_dim == -1:  # (B, T, V): the classes are a sequence model's tokens
+                    note["sequence"] = True
+                record.notes["data/class_counts"] = note
             elif counts:
                 heads = {slot.split("/", 1)[1]: c for slot, c in counts.items()}
                 first = next(iter(heads.values()))

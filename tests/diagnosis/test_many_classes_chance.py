@@ -153,3 +153,55 @@ def test_a_real_fit_with_1000_classes_and_64_validation_samples_has_neither_find
     codes = [f.code for f in diag.findings]
     assert "class_imbalance" not in codes
     assert "constant_predictions" not in codes
+
+
+class _TinyLM(L.LightningModule):
+    """An embedding and a linear head: ``(B, T, V)`` logits handed over as they are, or flattened to ``(B*T, V)``."""
+
+    def __init__(self, vocab, flat):
+        super().__init__()
+        self.flat = flat
+        self.embed = nn.Embedding(vocab, 16)
+        self.head = nn.Linear(16, vocab)
+
+    def _step(self, batch):
+        x, y = batch
+        logits = self.head(self.embed(x))
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), y)
+        if self.flat:
+            logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        return {"loss": loss, "preds": logits.detach(), "target": y}
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch)
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["BTV", "flattened"])
+def test_a_language_models_long_tailed_tokens_are_no_class_imbalance(tmp_path, flat):
+    vocab = 500
+    g = torch.Generator().manual_seed(0)
+    zipf = 1.0 / torch.arange(1, vocab + 1).float()  # token frequencies of text: a long tail
+    tokens = torch.multinomial(zipf / zipf.sum(), 64 * 17, replacement=True, generator=g).view(64, 17)
+    loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=8)
+    diag = LossDiagnostics()
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[diag],
+        logger=TensorBoardLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=4,
+    )
+    trainer.fit(_TinyLM(vocab, flat), loader, loader)
+    note = trainer.lossdiag_record.notes["data/class_counts"]
+    assert note.get("sequence", False) is not flat
+    fired = [f.code for f in diag.findings if f.code == "class_imbalance"]
+    # (B, T, V): a sequence model's tokens, no verdict; flattened, the same counts are judged like any classifier's
+    assert fired == ([] if not flat else ["class_imbalance"])

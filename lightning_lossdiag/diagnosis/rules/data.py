@@ -142,6 +142,10 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     the majority class (``errors/<stage>/majority_pred_share``). A class without samples has no recall: the recall read
     is that of the rarest class with samples.
 
+    Sequence outputs (``(B, T, V)``, the note's ``sequence``) get no verdict: a language model's tokens follow a long
+    tail in any text, and class weights are not how such models are trained. (Logits flattened to ``(B*T, V)`` look
+    like any classifier's and are judged as one.)
+
     A multilabel task (note ``task``) is judged on the share of positive label values instead, a warning when the
     recall is about 0 (:func:`~lightning_lossdiag.diagnosis.rules._label_imbalance.label_imbalance`).
 
@@ -166,7 +170,7 @@ def class_imbalance(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
         (1000.0, [[500, 1], [501, 1]], 0, False)
     """
     note = record.notes.get("data/class_counts")
-    if not isinstance(note, dict):
+    if not isinstance(note, dict) or note.get("sequence"):
         return []
     stage = str(note.get("stage", "train"))
     heads = note.get("heads")
