@@ -205,3 +205,21 @@ def test_a_language_models_long_tailed_tokens_are_no_class_imbalance(tmp_path, f
     fired = [f.code for f in diag.findings if f.code == "class_imbalance"]
     # (B, T, V): a sequence model's tokens, no verdict; flattened, the same counts are judged like any classifier's
     assert fired == ([] if not flat else ["class_imbalance"])
+
+
+def _majority(pred_share, counts, stage="val"):
+    record = RunRecord()
+    record.notes["task"] = "multiclass"
+    record.notes["data/class_counts"] = {"stage": stage, "counts": counts}
+    record.add_scalars(10, {"errors/val/majority_pred_share": pred_share})
+    return constant_predictions(record, CFG)
+
+
+def test_predicting_a_class_that_holds_nearly_every_sample_is_no_collapse():
+    background = [99_500, 300, 200]  # segmentation: 99.5% background pixels
+    assert _majority(0.996, background) == []
+    (found,) = _majority(0.996, [60_000, 30_000, 10_000])  # a 60% class predicted for 99.6% of the rows
+    assert found.evidence["majority_share"] == pytest.approx(0.6)
+    assert "a class that holds 60% of the samples" in found.message
+    (unknown,) = _majority(0.996, background, stage="train")  # counts of another stage: the old verdict
+    assert "majority_share" not in unknown.evidence

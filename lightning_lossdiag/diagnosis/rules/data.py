@@ -292,9 +292,11 @@ def constant_predictions(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     Reads ``errors/<stage>/constant_pred_std``: the std of the predictions (regression; compared with
     ``errors/<stage>/target_std`` when logged, else with ``constant_pred_std_abs``) or the mean per-class std of the
     predicted probabilities (classification), and ``errors/<stage>/majority_pred_share`` (share of predictions in the
-    majority class, classification). With ``C > 2`` classes (the ``data/class_counts`` note of a multiclass task)
-    the probabilities average ``1 / C``, so their std is held to ``constant_pred_std * 2 / C``: a 1,000-class model
-    whose probabilities vary by a third of their mean (std ~3e-4) is not constant.
+    majority class, classification; no finding when that class holds ``majority_share_one`` of the samples itself,
+    like the background pixels of a segmentation: predicting it is then no collapse). With ``C > 2`` classes (the
+    ``data/class_counts`` note of a multiclass task) the probabilities average ``1 / C``, so their std is held to
+    ``constant_pred_std * 2 / C``: a 1,000-class model whose probabilities vary by a third of their mean (std ~3e-4)
+    is not constant.
 
     Example:
         >>> r = RunRecord()
@@ -315,14 +317,31 @@ def constant_predictions(record: RunRecord, cfg: DoctorConfig) -> list[Finding]:
     share = _first_stage_value(record, "errors/{stage}/majority_pred_share")
     if share is not None and share[2] >= cfg.majority_share_one:
         stage, step, value = share
+        true_share = _majority_share(record, stage)
+        if true_share is not None and true_share >= cfg.majority_share_one:
+            return []  # the data itself is that one class (background pixels): predicting it is no collapse
+        held = "" if true_share is None else f", a class that holds {fmt(true_share * 100)}% of the samples"
         msg = (
-            f"{fmt(value * 100)}% of the {stage} predictions are the same class (step {step}). The model has "
+            f"{fmt(value * 100)}% of the {stage} predictions are the same class{held} (step {step}). The model has "
             "collapsed to one answer, which scores as well as the class share and no better. Try: class weights or "
             "`pos_weight: auto`, the `focal` loss, a higher lr if the loss is flat, check that labels are not "
             "shuffled apart from inputs."
         )
-        return [Finding("constant_predictions", "warning", msg, step, {"stage": stage, "majority_pred_share": value})]
+        evidence = {"stage": stage, "majority_pred_share": value}
+        if true_share is not None:
+            evidence["majority_share"] = true_share
+        return [Finding("constant_predictions", "warning", msg, step, evidence)]
     return []
+
+
+def _majority_share(record: RunRecord, stage: str) -> float | None:
+    """The share of ``stage``'s samples in its largest class, from the ``data/class_counts`` note of that stage."""
+    note = record.notes.get("data/class_counts")
+    if not isinstance(note, dict) or note.get("stage") != stage or not isinstance(note.get("counts"), list):
+        return None
+    counts = [float(c) for c in note["counts"] if isinstance(c, (int, float))]
+    total = sum(counts)
+    return max(counts) / total if total > 0 else None
 
 
 RULES = (class_imbalance, constant_predictions)
