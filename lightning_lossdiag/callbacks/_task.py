@@ -104,7 +104,12 @@ _FACTS = (
     *("min", "max", "binary_target", "row_sum_err", "exp_row_sum_err"),
     *("target_min", "target_sum_1", "target_sum_last"),
 )
-_SUM_TOLERANCE = 1e-3  # rows of probabilities sum to 1 within this
+_SUM_TOLERANCE = 1e-3  # rows of float32 probabilities sum to 1 within this (half precision: see _tolerance)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 rows of probabilities stored in ``dtype`` may sum: bfloat16 rounds each value by up to 0.4%."""
+    return max(_SUM_TOLERANCE, 2 * torch.finfo(dtype).eps) if dtype.is_floating_point else _SUM_TOLERANCE
 
 
 def _first_batch_facts(preds: Tensor, target: Tensor) -> dict[str, float]:
@@ -130,7 +135,9 @@ def _first_batch_facts(preds: Tensor, target: Tensor) -> dict[str, float]:
     else:
         facts += [inf] * 3
     host = torch.stack([f.reshape(()) for f in facts]).tolist()  # one-time host read (first batch)
-    return dict(zip(_FACTS, host, strict=True))
+    out = dict(zip(_FACTS, host, strict=True))
+    out["tolerance"], out["target_tolerance"] = _tolerance(preds.dtype), _tolerance(target.dtype)
+    return out
 
 
 def _soft_dim(facts: dict[str, float], ndim: int) -> int | None:
@@ -141,9 +148,10 @@ def _soft_dim(facts: dict[str, float], ndim: int) -> int | None:
     """
     if not facts["target_min"] >= 0.0:
         return None
-    if facts["target_sum_1"] < _SUM_TOLERANCE:
+    tolerance = facts.get("target_tolerance", _SUM_TOLERANCE)
+    if facts["target_sum_1"] < tolerance:
         return 1
-    return ndim - 1 if facts["target_sum_last"] < _SUM_TOLERANCE else None
+    return ndim - 1 if facts["target_sum_last"] < tolerance else None
 
 
 def _is_soft(preds: Tensor, target: Tensor) -> bool:
@@ -190,9 +198,10 @@ def _infer_inputs(task: str, facts: dict[str, float]) -> str:
         return "values"
     low, high = facts["min"], facts["max"]
     if task == "multiclass":
-        if low >= 0.0 and high <= 1.0 and facts["row_sum_err"] < 1e-3:
+        tolerance = facts.get("tolerance", _SUM_TOLERANCE)
+        if low >= 0.0 and high <= 1.0 and facts["row_sum_err"] < tolerance:
             return "probabilities"
-        if high <= 0.0 and facts["exp_row_sum_err"] < 1e-3:
+        if high <= 0.0 and facts["exp_row_sum_err"] < tolerance:
             return "log_probabilities"
         return "logits"
     return "probabilities" if low >= 0.0 and high <= 1.0 else "logits"

@@ -159,3 +159,17 @@ def test_loss_mixin_with_smoothed_targets_is_multiclass(tmp_path):
     with torch.no_grad():
         expected = multiclass_accuracy(model.net(x), y, num_classes=10, average="micro").item()
     assert record.last("metrics/val/accuracy") == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_half_precision_probabilities_are_read_as_probabilities(dtype, classes):
+    # bfloat16 rounds each probability by up to 0.4%: their rows sum to 1 within ~2e-3 only (1e-3 read them as logits,
+    # and the engine then took a softmax of probabilities)
+    probs = torch.softmax(3 * torch.randn(64, classes, generator=G), 1)
+    labels = torch.randint(0, classes, (64,), generator=G)
+    assert infer_task_info(None, probs.to(dtype), labels).inputs == "probabilities"
+    assert infer_task_info(None, probs.log().to(dtype), labels).inputs == "log_probabilities"
+    assert infer_task_info(None, torch.randn(64, classes, generator=G).to(dtype), labels).inputs == "logits"
+    soft = infer_task_info(None, torch.randn(64, classes), probs.to(dtype))  # bf16 teacher probabilities as targets
+    assert (soft.task, soft.soft_target) == ("multiclass", True)
