@@ -25,6 +25,7 @@ from lightning_lossdiag.callbacks._base import (
     show_in_progress_bar,
     warn_no_logger_once,
 )
+from lightning_lossdiag.callbacks._eval_loss import EvalLosses, logs_own_loss
 from lightning_lossdiag.callbacks._grad_groups import host_floats, safe_tag
 from lightning_lossdiag.callbacks._guard_ops import merge_nonfinite
 from lightning_lossdiag.callbacks._guard_rows import NO_STEP
@@ -137,6 +138,13 @@ class LossMonitor(Callback):
     | ``train/nonfinite_count`` | flush | cumulative number of batches whose loss was NaN/inf |
     | ``train/loss_spikes`` | flush | cumulative number of spike batches |
     | ``train/loss_epoch`` | train epoch end | mean of the epoch's finite losses |
+    | ``val/loss``, ``test/loss`` | validation / test end | mean handed-over loss of the stage (see below) |
+
+    ``val/loss`` and ``test/loss`` are the mean of the losses the evaluation steps handed over (``{"loss", "preds",
+    "target"}``), weighted by batch size, over all ranks, written only when the run logs no loss of that stage
+    itself (``val_loss``, ``LossMixin``'s ``val/loss``, ...): without a validation loss the diagnosis cannot see
+    overfitting. They go to the loggers and the run record; to monitor a loss with ``ModelCheckpoint`` or
+    ``EarlyStopping``, log it with ``self.log``.
 
     The progress bar shows ``train/loss`` as of the last flush (a host number: no per-step read).
 
@@ -183,6 +191,7 @@ class LossMonitor(Callback):
         self._pending_steps: list[int] = []
         self._terms: dict[str, Tensor] = {}
         self._unmerged_nonfinite = 0  # non-finite losses folded in at a checkpoint save, not yet merged over ranks
+        self._eval = EvalLosses()
 
     @property
     @override
@@ -229,6 +238,55 @@ class LossMonitor(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush(trainer)
+
+    # ---- the loss of evaluation steps (references per batch; one read at the end of the evaluation) ----------------
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._eval.take(pl_module, outputs, "val")
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval.take(pl_module, outputs, "test")
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_eval_loss(trainer, pl_module, "val")
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_eval_loss(trainer, pl_module, "test")
+
+    def _write_eval_loss(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """``<stage>/loss``: the mean handed-over loss of the evaluation, unless the run logs a loss of it itself."""
+        both = self._eval.sum_and_rows(stage)
+        self._eval.reset(stage)
+        if trainer.sanity_checking or logs_own_loss(trainer.callback_metrics, stage):
+            return
+        if int(trainer.world_size) > 1:  # every rank joins (a rank without batches adds zeros): the global mean
+            local = both if both is not None else torch.zeros(2, device=pl_module.device)
+            both = trainer.strategy.all_gather(local).reshape(-1, 2).sum(0)
+        if both is None:
+            return
+        total, rows = both.tolist()  # end of the evaluation: one host read
+        if rows > 0:
+            log_scalars(trainer, {f"{stage}/loss": total / rows})
 
     def _absorb(self, trainer: Trainer | None = None) -> list[float]:
         """Move pending losses (and the last terms) to the host in one transfer; return the term values.

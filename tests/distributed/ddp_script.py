@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossdiag import LossDiagnostics
 from lightning_lossdiag.callbacks.nonfinite_guard import NonFiniteError
+from lightning_lossdiag.diagnosis.record import record_for
 from lightning_lossdiag.examples import MLPClassifier, MLPRegressor
 
 N_VAL = 64  # divisible by 2 ranks * BATCH: every rank gets 4 full batches, no padding
@@ -134,12 +135,39 @@ def fit_task(task: str, out: Path, devices: int) -> None:
     dump(out, f"fit_{task}", trainer, payload)
 
 
+class HandOver(L.LightningModule):
+    """Returns ``{"loss", "preds", "target"}`` from its steps and logs nothing itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        L.seed_everything(0, verbose=False)
+        self.net = torch.nn.Linear(4, 1)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        preds = self.net(x).squeeze(1)
+        return {"loss": torch.nn.functional.mse_loss(preds, y), "preds": preds, "target": y}
+
+
+def validate_handover(out: Path, devices: int) -> None:
+    """The handed-over validation loss, averaged over the rows of every rank (``LossMonitor``'s ``val/loss``)."""
+    val = make_data("regression", N_VAL, seed=1)
+    model = HandOver()
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(model.net(val.tensors[0]).squeeze(1), val.tensors[1]).item()
+    trainer = trainer_for(devices, out, "handover", "validate", callbacks=[LossDiagnostics()])
+    trainer.validate(model, dataloaders=DataLoader(val, batch_size=BATCH))
+    points = record_for(trainer).series("val/loss")
+    dump(out, "validate_handover", trainer, {"expected": expected, "val_loss": points})
+
+
 def run_validate(out: Path, devices: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for task in ("regression", "multiclass"):
         validate_task(task, out, devices)
         fit_task(task, out, devices)
     validate_task("manyclass", out, devices)
+    validate_handover(out, devices)
 
 
 class NaNOnRankOne(MLPRegressor):

@@ -353,3 +353,11 @@ def test_ddp_nan_on_one_rank_raise(nonfinite_run):
 def test_ddp_report_knows_about_nan_loss_on_another_rank(nonfinite_run):
     ranks = _ranks(nonfinite_run, "nonfinite_skip")
     assert "nonfinite_loss" in ranks[0]["findings"]
+
+
+def test_ddp_handed_over_val_loss_is_the_mean_over_all_rows(validate_run):
+    # a module that logs no loss: LossMonitor writes the mean of the handed-over losses, gathered from both ranks
+    ranks = _ranks(validate_run, "validate_handover")
+    expected = ranks[0]["expected"]  # the MSE over every row of the validation set
+    assert [len(r["val_loss"]) for r in ranks] == [1, 1]
+    assert [r["val_loss"][0][1] for r in ranks] == pytest.approx([expected, expected], rel=1e-5)
