@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -53,6 +55,12 @@ def _build_part(name: str, option: PartOption, every_n_steps: int | None) -> Cal
         kwargs.setdefault("every_n_steps", every_n_steps)
     module_name, class_name = _PARTS[name]
     cls = getattr(importlib.import_module(module_name), class_name)
+    allowed = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    unknown = [key for key in kwargs if key not in allowed]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise ValueError(f"`{name}` has no option {unknown[0]!r}{hint} {class_name} takes: {', '.join(allowed)}")
     try:
         return cls(**kwargs)  # type: ignore[no-any-return]
     except TypeError as err:
