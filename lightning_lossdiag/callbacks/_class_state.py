@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from lightning_lossdiag.callbacks._class_engine import Engine
@@ -116,6 +117,12 @@ class ClassificationState:
     def class_counts(self) -> list[int]:
         """True class counts (multilabel: positives per label); epoch end host read."""
         return [int(x) for x in self._view().per_class[0].round().tolist()]  # epoch end host read
+
+    def class_recall(self) -> list[float]:
+        """Recall of each class (correct over support; NaN for a class without samples); epoch end host read."""
+        support, _, correct = self._view().per_class[:3]
+        recall = torch.where(support > 0, correct / support.clamp_min(1), float("nan"))
+        return [float(x) for x in recall.tolist()]  # epoch end host read
 
     def write(self, writer: Any, prefix: str, step: int) -> None:
         """Class views, probability histogram, class distributions and the worst rows (epoch end, rank 0)."""

@@ -94,9 +94,9 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
     (``errors/val/ctr/pr_curve/1``); each term's task comes from its own loss. Single-tensor steps keep the keys above.
 
     Run-record notes: ``task`` (multi-task: the terms' common task, if they share one) and ``data/class_counts``
-    (``{"stage", "counts"}``, classification; ``"sequence": True`` for ``(B, T, V)`` outputs; multi-task adds
-    ``"heads": {term: counts}``). A regression
-    module whose ``(N, 1)`` predictions meet ``(N,)`` targets gets a ``shape_broadcast`` finding (and is squeezed).
+    (``{"stage", "counts"}``, classification; multiclass adds each class's ``"recall"`` and ``"sequence": True`` for
+    ``(B, T, V)`` outputs; multi-task adds ``"heads": {term: counts}``). A regression module whose ``(N, 1)``
+    predictions meet ``(N,)`` targets gets a ``shape_broadcast`` finding (and is squeezed).
 
     Args:
         stages: stages to watch, from ``"train"``, ``"val"``, ``"test"``.
@@ -301,6 +301,9 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
                 note: dict[str, Any] = {"stage": stage, "counts": counts[stage]}
                 if self._info[stage].class_dim == -1:  # (B, T, V): the classes are a sequence model's tokens
                     note["sequence"] = True
+                state = self._states[stage]
+                if isinstance(state, ClassificationState) and self._info[stage].task == "multiclass":
+                    note["recall"] = state.class_recall()  # epoch end host read: each class's, for the rules
                 record.notes["data/class_counts"] = note
             elif counts:
                 heads = {slot.split("/", 1)[1]: c for slot, c in counts.items()}

@@ -182,8 +182,12 @@ def test_multiclass_confusion_pr_curves_and_class_counts(tmp_path):
         np.testing.assert_allclose(data[5], tm_r, atol=1e-5)
 
     record = record_for(trainer)
-    assert record.notes["data/class_counts"] == {"stage": "val", "counts": np.bincount(target, minlength=5).tolist()}
+    note = record.notes["data/class_counts"]
+    support = np.bincount(target, minlength=5)
+    assert (note["stage"], note["counts"]) == ("val", support.tolist())
     pred = probs.argmax(-1).numpy()
+    hits = np.bincount(target, weights=(pred == target.numpy()), minlength=5)
+    np.testing.assert_allclose(note["recall"], hits / support)  # each class's recall, for the class_imbalance rule
     majority = np.bincount(target.numpy(), minlength=5).argmax()
     assert record.last("errors/val/majority_pred_share") == pytest.approx((pred == majority).mean(), abs=1e-6)
     hist = acc.Histograms("errors/val/true_class_prob")[-1].histogram_value

@@ -185,3 +185,22 @@ def test_balanced_many_classes_do_not_fire_and_a_rare_one_does(classes):
     rare = RunRecord()
     rare.notes["data/class_counts"] = {"stage": "train", "counts": [100] * (classes - 1) + [10]}
     assert [f.code for f in class_imbalance(rare, DoctorConfig())] == ["class_imbalance"]
+
+
+def test_classes_seen_once_are_pooled_before_their_recall_counts():
+    # 1,000 classes, the rarest 100 seen once each: one sample's recall is 0 or 1 by luck, so the rarest classes
+    # count together, until they hold 20 samples
+    counts = [1] * 100 + [30] * 900
+    recall = [0.9] * 1000
+    for c in range(5):
+        recall[c] = 0.0  # 5 of the 20 rarest missed: pooled recall 0.675, no warning
+    found = _finding({"stage": "val", "counts": counts, "recall": recall})
+    assert found.severity == "info"
+    assert found.evidence["recall_classes"] == 20
+    assert found.evidence["minority_recall"] == pytest.approx(15 * 0.9 / 20)
+    recall[:20] = [0.0] * 20  # every one of them missed
+    found = _finding({"stage": "val", "counts": counts, "recall": recall})
+    assert found.severity == "warning"
+    assert "The model ignores the rarest 20 classes: their recall is 0 (their 20 samples together" in found.message
+    few = [1] * 10 + [30] * 90  # the rarest 10% (10 classes) hold 10 samples: too few to tell
+    assert "minority_recall" not in _finding({"stage": "val", "counts": few, "recall": [0.0] * 100}).evidence

@@ -143,9 +143,20 @@ def test_a_real_fit_with_1000_classes_and_64_validation_samples_has_neither_find
         enable_checkpointing=False,
         log_every_n_steps=4,
     )
-    trainer.fit(_Classifier(1000), _loader(256, 1000, 0), _loader(64, 1000, 1))
+    model = _Classifier(1000)
+    val = _loader(64, 1000, 1)
+    trainer.fit(model, _loader(256, 1000, 0), val)
     record = trainer.lossdiag_record
     counts = record.notes["data/class_counts"]["counts"]
+    # each class's recall in the note (no scalar per class at 1,000 classes): from the final model, here
+    x, y = val.dataset.tensors
+    with torch.no_grad():
+        hit = (model.net(x).argmax(1) == y).double()
+    support = torch.bincount(y, minlength=1000).double()
+    expected = torch.bincount(y, weights=hit, minlength=1000) / support
+    noted = torch.tensor(record.notes["data/class_counts"]["recall"], dtype=torch.float64)
+    assert torch.equal(noted.isnan(), support == 0)
+    assert torch.allclose(noted[support > 0], expected[support > 0])
     assert (len(counts), sum(counts)) == (1000, 64)
     assert counts.count(0) > 900  # the situation of the old alarms
     std = record.last("errors/val/constant_pred_std")

@@ -20,6 +20,7 @@ _FULL_COUNTS = 20  # the evidence keeps the full count list up to this many clas
 _RAREST_FRAC = 0.1  # ``rarest_share``: the share of the samples held by this fraction of the classes (at least 1)
 _NAME_CHARS = 24  # longer class names are cut in messages
 _FEW_PER_CLASS = 10  # below this many samples a class on average, the message says chance shapes the counts
+_MIN_RECALL_SAMPLES = 20  # the rarest classes' pooled recall needs at least this many samples to say anything
 
 
 def _last(record: RunRecord, key: str) -> tuple[int, float] | None:
@@ -36,10 +37,8 @@ def _first_stage_value(record: RunRecord, template: str, term: str = "") -> tupl
     return None
 
 
-def _minority_recall(
-    record: RunRecord, minority: int, n_classes: int, term: str = "", noted: Any = None
-) -> tuple[str, float] | None:
-    """``(where it was read, value)`` of the minority class's recall: a logged scalar, else the note's list."""
+def _minority_recall(record: RunRecord, minority: int, n_classes: int, term: str = "") -> tuple[str, float] | None:
+    """``(where it was read, value)`` of the minority class's recall from a logged scalar, else ``None``."""
     for stage in _STAGE_ORDER:
         for key in (f"metrics/{stage}/{term}recall/{minority}",):
             found = _last(record, key)
@@ -49,11 +48,34 @@ def _minority_recall(
             found = _last(record, f"metrics/{stage}/{term}recall")
             if found is not None:
                 return f"`metrics/{stage}/{term}recall`", found[1]
-    if isinstance(noted, list) and len(noted) == n_classes:  # many classes: no per-class scalars, maybe a list
-        value = noted[minority]
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return "the `recall` of the `data/class_counts` note", float(value)
     return None
+
+
+def _pooled_recall(counts: list[float], noted: Any) -> tuple[float, int, int] | None:
+    """``(recall, classes, samples)`` of the rarest classes with samples, pooled, from the note's per-class recall.
+
+    Many classes log no scalar per class, so the note's ``recall`` list stands in. The rarest class decides alone
+    when it has ``_MIN_RECALL_SAMPLES`` samples; otherwise the next rarest join it until they have that many
+    together (correct rows over their samples), so that a class seen once does not decide alone. ``None`` without
+    the list, or when even the rarest ``_RAREST_FRAC`` of the classes hold too few samples to tell.
+    """
+    if not isinstance(noted, list) or len(noted) != len(counts):
+        return None
+    usable = sorted(
+        (i for i in range(len(counts)) if counts[i] > 0 and _finite_number(noted[i])), key=lambda i: (counts[i], i)
+    )
+    limit = max(1, int(len(usable) * _RAREST_FRAC))
+    group: list[int] = []
+    for i in usable[:limit]:
+        group.append(i)
+        if sum(counts[j] for j in group) >= _MIN_RECALL_SAMPLES:
+            support = sum(counts[j] for j in group)
+            return sum(noted[j] * counts[j] for j in group) / support, len(group), int(support)
+    return None
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _name(names: list[str] | None, index: int) -> str:
@@ -220,21 +242,29 @@ def _imbalance(record: RunRecord, cfg: DoctorConfig, raw: Any, stage: str, term:
     rarest_seen = min(with_samples, key=counts.__getitem__)  # an empty class has no recall: read the rarest seen
     symptoms = []
     recall = None
+    rare, its = f"class {_name(names, rarest_seen)}", "its"
     if len(with_samples) > 1:
-        recall = _minority_recall(record, rarest_seen, len(counts), prefix, info.get("recall"))
+        recall = _minority_recall(record, rarest_seen, len(counts), prefix)
+        pooled = _pooled_recall(counts, info.get("recall")) if recall is None else None
+        if pooled is not None:  # many classes: the rarest ones together, from the note's per-class recall
+            value, k, support = pooled
+            source = "the `data/class_counts` note"
+            recall = (source if k == 1 else f"their {support} samples together, from {source}", value)
+            if k > 1:
+                rare, its = f"the rarest {k} classes", "their"
+                evidence["recall_classes"] = k
     if recall is not None:
         evidence["minority_recall"] = recall[1]
         if rarest_seen != minority:
             evidence["recall_class"] = rarest_seen
         if recall[1] <= cfg.recall_zero:
-            symptoms.append(f"its recall is {fmt(recall[1])} ({recall[0]})")
+            symptoms.append(f"{its} recall is {fmt(recall[1])} ({recall[0]})")
     majority = _first_stage_value(record, "errors/{stage}/{term}majority_pred_share", prefix)
     if majority is not None:
         evidence["majority_pred_share"] = majority[2]
         if majority[2] >= cfg.majority_share_one:
             symptoms.append(f"{fmt(majority[2] * 100)}% of the {majority[0]} predictions are the majority class")
     severity: Severity = "warning" if symptoms else "info"
-    rare = f"class {_name(names, rarest_seen)}"
     if symptoms:
         seen = f"The model ignores {rare}: " + " and ".join(symptoms) + "."
     elif len(with_samples) < 2:
