@@ -416,6 +416,45 @@ def label_predictions_message(owner: str, slot: str, preds: Tensor, what: str) -
     )
 
 
+def point_column(criterion: Any, preds: Tensor, target: Tensor) -> int | None:
+    """The column of a multi-quantile loss's ``(..., Q)`` outputs that is the point prediction, else ``None``.
+
+    That is the quantile nearest the median (``QuantileLoss([0.1, 0.5, 0.9])``: column 1), for targets ``(...)`` or
+    ``(..., 1)``. The error statistics and regression metrics read that column. One-time host read of the loss's
+    quantiles (first batch).
+
+    Example:
+        >>> from lightning_lossdiag.losses import QuantileLoss
+        >>> point_column(QuantileLoss([0.1, 0.5, 0.9]), torch.zeros(4, 3), torch.zeros(4))
+        1
+        >>> point_column(None, torch.zeros(4, 3), torch.zeros(4)) is None
+        True
+    """
+    quantiles = getattr(criterion, "quantiles", None)
+    if not isinstance(quantiles, Tensor) or quantiles.ndim != 1 or quantiles.numel() < 2 or preds.ndim == 0:
+        return None
+    q = quantiles.numel()
+    if preds.shape[-1] != q or tuple(target.shape) not in (tuple(preds.shape[:-1]), (*preds.shape[:-1], 1)):
+        return None
+    values = quantiles.tolist()  # one-time host read (first batch): the loss's quantiles, a constant buffer
+    return min(range(q), key=lambda i: (abs(values[i] - 0.5), i))
+
+
+def point_prediction(preds: Tensor, column: int | None) -> Tensor:
+    """``preds`` itself, or its ``column`` of the last dim (:func:`point_column`): a view, no kernel."""
+    return preds if column is None else preds[..., column]
+
+
+def outputs_per_target_message(owner: str, slot: str, preds: Tensor, target: Tensor, what: str) -> str:
+    """The one-time message of regression outputs that hold several values per target and no loss to tell them."""
+    return (
+        f"{owner}: the {slot} step handed regression predictions of shape {tuple(preds.shape)} for targets of shape "
+        f"{tuple(target.shape)}: several outputs per target, and no loss tells which is the prediction. Hand over "
+        "the point prediction (the median of quantile outputs, the mean of a (mean, variance) head), or use "
+        f"LossMixin with the `quantile` loss, whose median column is read. No {what} for this stage."
+    )
+
+
 def align_regression(preds: Tensor, target: Tensor) -> tuple[Tensor, bool]:
     """``preds`` reshaped to ``target``'s shape when only the shape differs (``(N, 1)`` vs ``(N,)``).
 
@@ -454,6 +493,9 @@ __all__ = [
     "infer_task",
     "label_predictions",
     "label_predictions_message",
+    "outputs_per_target_message",
+    "point_column",
+    "point_prediction",
     "infer_task_info",
     "step_parts",
     "to_probabilities",

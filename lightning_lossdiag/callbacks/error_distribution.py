@@ -35,6 +35,9 @@ from lightning_lossdiag.callbacks._task import (
     info_state,
     label_predictions,
     label_predictions_message,
+    outputs_per_target_message,
+    point_column,
+    point_prediction,
     step_parts,
 )
 from lightning_lossdiag.dashboards.writers import tensorboard_writers
@@ -42,6 +45,7 @@ from lightning_lossdiag.diagnosis.findings import Finding
 from lightning_lossdiag.diagnosis.record import record_for
 
 Gather = Callable[[Tensor], Tensor]
+_OWNER = "ErrorDistributionMonitor"
 
 
 def make_gather(trainer: Any, pl_module: LightningModule) -> Gather:
@@ -190,6 +194,8 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
         self._ranges: dict[str, dict[str, Any]] = {}
         self._epochs: dict[str, int] = {}
         self._warned: set[str] = set()
+        self._refused: set[str] = set()  # slots left out, said once (class indices as predictions, ...)
+        self._points: dict[str, int | None] = {}  # regression slots: the point column of multi-quantile outputs
 
     @property
     def state_key(self) -> str:
@@ -227,27 +233,42 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
         rank, world = int(trainer.global_rank), int(trainer.world_size)
         for term, criterion, preds, target in parts:
             slot = stage if term is None else f"{stage}/{term}"  # keys: errors/<stage>[/<term>]/...
+            if slot in self._refused:
+                continue
             if slot not in self._states:
                 if label_predictions(preds, target, self.task):  # class indices, not scores: refused once
-                    if slot not in self._warned:
-                        self._warned.add(slot)
-                        owner = "ErrorDistributionMonitor"
-                        rank_zero_warn(label_predictions_message(owner, slot, preds, "error distributions"))
+                    self._refuse(slot, label_predictions_message(_OWNER, slot, preds, "error distributions"))
                     continue
-                self._start_slot(trainer, pl_module, slot, criterion, preds, target)
+                if not self._start_slot(trainer, pl_module, slot, criterion, preds, target):
+                    continue
             if self._info[slot].task == "regression":
-                preds, _ = align_regression(preds, target)
+                preds, _ = align_regression(point_prediction(preds, self._points.get(slot)), target)
             self._states[slot].update(preds, target, rank=rank, world=world)
+
+    def _refuse(self, slot: str, message: str) -> None:
+        """Leave ``slot`` out for the rest of the run, saying why once."""
+        self._refused.add(slot)
+        rank_zero_warn(message)
 
     def _start_slot(
         self, trainer: Trainer, pl_module: LightningModule, slot: str, criterion: Any, preds: Tensor, target: Tensor
-    ) -> None:
-        """First batch of a stage (or of one term of it): infer the task and fit ranges (one-time host reads)."""
+    ) -> bool:
+        """First batch of a stage (or of one term of it): infer the task and fit ranges (one-time host reads).
+
+        ``False``: the slot is refused (several regression outputs per target that no loss explains).
+        """
         info = self._info.get(slot) or infer_task_info(
             criterion, preds, target, self.task, self.class_dim, self.ignore_index
         )
         if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
             info = replace(info, num_classes=self.num_classes)
+        if info.task == "regression":
+            column = point_column(criterion, preds, target)  # multi-quantile outputs: the median column
+            if point_prediction(preds, column).numel() != target.numel():
+                self._refuse(slot, outputs_per_target_message(_OWNER, slot, preds, target, "error distributions"))
+                return False
+            self._points[slot] = column
+            preds = point_prediction(preds, column)
         self._info[slot] = info
         _note_task(record_for(trainer).notes, self._info, slot)
         if info.task == "regression":
@@ -262,6 +283,7 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
             steps = int(getattr(trainer, "log_every_n_steps", 0) or 50)
             self._engines[slot] = engine_for(trainer, slot, info, config, preds.device, steps, DEFAULT_BUFFER_BYTES)
         self._states[slot] = self._make_state(slot, preds.device, int(trainer.global_rank))
+        return True
 
     def _make_state(self, slot: str, device: torch.device, rank: int = 0) -> StageState:
         info = self._info[slot]

@@ -46,6 +46,9 @@ from lightning_lossdiag.callbacks._task import (
     info_state,
     label_predictions,
     label_predictions_message,
+    outputs_per_target_message,
+    point_column,
+    point_prediction,
     step_parts,
 )
 from lightning_lossdiag.callbacks.error_distribution import make_gather
@@ -186,6 +189,8 @@ class MetricCurves(StagedOutputsCallback):
         self._modules: dict[str, nn.ModuleDict] = {}
         self._updated: dict[str, bool] = {}
         self._warned: set[str] = set()
+        self._refused: set[str] = set()  # slots left out, said once (class indices as predictions, ...)
+        self._points: dict[str, int | None] = {}  # regression slots: the point column of multi-quantile outputs
         self._world_size = 1
         self._epoch = 0
         self._resumed: dict[str, Any] = {}  # training states of a checkpoint, put back when their slots are built
@@ -230,20 +235,21 @@ class MetricCurves(StagedOutputsCallback):
         self._world_size, self._epoch = int(trainer.world_size), int(trainer.current_epoch)
         for term, criterion, preds, target in parts:
             slot = stage if term is None else f"{stage}/{term}"  # keys: metrics/<stage>[/<term>]/<name>
+            if slot in self._refused:
+                continue
             if slot not in self._modules:
                 if label_predictions(preds, target, self.task):  # class indices, not scores: refused once
-                    if slot not in self._warned:
-                        self._warned.add(slot)
-                        rank_zero_warn(label_predictions_message("MetricCurves", slot, preds, "metrics"))
+                    self._refuse(slot, label_predictions_message("MetricCurves", slot, preds, "metrics"))
                     continue
-                self._start_slot(trainer, slot, criterion, preds, target)
+                if not self._start_slot(trainer, slot, criterion, preds, target):
+                    continue
                 self._resume_slot(slot)
             engine = self._engines.get(slot)
             if engine is not None:
                 engine.add(preds, target)  # counted once per step, together with the error views
                 continue
-            if self._info[slot].task == "regression":
-                preds, _ = align_regression(preds, target)  # shapes only: a bad step still fails at its own step
+            if self._info[slot].task == "regression":  # shapes only: a bad step still fails at its own step
+                preds, _ = align_regression(point_prediction(preds, self._points.get(slot)), target)
             buffer = self._buffers.get(slot)
             if buffer is None:
                 steps = self.buffer_steps or int(getattr(trainer, "log_every_n_steps", 0) or _DEFAULT_BUFFER_STEPS)
@@ -252,27 +258,40 @@ class MetricCurves(StagedOutputsCallback):
                 self._drain(slot)
         self._updated[stage] = True
 
-    def _start_slot(self, trainer: Trainer, slot: str, criterion: Any, preds: Tensor, target: Tensor) -> None:
+    def _refuse(self, slot: str, message: str) -> None:
+        """Leave ``slot`` out for the rest of the run, saying why once."""
+        self._refused.add(slot)
+        rank_zero_warn(message)
+
+    def _start_slot(self, trainer: Trainer, slot: str, criterion: Any, preds: Tensor, target: Tensor) -> bool:
         """First batch of a stage (or of one term of it): the task and the metrics (one-time host read at most).
 
         Regression gets torchmetrics (their updates are sync-free sums); classification reads the slot's shared
-        counts (torchmetrics' classification updates call ``bincount``, which synchronises on CUDA).
+        counts (torchmetrics' classification updates call ``bincount``, which synchronises on CUDA). ``False``: the
+        slot is refused (several regression outputs per target that no loss explains).
         """
         info = self._info.get(slot) or infer_task_info(
             criterion, preds, target, self.task, self.class_dim, self.ignore_index
         )
         if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
             info = replace(info, num_classes=self.num_classes)
-        sequence = info.task == "regression" and preds.ndim >= 2 and preds.shape[-1] >= 2
-        self._info[slot] = info
         if info.task == "regression":
+            column = point_column(criterion, preds, target)  # multi-quantile outputs: the median column
+            point = point_prediction(preds, column)
+            if point.numel() != target.numel():
+                self._refuse(slot, outputs_per_target_message("MetricCurves", slot, preds, target, "metrics"))
+                return False
+            self._info[slot], self._points[slot] = info, column
+            sequence = point.ndim >= 2 and point.shape[-1] >= 2
             metrics = build_metrics(info, self.thresholds, self.metrics, sequence)
             self._modules[slot] = nn.ModuleDict(metrics).to(preds.device)
-            return
+            return True
+        self._info[slot] = info
         self._modules[slot] = nn.ModuleDict()
         steps = self.buffer_steps or int(getattr(trainer, "log_every_n_steps", 0) or _DEFAULT_BUFFER_STEPS)
         config = EngineConfig(self.thresholds, self.budget, self.max_classes)
         self._engines[slot] = engine_for(trainer, slot, info, config, preds.device, max(1, steps), self.buffer_bytes)
+        return True
 
     def _resume_slot(self, slot: str) -> None:
         """Put back the saved training states of ``slot`` if they belong to this epoch (one-time, at resume)."""
