@@ -115,4 +115,52 @@ class BalancedAccuracy(MulticlassStatScores):
         return ((recall * present).sum() / present.sum().clamp(min=1)).float()
 
 
-__all__ = ["BalancedAccuracy", "DirectionalAccuracy", "directional_accuracy"]
+class QuantileCoverage(Metric):
+    r"""How often targets fall at or below each predicted quantile, and inside the outermost two.
+
+    For quantile outputs ``(..., Q)`` and targets ``(...)`` (or ``(..., 1)``): the share of targets at or below the
+    prediction of each quantile ``q`` (a calibrated model gives ``q``), then the share inside
+    ``[lowest, highest]`` (a calibrated model gives ``q_max - q_min``). ``update`` adds counts on the device (sum
+    states: they merge across DDP ranks); ``compute`` returns the ``Q + 1`` shares, ``nan`` before any update.
+
+    Example:
+        >>> m = QuantileCoverage([0.1, 0.5, 0.9])
+        >>> m.update(torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]), torch.tensor([0.5, 3.0]))
+        >>> m.compute().tolist()  # at or below q0.1: 0 of 2, q0.5: 1, q0.9: 1; inside [q0.1, q0.9]: 1
+        [0.0, 0.5, 0.5, 0.5]
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+    below: Tensor
+    inside: Tensor
+    total: Tensor
+
+    def __init__(self, quantiles: list[float], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if len(quantiles) < 2:
+            raise ValueError(f"`quantiles` must hold at least two quantiles, got {quantiles!r}")
+        self.quantiles = [float(q) for q in quantiles]
+        self._low = min(range(len(quantiles)), key=lambda i: self.quantiles[i])
+        self._high = max(range(len(quantiles)), key=lambda i: self.quantiles[i])
+        self.add_state("below", default=torch.zeros(len(quantiles), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("inside", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch: ``preds`` ``(..., Q)``, ``target`` ``(...)`` or ``(..., 1)``. No host read."""
+        q = preds.shape[-1]
+        p = preds.reshape(-1, q).float()
+        t = target.reshape(-1, 1).float()
+        at_or_below = t <= p  # (n, Q)
+        self.below += at_or_below.sum(0)
+        self.inside += (at_or_below[:, self._high] & (t[:, 0] >= p[:, self._low])).sum()
+        self.total += p.shape[0]
+
+    def compute(self) -> Tensor:
+        """The share of targets at or below each quantile, then inside the outermost two (``Q + 1`` values)."""
+        return (torch.cat([self.below, self.inside[None]]) / self.total).float()
+
+
+__all__ = ["BalancedAccuracy", "DirectionalAccuracy", "QuantileCoverage", "directional_accuracy"]

@@ -116,8 +116,18 @@ def _label_inputs(info: TaskInfo, probs: Tensor, target: Tensor) -> tuple[Tensor
     return (values > 0.5).long(), labels, values, labels
 
 
-def update_metrics(info: TaskInfo, metrics: Mapping[str, Metric], preds: Tensor, target: Tensor) -> None:
+#: the metric of a quantile loss's outputs (:class:`~lightning_lossdiag.metrics.QuantileCoverage`), added by the
+#: callback when the loss tells the quantiles
+QUANTILE_COVERAGE = "quantile_coverage"
+
+
+def update_metrics(
+    info: TaskInfo, metrics: Mapping[str, Metric], preds: Tensor, target: Tensor, column: int | None = None
+) -> None:
     """Feed one batch (or several concatenated along dim 0) to the metrics of a task, on the device, no host read.
+
+    ``column``: regression predictions are a quantile loss's ``(..., Q)`` outputs; the metrics read that column
+    (the median), ``quantile_coverage`` all of them.
 
     Example:
         >>> info = TaskInfo("binary", "probabilities", 2)
@@ -127,10 +137,13 @@ def update_metrics(info: TaskInfo, metrics: Mapping[str, Metric], preds: Tensor,
         0.6667
     """
     if info.task == "regression":
-        preds, _ = align_regression(preds, target)
+        full = preds
+        preds, _ = align_regression(preds if column is None else preds[..., column], target)
         flat_p, flat_t = preds.reshape(-1).float(), target.reshape(-1).float()
         for name, metric in metrics.items():
-            if name == "directional_accuracy":
+            if name == QUANTILE_COVERAGE:
+                metric.update(full, target)
+            elif name == "directional_accuracy":
                 metric.update(preds.float(), target.float())
             else:
                 metric.update(flat_p, flat_t)

@@ -430,14 +430,24 @@ def point_column(criterion: Any, preds: Tensor, target: Tensor) -> int | None:
         >>> point_column(None, torch.zeros(4, 3), torch.zeros(4)) is None
         True
     """
-    quantiles = getattr(criterion, "quantiles", None)
-    if not isinstance(quantiles, Tensor) or quantiles.ndim != 1 or quantiles.numel() < 2 or preds.ndim == 0:
+    values = loss_quantiles(criterion)
+    if values is None or preds.ndim == 0:
         return None
-    q = quantiles.numel()
+    q = len(values)
     if preds.shape[-1] != q or tuple(target.shape) not in (tuple(preds.shape[:-1]), (*preds.shape[:-1], 1)):
         return None
-    values = quantiles.tolist()  # one-time host read (first batch): the loss's quantiles, a constant buffer
     return min(range(q), key=lambda i: (abs(values[i] - 0.5), i))
+
+
+def loss_quantiles(criterion: Any) -> list[float] | None:
+    """The quantiles of a multi-quantile loss (``QuantileLoss([0.1, 0.5, 0.9])``), else ``None``.
+
+    One-time host read of the loss's constant buffer (first batch).
+    """
+    quantiles = getattr(criterion, "quantiles", None)
+    if not isinstance(quantiles, Tensor) or quantiles.ndim != 1 or quantiles.numel() < 2:
+        return None
+    return [float(q) for q in quantiles.tolist()]  # one-time host read (first batch)
 
 
 def point_prediction(preds: Tensor, column: int | None) -> Tensor:
@@ -493,6 +503,7 @@ __all__ = [
     "infer_task",
     "label_predictions",
     "label_predictions_message",
+    "loss_quantiles",
     "outputs_per_target_message",
     "point_column",
     "point_prediction",

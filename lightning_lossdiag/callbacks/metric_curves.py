@@ -28,6 +28,7 @@ from lightning_lossdiag.callbacks._metric_buffer import StepBuffer
 from lightning_lossdiag.callbacks._metric_sets import (
     ALL_NAMES,
     METRIC_NAMES,
+    QUANTILE_COVERAGE,
     TITLES,
     build_metrics,
     restore_states,
@@ -46,6 +47,7 @@ from lightning_lossdiag.callbacks._task import (
     info_state,
     label_predictions,
     label_predictions_message,
+    loss_quantiles,
     outputs_per_target_message,
     point_column,
     point_prediction,
@@ -53,6 +55,7 @@ from lightning_lossdiag.callbacks._task import (
 )
 from lightning_lossdiag.callbacks.error_distribution import make_gather
 from lightning_lossdiag.diagnosis.record import record_for
+from lightning_lossdiag.metrics import QuantileCoverage
 from lightning_lossdiag.stats.class_metrics import class_metrics
 
 _DEFAULT_BUFFER_STEPS = 50
@@ -85,11 +88,15 @@ class MetricCurves(StagedOutputsCallback):
     equal torchmetrics' functional ones on the same rows (``thresholds`` binned curves, macro averages); nothing in
     the update synchronises (torchmetrics' classification updates call ``bincount``, which does on CUDA).
     Training metrics use the training steps' outputs (computed under the model's training mode, e.g. dropout on).
+    With the ``quantile`` loss's ``(..., Q)`` outputs the regression metrics read the quantile nearest the median;
+    ``coverage/<q>`` is the share of targets at or below the prediction of quantile ``q`` (calibrated: ``q``) and
+    ``interval_coverage`` the share inside the outermost two (calibrated: ``q_max - q_min``).
 
     | key | kind | when | tasks |
     |---|---|---|---|
     | ``metrics/<stage>/mae``, ``mse``, ``rmse``, ``r2``, ``explained_variance`` | scalar | epoch end | regression |
     | ``metrics/<stage>/directional_accuracy`` | scalar | epoch end | regression on sequences ``(N, ..., T)`` |
+    | ``metrics/<stage>/coverage/<q>``, ``interval_coverage`` | scalar | epoch end | the ``quantile`` loss (below) |
     | ``metrics/<stage>/accuracy``, ``precision``, ``recall``, ``f1`` (macro), ``auroc``, ``average_precision`` |
     scalar | epoch end | classification |
     | ``metrics/<stage>/balanced_accuracy`` | scalar | epoch end | binary (macro recall) |
@@ -249,7 +256,9 @@ class MetricCurves(StagedOutputsCallback):
                 engine.add(preds, target)  # counted once per step, together with the error views
                 continue
             if self._info[slot].task == "regression":  # shapes only: a bad step still fails at its own step
-                preds, _ = align_regression(point_prediction(preds, self._points.get(slot)), target)
+                column = self._points.get(slot)
+                aligned, _ = align_regression(point_prediction(preds, column), target)
+                preds = aligned if column is None else preds  # quantile outputs are held whole (their coverage)
             buffer = self._buffers.get(slot)
             if buffer is None:
                 steps = self.buffer_steps or int(getattr(trainer, "log_every_n_steps", 0) or _DEFAULT_BUFFER_STEPS)
@@ -284,6 +293,9 @@ class MetricCurves(StagedOutputsCallback):
             self._info[slot], self._points[slot] = info, column
             sequence = point.ndim >= 2 and point.shape[-1] >= 2
             metrics = build_metrics(info, self.thresholds, self.metrics, sequence)
+            quantiles = loss_quantiles(criterion) if column is not None else None
+            if quantiles is not None and self.metrics is None:
+                metrics[QUANTILE_COVERAGE] = QuantileCoverage(quantiles)
             self._modules[slot] = nn.ModuleDict(metrics).to(preds.device)
             return True
         self._info[slot] = info
@@ -314,7 +326,7 @@ class MetricCurves(StagedOutputsCallback):
             return
         metrics = self._stage_metrics(slot)
         for preds, target in buffer.take():
-            update_metrics(self._info[slot], metrics, preds, target)
+            update_metrics(self._info[slot], metrics, preds, target, self._points.get(slot))
 
     def held_bytes(self, buffers: bool = True) -> int:
         """Bytes of device tensors held.
@@ -367,7 +379,11 @@ class MetricCurves(StagedOutputsCallback):
                 continue
             for name, metric in self._stage_metrics(slot).items():
                 value = metric.compute()
-                if name == "recall_per_class":
+                if isinstance(metric, QuantileCoverage):  # at or below each quantile, then inside the outermost
+                    for q, share in zip(metric.quantiles, value[:-1], strict=True):
+                        values[f"metrics/{slot}/coverage/{q:g}"] = share
+                    values[f"metrics/{slot}/interval_coverage"] = value[-1]
+                elif name == "recall_per_class":
                     for c in range(value.shape[0]):
                         values[f"metrics/{slot}/recall/{c}"] = value[c]
                 else:

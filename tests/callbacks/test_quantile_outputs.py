@@ -1,8 +1,9 @@
 """Quantile regression: ``(N, Q)`` outputs of the package's own ``quantile`` loss with ``(N,)`` targets.
 
 ``LossDiagnostics`` used to stop such a fit with "regression predictions and targets must have the same number of
-elements". The error statistics and metrics now read the median column; outputs that no loss explains are refused
-once, with the way out named. Expected values are computed here from the final model.
+elements". The error statistics and metrics now read the median column, the coverage of each quantile is logged,
+and outputs that no loss explains are refused once, with the way out named. Expected values are computed here from
+the final model.
 """
 
 import warnings
@@ -90,6 +91,30 @@ def test_a_quantile_fit_reads_the_median_column(tmp_path, mixin):
         return
     assert messages == []
     with torch.no_grad():
-        median = model.net(x)[:, 1]
+        out = model.net(x)
+    median = out[:, 1]
     assert record.last("metrics/val/mae") == pytest.approx((median - y).abs().mean().item(), rel=1e-5)
     assert record.last("errors/val/samples") == 256
+    # coverage: the share of targets at or below each quantile's prediction, and inside [q0.1, q0.9]
+    for column, q in enumerate(("0.1", "0.5", "0.9")):
+        expected = (y <= out[:, column]).double().mean().item()
+        assert record.last(f"metrics/val/coverage/{q}") == pytest.approx(expected, abs=1e-6)
+    inside = ((y >= out[:, 0]) & (y <= out[:, 2])).double().mean().item()
+    assert record.last("metrics/val/interval_coverage") == pytest.approx(inside, abs=1e-6)
+    assert "metrics/train/interval_coverage" in record.scalars
+
+
+def test_coverage_counts_unsorted_quantiles_and_column_targets():
+    from lightning_lossdiag.metrics import QuantileCoverage
+
+    g = torch.Generator().manual_seed(3)
+    preds = torch.randn(50, 3, generator=g).sort(1).values[:, [2, 0, 1]]  # columns: q0.9, q0.1, q0.5
+    target = torch.randn(50, 1, generator=g)
+    metric = QuantileCoverage([0.9, 0.1, 0.5])
+    metric.update(preds[:20], target[:20])
+    metric.update(preds[20:], target[20:])
+    expected = [(target[:, 0] <= preds[:, c]).double().mean().item() for c in range(3)]
+    expected.append(((target[:, 0] >= preds[:, 1]) & (target[:, 0] <= preds[:, 0])).double().mean().item())
+    assert metric.compute().tolist() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="at least two quantiles"):
+        QuantileCoverage([0.5])
