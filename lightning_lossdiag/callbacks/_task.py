@@ -181,7 +181,7 @@ def _infer_from_shapes(preds: Tensor, target: Tensor, facts: dict[str, float]) -
             return "multiclass"
     if not target.is_floating_point() and target.dtype != torch.bool and preds.ndim == target.ndim + 1:
         if facts["binary_target"] == 1.0 and _one_more_dim(preds, target):
-            return "binary"  # (N, 1) logits with (N,) integer 0/1 labels: one output, not one class
+            return "binary"  # (N, 1) logits with (N,) 0/1 labels, (N, 1, H, W) with (N, H, W): one output, one class
         return "multiclass"  # (N, C, ...) with (N, ...) labels, or (B, T, V) with (B, T): class_dimension() tells
     if facts["binary_target"] == 1.0 and (preds.shape == target.shape or _one_more_dim(preds, target)):
         return _refine_binary("binary", preds)
@@ -189,8 +189,15 @@ def _infer_from_shapes(preds: Tensor, target: Tensor, facts: dict[str, float]) -
 
 
 def _one_more_dim(a: Tensor, b: Tensor) -> bool:
-    """One of the two is the other's shape with a trailing 1: ``(N, 1)`` logits of a one-output head and ``(N,)``."""
-    return tuple(a.shape) == (*b.shape, 1) or tuple(b.shape) == (*a.shape, 1)
+    """One of the two is the other's shape with one more dim of size 1, anywhere.
+
+    ``(N, 1)`` logits of a one-output head with ``(N,)`` labels, or a one-channel segmentation head's
+    ``(N, 1, H, W)`` with ``(N, H, W)`` masks: the same values in the same order.
+    """
+    longer, shorter = (tuple(a.shape), tuple(b.shape)) if a.ndim > b.ndim else (tuple(b.shape), tuple(a.shape))
+    if len(longer) != len(shorter) + 1:
+        return False
+    return any(longer[i] == 1 and longer[:i] + longer[i + 1 :] == shorter for i in range(len(longer)))
 
 
 def _infer_inputs(task: str, facts: dict[str, float]) -> str:

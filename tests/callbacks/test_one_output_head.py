@@ -82,3 +82,58 @@ def test_a_fit_with_a_one_output_head_logs_binary_metrics(tmp_path):
     assert record.last("metrics/val/accuracy") == pytest.approx(binary_accuracy(scores.sigmoid(), y).item(), abs=1e-6)
     # binned AUROC (101 thresholds) against the exact one: within a bin's width of error
     assert record.last("metrics/val/auroc") == pytest.approx(binary_auroc(scores.sigmoid(), y.long()).item(), abs=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.long], ids=["float_masks", "int_masks"])
+def test_a_one_channel_segmentation_head_is_binary(dtype):
+    # (N, 1, H, W) logits with (N, H, W) masks: regression (float masks) or one-class multiclass (int masks) before
+    masks = (torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.3).to(dtype)
+    info = infer_task_info(None, torch.randn(2, 1, 8, 8), masks)
+    assert (info.task, info.num_classes) == ("binary", 2)
+    assert infer_task_info(None, torch.randn(2, 1, 8, 8), torch.randn(2, 8, 8)).task == "regression"  # depth maps
+
+
+class _OneChannelSeg(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Conv2d(3, 1, 3, padding=1)
+
+    def _step(self, batch):
+        x, y = batch
+        logits = self.net(x)  # (N, 1, H, W)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.squeeze(1), y.float())
+        return {"loss": loss, "preds": logits.detach(), "target": y}
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch)
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_a_binary_segmentation_fit_counts_every_pixel(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 3, 8, 8, generator=g)
+    y = (x[:, 0] > 0.5).long()  # (N, H, W) masks
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    model = _OneChannelSeg()
+    trainer = Trainer(
+        max_epochs=2,
+        callbacks=[LossDiagnostics()],
+        logger=TensorBoardLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=2,
+    )
+    trainer.fit(model, loader, loader)
+    record = trainer.lossdiag_record
+    assert record.notes["task"] == "binary"
+    assert record.last("errors/val/samples") == 32 * 8 * 8  # every pixel a row
+    with torch.no_grad():
+        scores = model.net(x).reshape(-1)
+    expected = binary_accuracy(scores.sigmoid(), y.reshape(-1)).item()
+    assert record.last("metrics/val/accuracy") == pytest.approx(expected, abs=1e-6)
