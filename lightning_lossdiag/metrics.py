@@ -125,8 +125,9 @@ class QuantileCoverage(Metric):
 
     Example:
         >>> m = QuantileCoverage([0.1, 0.5, 0.9])
-        >>> m.update(torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]), torch.tensor([0.5, 3.0]))
-        >>> m.compute().tolist()  # at or below q0.1: 0 of 2, q0.5: 1, q0.9: 1; inside [q0.1, q0.9]: 1
+        >>> m.update(torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]), torch.tensor([0.5, 3.0]))  # example input
+        >>> # at or below q0.1: 0 of 2, q0.5: 1, q0.9: 1; inside [q0.1, q0.9]: 1
+        >>> m.compute().tolist()  # example read, off the hot path
         [0.0, 0.5, 0.5, 0.5]
     """
 

@@ -16,10 +16,12 @@ import torch
 from torch import Tensor
 
 from lightning_lossdiag._outputs import fetch_outputs
+from lightning_lossdiag.diagnosis.rules._common import ALIASES
 
-#: names a run may log its own loss of a stage under (checked in ``trainer.callback_metrics``, any dataloader suffix)
+#: names a run may log its own loss of a stage under (checked in ``trainer.callback_metrics``, any dataloader suffix):
+#: the validation names are those the diagnosis reads
 LOSS_NAMES = {
-    "val": ("val/loss", "val_loss", "valid_loss", "val/loss_epoch", "val_loss_epoch", "validation_loss"),
+    "val": ALIASES["val/loss"],
     "test": ("test/loss", "test_loss", "test/loss_epoch", "test_loss_epoch"),
 }
 _COMPACT_AT = 512  # held per-batch losses are summed on the device past this many
@@ -48,8 +50,8 @@ class EvalLosses:
 
     Example:
         >>> losses = EvalLosses()
-        >>> losses.add("val", torch.tensor(1.0), 2)
-        >>> losses.add("val", torch.tensor(4.0), 1)
+        >>> losses.add("val", torch.tensor(1.0), 2)  # example input, off the hot path
+        >>> losses.add("val", torch.tensor(4.0), 1)  # example input, off the hot path
         >>> losses.mean("val").item()  # (1 * 2 + 4 * 1) / 3, off the hot path
         2.0
     """
@@ -75,9 +77,9 @@ class EvalLosses:
             self._losses[stage], self._sizes[stage] = [self._weighted_sum(stage)], [1]
 
     def _weighted_sum(self, stage: str) -> Tensor:
-        losses, sizes = self._losses[stage], self._sizes[stage]
-        values = torch.stack([t.reshape(()).float() for t in losses])
-        return values @ torch.tensor(sizes, dtype=values.dtype, device=values.device)
+        values = [t.reshape(()).float() for t in self._losses[stage]]
+        # the sizes as scalar arguments: no host-to-device copy (a blocking one on CUDA)
+        return torch.stack(torch._foreach_mul(values, self._sizes[stage])).sum()
 
     def sum_and_rows(self, stage: str) -> Tensor | None:
         """``[weighted sum, rows]`` of ``stage`` on the device, or ``None`` without losses (evaluation end)."""

@@ -165,7 +165,7 @@ def hard_labels(target: Tensor, info: TaskInfo) -> Tensor:
     Other targets are returned as they are. No host read.
 
     Example:
-        >>> soft = torch.tensor([[0.1, 0.9, 0.0], [0.7, 0.2, 0.1]])  # label smoothing, mixup, a teacher's output
+        >>> soft = torch.tensor([[0.1, 0.9, 0.0], [0.7, 0.2, 0.1]])  # example input, off the hot path (mixup, ...)
         >>> hard_labels(soft, TaskInfo("multiclass", "logits", 3, soft_target=True)).tolist()  # off the hot path
         [1, 0]
     """
@@ -295,11 +295,11 @@ def infer_task(criterion: nn.Module | None, preds: Tensor, target: Tensor, task:
     Example:
         >>> infer_task(None, torch.randn(4), torch.tensor([0.0, 1.0, 1.0, 0.0]))
         'binary'
-        >>> infer_task(None, torch.randn(4, 1), torch.tensor([0.0, 1.0, 1.0, 0.0]))  # a one-output head
+        >>> infer_task(None, torch.randn(4, 1), torch.tensor([0.0, 1.0, 1.0, 0.0]))  # example input: a one-output head
         'binary'
         >>> infer_task(None, torch.randn(4, 3), torch.rand(4, 3))
         'regression'
-        >>> infer_task(None, torch.randn(4, 3), torch.tensor([[0.9, 0.05, 0.05]] * 4))  # smoothed one-hot rows
+        >>> infer_task(None, torch.randn(4, 3), torch.tensor([[0.9, 0.05, 0.05]] * 4))  # example input: smoothed rows
         'multiclass'
     """
     return infer_task_info(criterion, preds, target, task).task
@@ -403,9 +403,9 @@ def label_predictions(preds: Tensor, target: Tensor, task: str = "auto") -> bool
     dtypes only: no host read.
 
     Example:
-        >>> label_predictions(torch.tensor([2, 0, 1]), torch.tensor([2, 1, 1]))
+        >>> label_predictions(torch.tensor([2, 0, 1]), torch.tensor([2, 1, 1]))  # example input, off the hot path
         True
-        >>> label_predictions(torch.randn(3, 4), torch.tensor([2, 1, 1]))
+        >>> label_predictions(torch.randn(3, 4), torch.tensor([2, 1, 1]))  # example input, off the hot path
         False
     """
     if task == "regression" or preds.is_floating_point() or preds.is_complex():
@@ -455,6 +455,20 @@ def loss_quantiles(criterion: Any) -> list[float] | None:
     if not isinstance(quantiles, Tensor) or quantiles.ndim != 1 or quantiles.numel() < 2:
         return None
     return [float(q) for q in quantiles.tolist()]  # one-time host read (first batch)
+
+
+def regression_column(criterion: Any, preds: Tensor, target: Tensor) -> tuple[bool, int | None]:
+    """``(usable, column)`` of a regression slot's first batch: its :func:`point_column`, and whether it is usable.
+
+    ``usable`` is ``False`` when the point prediction still has several values per target that no loss explains.
+
+    Example:
+        >>> target = torch.zeros(4)
+        >>> regression_column(None, torch.zeros(4, 1), target), regression_column(None, torch.zeros(4, 3), target)
+        ((True, None), (False, None))
+    """
+    column = point_column(criterion, preds, target)
+    return point_prediction(preds, column).numel() == target.numel(), column
 
 
 def point_prediction(preds: Tensor, column: int | None) -> Tensor:
@@ -514,6 +528,7 @@ __all__ = [
     "outputs_per_target_message",
     "point_column",
     "point_prediction",
+    "regression_column",
     "infer_task_info",
     "step_parts",
     "to_probabilities",

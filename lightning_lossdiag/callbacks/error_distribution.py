@@ -36,8 +36,8 @@ from lightning_lossdiag.callbacks._task import (
     label_predictions,
     label_predictions_message,
     outputs_per_target_message,
-    point_column,
     point_prediction,
+    regression_column,
     step_parts,
 )
 from lightning_lossdiag.dashboards.writers import tensorboard_writers
@@ -245,11 +245,6 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
                 preds, _ = align_regression(point_prediction(preds, self._points.get(slot)), target)
             self._states[slot].update(preds, target, rank=rank, world=world)
 
-    def _refuse(self, slot: str, message: str) -> None:
-        """Leave ``slot`` out for the rest of the run, saying why once."""
-        self._refused.add(slot)
-        rank_zero_warn(message)
-
     def _start_slot(
         self, trainer: Trainer, pl_module: LightningModule, slot: str, criterion: Any, preds: Tensor, target: Tensor
     ) -> bool:
@@ -263,8 +258,8 @@ class ErrorDistributionMonitor(StagedOutputsCallback):
         if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
             info = replace(info, num_classes=self.num_classes)
         if info.task == "regression":
-            column = point_column(criterion, preds, target)  # multi-quantile outputs: the median column
-            if point_prediction(preds, column).numel() != target.numel():
+            usable, column = regression_column(criterion, preds, target)  # multi-quantile outputs: the median
+            if not usable:
                 self._refuse(slot, outputs_per_target_message(_OWNER, slot, preds, target, "error distributions"))
                 return False
             self._points[slot] = column

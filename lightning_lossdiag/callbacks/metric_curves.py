@@ -49,8 +49,8 @@ from lightning_lossdiag.callbacks._task import (
     label_predictions_message,
     loss_quantiles,
     outputs_per_target_message,
-    point_column,
     point_prediction,
+    regression_column,
     step_parts,
 )
 from lightning_lossdiag.callbacks.error_distribution import make_gather
@@ -267,11 +267,6 @@ class MetricCurves(StagedOutputsCallback):
                 self._drain(slot)
         self._updated[stage] = True
 
-    def _refuse(self, slot: str, message: str) -> None:
-        """Leave ``slot`` out for the rest of the run, saying why once."""
-        self._refused.add(slot)
-        rank_zero_warn(message)
-
     def _start_slot(self, trainer: Trainer, slot: str, criterion: Any, preds: Tensor, target: Tensor) -> bool:
         """First batch of a stage (or of one term of it): the task and the metrics (one-time host read at most).
 
@@ -285,12 +280,12 @@ class MetricCurves(StagedOutputsCallback):
         if self.num_classes is not None and info.task in ("multiclass", "multilabel"):
             info = replace(info, num_classes=self.num_classes)
         if info.task == "regression":
-            column = point_column(criterion, preds, target)  # multi-quantile outputs: the median column
-            point = point_prediction(preds, column)
-            if point.numel() != target.numel():
+            usable, column = regression_column(criterion, preds, target)  # multi-quantile outputs: the median
+            if not usable:
                 self._refuse(slot, outputs_per_target_message("MetricCurves", slot, preds, target, "metrics"))
                 return False
             self._info[slot], self._points[slot] = info, column
+            point = point_prediction(preds, column)
             sequence = point.ndim >= 2 and point.shape[-1] >= 2
             metrics = build_metrics(info, self.thresholds, self.metrics, sequence)
             quantiles = loss_quantiles(criterion) if column is not None else None

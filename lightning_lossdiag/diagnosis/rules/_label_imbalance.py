@@ -7,13 +7,12 @@ mean over labels) is then 0. Host floats only.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from lightning_lossdiag.diagnosis.config import DoctorConfig
 from lightning_lossdiag.diagnosis.findings import Finding, Severity
 from lightning_lossdiag.diagnosis.record import RunRecord
-from lightning_lossdiag.diagnosis.rules._common import fmt
+from lightning_lossdiag.diagnosis.rules._common import finite, fmt
 
 _SHOWN = 5  # the rarest labels with positives a message names
 _EMPTY_SHOWN = 3  # the labels without positives a message names
@@ -21,8 +20,8 @@ _STAGES = ("val", "test", "train")
 
 
 def _last(record: RunRecord, key: str) -> float | None:
-    points = [v for _, v in record.series(key) if math.isfinite(v)]
-    return points[-1] if points else None
+    points = finite(record.series(key))
+    return points[-1][1] if points else None
 
 
 def _recall(record: RunRecord, stage: str) -> tuple[str, float] | None:
